@@ -1,0 +1,23 @@
+"""Lazy attribute loading for package ``__init__`` files (PEP 562).
+
+Each subpackage lists ``name -> submodule`` once; the submodule is imported on first use,
+which keeps ``import bornsparse`` fast and keeps optional backends unloaded until needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy_module(package: str, table: dict[str, str]) -> tuple[Callable[[str], Any], Callable]:
+    def __getattr__(name: str) -> Any:
+        if name in table:
+            return getattr(importlib.import_module(f"{package}.{table[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(table)
+
+    return __getattr__, __dir__

@@ -1,0 +1,1 @@
+"""The seeds' experiments as code: runs, sweeps, JSONL results and figures."""

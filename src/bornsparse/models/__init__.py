@@ -1,0 +1,12 @@
+"""Model zoo and sparsify(model, ...) for any torch model."""
+
+from bornsparse._lazy import lazy_module
+
+_TABLE = {
+    "sparsify": "sparsify",
+    "SparsifyReport": "sparsify",
+    "build_model": "zoo",
+    "MODELS": "zoo",
+}
+__all__ = sorted(_TABLE)
+__getattr__, __dir__ = lazy_module(__name__, _TABLE)

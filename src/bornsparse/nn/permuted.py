@@ -1,0 +1,233 @@
+"""Layers built on the permuted block-diagonal operator of seed 000 (§3, eq. 1-5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bornsparse._checks import (
+    check_float_tensor,
+    check_last_dim,
+    check_optional_positive_int,
+    check_positive_int,
+)
+from bornsparse.ops.permuted import BACKENDS, permuted_block_diagonal
+
+
+def default_width(in_features: int, out_features: int, block_size: int) -> int:
+    """2·max(in, out), the paper's choice, rounded up to a multiple of block_size."""
+    w = 2 * max(in_features, out_features)
+    return -(-w // block_size) * block_size
+
+
+def default_depth(width: int, block_size: int) -> int:
+    """2·⌈log_k(width)⌉ factors.
+
+    ⌈log_k(width)⌉ factors are the fewest for which every output can depend on every input
+    (each factor multiplies the receptive field by at most k); the paper finds learning sets in
+    a little above that depth (§5.1), so the default doubles it.
+    """
+    return 2 * max(1, math.ceil(math.log(width) / math.log(block_size) - 1e-9))
+
+
+def haar_orthogonal(n: int, k: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """n Haar-random k×k orthogonal matrices, shape (n, k, k) (QR with sign correction)."""
+    a = torch.randn(n, k, k, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    # QR alone is not Haar: fix the signs so diag(r) > 0 (Mezzadri 2007)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return q.to(dtype)
+
+
+def _make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+class _PermutedBase(nn.Module):
+    """Shared construction, validation and utilities of the two layers."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        width: int | None,
+        depth: int | None,
+        block_size: int,
+        seed: int | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.block_size = check_positive_int("block_size", block_size)
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {block_size!r}")
+        width = check_optional_positive_int("width", width)
+        if width is None:
+            width = default_width(self.in_features, self.out_features, self.block_size)
+        if width < max(self.in_features, self.out_features):
+            raise ValueError(
+                f"width must be at least max(in_features, out_features) = "
+                f"{max(self.in_features, self.out_features)}, got {width}"
+            )
+        if width % self.block_size:
+            raise ValueError(
+                f"width must be divisible by block_size = {self.block_size}, got {width}"
+            )
+        self.width = width
+        depth = check_optional_positive_int("depth", depth)
+        self.depth = default_depth(width, self.block_size) if depth is None else depth
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+
+        gen = _make_generator(seed)
+        perms = torch.stack([torch.randperm(width, generator=gen) for _ in range(self.depth)])
+        nblocks = width // self.block_size
+        blocks = haar_orthogonal(self.depth * nblocks, self.block_size, gen, dtype)
+        self.weight = nn.Parameter(
+            blocks.reshape(self.depth, nblocks, self.block_size, self.block_size).to(device)
+        )
+        # a buffer, so the state_dict carries the permutations and a loaded module is the
+        # same function
+        self.register_buffer("perms", perms.to(device))
+        self.backend = "auto"
+
+    @property
+    def backend(self) -> str:
+        """Kernel choice: "auto" (numba on CPU float32/64, else reference) or "reference"."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """Mean over all blocks of 2‖I − BᵀB‖²_F (eq. 2); differentiable, a scalar."""
+        w = self.weight
+        gram = w.transpose(-1, -2) @ w
+        eye = torch.eye(self.block_size, dtype=w.dtype, device=w.device)
+        return 2.0 * ((gram - eye) ** 2).sum(dim=(-1, -2)).mean()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_float_tensor("input", x)
+        check_last_dim("input", x, self.in_features)
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.width > self.in_features:
+            x2 = nn.functional.pad(x2, (0, self.width - self.in_features))
+        return x2, lead
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"width={self.width}, depth={self.depth}, block_size={self.block_size}"
+        )
+
+
+class PermutedBlockDiagonal(_PermutedBase):
+    """The linear operator G(θ) = Π_{i=1..N} B(θ_i) P_i of seed 000, eq. 1.
+
+    Input (..., in_features) is zero-padded to ``width``, the factors are applied (P_N first),
+    and the first ``out_features`` entries are returned (plus ``bias`` if enabled).
+    Parameters: ``depth · width · block_size`` block entries. Defaults: ``width`` is
+    2·max(in, out) (the paper's), ``depth`` is 2·⌈log_{block_size}(width)⌉.
+
+    NOTE: blocks start Haar-orthogonal, so G starts orthogonal; with ``width > in_features``
+    the map in -> out is a slice of it and has norm at most 1.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        width: int | None = None,
+        depth: int | None = None,
+        block_size: int = 2,
+        bias: bool = False,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, width=width, depth=depth, block_size=block_size,
+            seed=seed, device=device, dtype=dtype,
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight.dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x2, lead = self._pad(x)
+        y = permuted_block_diagonal(x2, self.weight, self.perms, backend=self.backend)
+        y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) matrix W with forward(x) == x @ W.T (+ bias)."""
+        eye = torch.eye(self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        x2, _ = self._pad(eye)
+        cols = permuted_block_diagonal(x2, self.weight, self.perms, backend="reference")
+        return cols[:, : self.out_features].T.contiguous()
+
+
+class PermutedTanhNetwork(_PermutedBase):
+    """The tanh network h_θ of seed 000, eq. 3-5.
+
+    h⁰ = x (zero-padded to width); hⁱ = tanh(bᵢ + B(θᵢ)Pᵢ hⁱ⁻¹) for i < N; the output is
+    b_N + B(θ_N)P_N h^{N-1}, sliced to out_features. Biases start at zero, so at
+    initialisation the Jacobian at x = 0 equals the PermutedBlockDiagonal with the same
+    weight and perms. Factors are indexed in application order, as in that layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        width: int | None = None,
+        depth: int | None = None,
+        block_size: int = 2,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, width=width, depth=depth, block_size=block_size,
+            seed=seed, device=device, dtype=dtype,
+        )
+        self.biases = nn.Parameter(
+            torch.zeros(self.depth, self.width, device=device, dtype=self.weight.dtype)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        h, lead = self._pad(x)
+        for t in range(self.depth):
+            h = permuted_block_diagonal(
+                h, self.weight[t : t + 1], self.perms[t : t + 1], backend=self.backend
+            ) + self.biases[t]
+            if t < self.depth - 1:
+                h = torch.tanh(h)
+        return h[:, : self.out_features].reshape(*lead, self.out_features)

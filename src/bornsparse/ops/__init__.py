@@ -1,0 +1,14 @@
+"""Kernels and autograd Functions: each op has a plain-PyTorch reference beside its fast path."""
+
+from bornsparse._lazy import lazy_module
+
+_TABLE = {
+    "permuted_block_diagonal": "permuted",
+    "permuted_block_diagonal_reference": "permuted",
+    "dct": "dct",
+    "idct": "dct",
+    "sparse_matmul": "sparse_matmul",
+    "sparse_matmul_reference": "sparse_matmul",
+}
+__all__ = sorted(_TABLE)
+__getattr__, __dir__ = lazy_module(__name__, _TABLE)
