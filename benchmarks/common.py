@@ -1,0 +1,85 @@
+"""Timing helpers shared by the benchmarks.
+
+Times are noisy on a shared 2-core machine, so every benchmark reports *ratios* of two
+measurements taken side by side in one run, interleaved, after a warm-up that keeps numba's
+JIT compilation out of the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # numba is a dependency, but keep the helper usable without it
+        pass
+
+
+def machine_tag() -> dict[str, object]:
+    """What a reader needs to compare two measurements: versions, threads, processor."""
+    import numba
+    import numpy
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, repeats: int = 15, min_time: float = 0.05,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin.
+
+    Each round times every function once (looping it until ``min_time`` has passed), so a
+    burst of load from elsewhere hits all candidates alike and their ratio stays fair.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    inner = {}
+    for name, fn in fns.items():
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_time:
+            fn()
+            n += 1
+        inner[name] = max(1, n)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def print_json_line(record: dict[str, object]) -> None:
+    print(json.dumps(record, sort_keys=True))
