@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bornsparse.ops.dct import dct, dct_matrix, idct
+
+LENGTHS = [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 64, 100, 127]
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_dct_matches_scipy_float64(n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    want = scipy.fft.dct(x.numpy(), norm="ortho", axis=-1)
+    np.testing.assert_allclose(dct(x).numpy(), want, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_idct_matches_scipy_float64(n):
+    x = torch.randn(2, n, dtype=torch.float64)
+    want = scipy.fft.idct(x.numpy(), norm="ortho", axis=-1)
+    np.testing.assert_allclose(idct(x).numpy(), want, rtol=0, atol=1e-13)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    data=st.data(),
+)
+def test_dct_any_dim_roundtrip(shape, data):
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = dct(x, dim=dim)
+    want = scipy.fft.dct(x.numpy(), norm="ortho", axis=dim)
+    np.testing.assert_allclose(y.numpy(), want, atol=1e-12)
+    torch.testing.assert_close(idct(y, dim=dim), x, atol=1e-12, rtol=0)
+
+
+def test_float32_error_is_comparable_to_scipy():
+    x = torch.randn(4, 1000, dtype=torch.float64)
+    exact = scipy.fft.dct(x.numpy(), norm="ortho")
+    ours = dct(x.float()).double().numpy()
+    theirs = scipy.fft.dct(x.float().numpy(), norm="ortho").astype(np.float64)
+    # a fair tolerance: a small multiple of scipy's own float32 error
+    assert np.abs(ours - exact).max() <= 4 * np.abs(theirs - exact).max() + 1e-7
+
+
+def test_half_dtypes_keep_dtype():
+    x = torch.randn(2, 12)
+    for dt in (torch.float16, torch.bfloat16):
+        y = dct(x.to(dt))
+        assert y.dtype == dt
+        torch.testing.assert_close(y.float(), dct(x), atol=0.05, rtol=0.05)
+
+
+def test_dct_is_orthonormal():
+    n = 17
+    m = dct(torch.eye(n, dtype=torch.float64))
+    torch.testing.assert_close(m @ m.T, torch.eye(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_gradcheck(n):
+    x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(dct, (x,))
+    assert torch.autograd.gradcheck(idct, (x,))
+    assert torch.autograd.gradcheck(lambda t: dct(t, dim=0), (x,))
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 7), (7, 3), (10, 10), (5, 12)])
+def test_dct_matrix_matches_scipy_eye(rows, cols):
+    q = max(rows, cols)
+    want = scipy.fft.dct(np.eye(q), norm="ortho")[:rows, :cols]
+    got = dct_matrix(rows, cols, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-14)
+    # and it is what dct() of the zero-padded input computes
+    x = torch.randn(4, rows, dtype=torch.float64)
+    padded = torch.nn.functional.pad(x, (0, q - rows))
+    torch.testing.assert_close(dct(padded)[:, :cols], x @ torch.from_numpy(want))
+
+
+def test_dct_matrix_float32_large_is_accurate():
+    got = dct_matrix(300, 4096, dtype=torch.float32).double()
+    want = dct_matrix(300, 4096, dtype=torch.float64)
+    assert (got - want).abs().max() < 1e-7
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="x must have a real floating dtype"):
+        dct(torch.arange(4))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        idct([1.0, 2.0])
+    with pytest.raises(ValueError, match="dim must lie in"):
+        dct(torch.randn(3, 4), dim=2)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        dct(torch.randn(3), dim=0.0)
+    with pytest.raises(ValueError, match="0-d"):
+        idct(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="length must be at least"):
+        dct_matrix(4, 5, length=4)
+    with pytest.raises(ValueError, match="rows must be a positive integer"):
+        dct_matrix(0, 5)
