@@ -1,0 +1,507 @@
+"""Operator learning with the permuted block-diagonal operator (seed 000, §5, Figures 1-4).
+
+A run trains G(θ) (or the tanh network h_θ) of width n and depth N to multiply by a
+ground truth A ∈ R^{n/2×n/2}: inputs x ~ N(0, I) are drawn online every step, zero-padded
+to n, and the first n/2 outputs are compared with A x under the MSE (2/n)‖G x − A x‖²
+averaged over the batch. The schedule is the paper's: Adam, lr 0.01 with orthogonality
+penalty weight 3 for 7000 steps, weight 0.3 for 3000, then lr 0.001 for 2000; the reported
+number is the mean MSE over the last 1000 steps.
+
+Python API: ``train_operator(A, depth=...)`` for any matrix, ``operator_run`` /
+``run_sweep`` for configured runs. CLI: ``bornsparse reproduce operators`` (``add_arguments``
+and ``main`` below). Heavy imports (torch, matplotlib) happen inside functions so that
+``bornsparse --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training at a fixed Adam learning rate and penalty weight."""
+
+    steps: int
+    lr: float
+    penalty: float
+
+
+PAPER_SCHEDULE: tuple[Phase, ...] = (Phase(7000, 1e-2, 3.0), Phase(3000, 1e-2, 0.3),
+                                     Phase(2000, 1e-3, 0.3))
+PAPER_FINAL_WINDOW = 1000
+PAPER_WIDTH = 2048
+# The paper gives no batch size. 64 keeps the gradient noise small next to the MSE floors
+# the paper reports while a full-scale step stays cheap; see docs/design/operators.md.
+DEFAULT_BATCH_SIZE = 64
+TASK_CHOICES = ("lowrank", "band", "sparse", "permutation", "dense")
+NETWORKS = ("linear", "tanh")
+# Full scale: 4096 parameters per factor at n = 2048, so depths 1..256 span 4k .. n²/4 = 1M.
+FULL_DEPTHS = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 64, 128, 256)
+FULL_KS = (1, 2, 3, 4, 5)
+# Quick mode: n = 256 (receptive field complete at depth log2(128) = 7, n²/4 reached at
+# depth 32) and a tenth of the paper's steps.
+QUICK_WIDTH = 256
+QUICK_STEPS_SCALE = 0.1
+QUICK_DEPTHS = (2, 4, 7, 10, 14, 20, 32)
+QUICK_KS = (1, 3, 5)
+
+
+def scaled_schedule(steps_scale: float) -> tuple[tuple[Phase, ...], int]:
+    """The paper's phases and final window with every length multiplied by ``steps_scale``."""
+    if isinstance(steps_scale, bool) or not isinstance(steps_scale, (int, float)):
+        raise TypeError(f"steps_scale must be a positive number, got {steps_scale!r}")
+    if not (math.isfinite(steps_scale) and steps_scale > 0):
+        raise ValueError(f"steps_scale must be a positive finite number, got {steps_scale!r}")
+    phases = tuple(Phase(max(1, round(p.steps * steps_scale)), p.lr, p.penalty)
+                   for p in PAPER_SCHEDULE)
+    total = sum(p.steps for p in phases)
+    window = min(total, max(1, round(PAPER_FINAL_WINDOW * steps_scale)))
+    return phases, window
+
+
+# ---------------------------------------------------------------------------------------
+# One training run
+
+
+def _target_matmul(a):
+    """x ↦ x Aᵀ for a batch x (B, m); sparse targets go through CSR, which is far cheaper."""
+    density = float((a != 0).sum()) / a.numel()
+    if density < 0.05:
+        with warnings.catch_warnings():  # "CSR support is in beta": matmul by CSR is solid
+            warnings.simplefilter("ignore", UserWarning)
+            a_csr = a.to_sparse_csr()
+        return lambda x: (a_csr @ x.T.contiguous()).T  # x Aᵀ = (A xᵀ)ᵀ
+    at = a.T.contiguous()
+    return lambda x: x @ at
+
+
+def train_operator(
+    target: Any,
+    *,
+    depth: int,
+    width: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    schedule: Sequence[Phase] = PAPER_SCHEDULE,
+    final_window: int = PAPER_FINAL_WINDOW,
+    network: str = "linear",
+    seed: int = 0,
+    curve_points: int = 120,
+) -> dict[str, Any]:
+    """Train G(θ) (``network="linear"``) or h_θ (``"tanh"``) to multiply by ``target``.
+
+    ``target``: a tensor or numpy array of shape (m, m); the operator has width ``width``
+    (default 2m, the paper's) and ``depth`` factors of 2×2 blocks. Returns a dict with
+    ``final_mse`` (mean MSE over the last ``final_window`` steps; None if training diverged),
+    ``curve`` ([step, mean MSE of the window ending there], thinned to ``curve_points``),
+    ``params`` (trainable parameter count), ``steps``, ``wall_s`` and ``steps_per_s``.
+    """
+    import torch
+
+    from bornsparse._checks import check_positive_int
+    from bornsparse.data.operators import validate_target
+    from bornsparse.nn import PermutedBlockDiagonal, PermutedTanhNetwork
+
+    a = validate_target(target)
+    m = a.shape[0]
+    depth = check_positive_int("depth", depth)
+    batch_size = check_positive_int("batch_size", batch_size)
+    curve_points = check_positive_int("curve_points", curve_points)
+    width = 2 * m if width is None else check_positive_int("width", width)
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+    if not schedule or not all(isinstance(p, Phase) for p in schedule):
+        raise TypeError("schedule must be a non-empty sequence of Phase")
+    total = sum(check_positive_int("Phase.steps", p.steps) for p in schedule)
+    final_window = check_positive_int("final_window", final_window)
+    if final_window > total:
+        raise ValueError(f"final_window must be at most the {total} steps, got {final_window}")
+
+    cls = PermutedBlockDiagonal if network == "linear" else PermutedTanhNetwork
+    model = cls(m, m, width=width, depth=depth, seed=seed)
+    params = sum(p.numel() for p in model.parameters())
+    apply_target = _target_matmul(a)
+    data = torch.Generator().manual_seed(seed + 0x5EED)  # inputs: a stream apart from the init
+    opt = torch.optim.Adam(model.parameters(), lr=schedule[0].lr)
+
+    mse_hist = torch.empty(total, dtype=torch.float64)
+    step = 0
+    diverged = False
+    t0 = time.perf_counter()
+    for phase in schedule:
+        for group in opt.param_groups:
+            group["lr"] = phase.lr
+        for _ in range(phase.steps):
+            x = torch.randn(batch_size, m, generator=data)
+            with torch.no_grad():
+                y = apply_target(x)
+            mse = (model(x) - y).pow(2).mean()  # = (2/n)‖Gx − Ax‖², averaged over the batch
+            loss = mse + phase.penalty * model.orthogonality_penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            mse_hist[step] = mse.detach()
+            step += 1
+        if not torch.isfinite(mse_hist[:step]).all():
+            diverged = True
+            break
+    wall = time.perf_counter() - t0
+
+    hist = mse_hist[:step]
+    final = None if diverged else float(hist[-final_window:].mean())
+    # thinned curve: mean MSE of consecutive windows, tagged with each window's last step
+    edges = torch.linspace(0, step, min(curve_points, step) + 1).round().long().tolist()
+    curve = [[int(hi), float(hist[lo:hi].mean())]
+             for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+    return {
+        "final_mse": final,
+        "diverged": diverged,
+        "curve": curve,
+        "params": int(params),
+        "steps": int(step),
+        "wall_s": wall,
+        "steps_per_s": step / wall if wall > 0 else None,
+        "final_penalty": float(model.orthogonality_penalty().detach()),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Configured runs and sweeps
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_config(
+    task: str, k: int | None, depth: int, *, width: int, batch_size: int, steps_scale: float,
+    seed: int, network: str, target_file: str | None = None,
+) -> dict[str, Any]:
+    """The JSON-serialisable configuration of one run; its hash is the run's resume key."""
+    cfg: dict[str, Any] = {
+        "experiment": "operators", "task": task, "k": k, "depth": depth, "width": width,
+        "block_size": 2, "batch_size": batch_size, "steps_scale": steps_scale, "seed": seed,
+        "network": network,
+    }
+    if task == "file":
+        cfg["target_file"] = str(Path(target_file).resolve())
+        cfg["target_sha256"] = _file_sha256(target_file)
+    return cfg
+
+
+def _config_target(cfg: dict[str, Any]):
+    from bornsparse.data.operators import load_target, make_target
+
+    m = cfg["width"] // 2
+    if cfg["task"] == "file":
+        return load_target(cfg["target_file"], m)
+    return make_target(cfg["task"], m, cfg["k"], cfg["seed"])
+
+
+def config_dof(cfg: dict[str, Any]) -> int | None:
+    from bornsparse.data.operators import target_dof
+
+    if cfg["task"] == "file":
+        return None  # unknown for a user matrix
+    return target_dof(cfg["task"], cfg["width"] // 2, cfg["k"])
+
+
+def operator_run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration and return its complete results record."""
+    import torch
+
+    from bornsparse.experiments.results_io import library_versions, run_key
+
+    phases, window = scaled_schedule(cfg["steps_scale"])
+    out = train_operator(
+        _config_target(cfg), depth=cfg["depth"], width=cfg["width"],
+        batch_size=cfg["batch_size"], schedule=phases, final_window=window,
+        network=cfg["network"], seed=cfg["seed"],
+    )
+    return {
+        "key": run_key(cfg), "config": cfg, "seed": cfg["seed"], "dof": config_dof(cfg),
+        **out, "torch_threads": torch.get_num_threads(), "versions": library_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _init_worker() -> None:
+    # several runs share the cores: one thread each avoids oversubscription
+    os.environ["NUMBA_NUM_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_sweep(
+    configs: Iterable[dict[str, Any]], results_path: str | os.PathLike, *, workers: int = 1,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every configuration not already in ``results_path`` and append its record there.
+
+    Runs execute in ``workers`` spawned processes (inline when 1); records are written by
+    this process only, one fsynced line per finished run. Returns the records of all the
+    given configurations, old and new, in the order given.
+    """
+    from tqdm.auto import tqdm
+
+    from bornsparse._checks import check_positive_int
+    from bornsparse.experiments.results_io import (
+        append_jsonl,
+        completed_keys,
+        read_jsonl,
+        run_key,
+    )
+
+    workers = check_positive_int("workers", workers)
+    configs = list(configs)
+    keys = [run_key(c) for c in configs]
+    done = {r["key"]: r for r in read_jsonl(results_path) if r.get("key") in set(keys)}
+    finished = completed_keys(done.values())
+    todo = [c for c, k in zip(configs, keys, strict=True) if k not in finished]
+    # deepest first: the longest runs start early and the pool ends evenly
+    todo.sort(key=lambda c: -c["depth"])
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), disable=not progress,
+               desc="operator runs", unit="run", file=sys.stderr)
+
+    def record(rec: dict[str, Any]) -> None:
+        append_jsonl(results_path, rec)
+        done[rec["key"]] = rec
+        c = rec["config"]
+        mse = "diverged" if rec["final_mse"] is None else f"{rec['final_mse']:.2e}"
+        bar.set_postfix_str(f"{c['task']} k={c['k']} N={c['depth']} mse={mse}")
+        bar.update(1)
+
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for c in todo:
+                record(operator_run(c))
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(min(workers, len(todo)),
+                                              initializer=_init_worker) as pool:
+                for rec in pool.imap_unordered(operator_run, todo):
+                    record(rec)
+    finally:
+        bar.close()
+    return [done[k] for k in keys if k in done]
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    if cfg["task"] == "file":
+        return f"file:{Path(cfg['target_file']).name}"
+    return cfg["task"] if cfg["k"] is None else f"{cfg['task']} k={cfg['k']}"
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, Any]]]:
+    """{(task, k, file): {depth: {"params", "dof", "mse" (mean over seeds), "seeds", "wall_s"}}}."""
+    out: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        c = r["config"]
+        row = out.setdefault((c["task"], c["k"], c.get("target_file")), {})
+        cell = row.setdefault(c["depth"], {"params": r["params"], "dof": r["dof"], "mses": [],
+                                           "wall_s": 0.0, "label": _label(c)})
+        cell["mses"].append(r["final_mse"])
+        cell["wall_s"] += r["wall_s"]
+    for row in out.values():
+        for cell in row.values():
+            ok = [v for v in cell["mses"] if v is not None]
+            cell["mse"] = sum(ok) / len(ok) if ok else None
+            cell["seeds"] = len(cell["mses"])
+    return out
+
+
+def markdown_table(records: Iterable[dict[str, Any]]) -> str:
+    """Final MSE (mean over seeds) per target (rows) and depth N (columns, with #params)."""
+    summary = summarize(records)
+    if not summary:
+        return "(no runs)\n"
+    depths = sorted({d for row in summary.values() for d in row})
+    params = {}
+    for row in summary.values():
+        for d, cell in row.items():
+            params.setdefault(d, cell["params"])
+    head = ["target", "dof"] + [f"N={d} ({_short(params[d])})" for d in depths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {t: i for i, t in enumerate(TASK_CHOICES + ("file",))}
+    for key in sorted(summary, key=lambda t: (order[t[0]], t[1] or 0, t[2] or "")):
+        row = summary[key]
+        any_cell = next(iter(row.values()))
+        cells = [any_cell["label"], "—" if any_cell["dof"] is None else str(any_cell["dof"])]
+        for d in depths:
+            cell = row.get(d)
+            if cell is None:
+                cells.append("")
+            elif cell["mse"] is None:
+                cells.append("diverged")
+            else:
+                cells.append(f"{cell['mse']:.2e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_task(s: str) -> str:
+    return s  # validated in _build_configs so that every problem is reported the same way
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``bornsparse reproduce operators``."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small and fast: width {QUICK_WIDTH}, {QUICK_STEPS_SCALE}× the "
+                        f"paper's steps, depths {list(QUICK_DEPTHS)}, k in {list(QUICK_KS)} "
+                        "(explicit flags still override)")
+    parser.add_argument("--tasks", nargs="+", type=_parse_task, metavar="TASK",
+                        help=f"targets among {', '.join(TASK_CHOICES)} or file:PATH.npy "
+                        "(default: all built-ins; 'dense' is the black baseline of every figure)")
+    parser.add_argument("--target-file", action="append", default=[], metavar="PATH.npy",
+                        help="a user matrix of shape (width/2, width/2) to learn; repeatable")
+    parser.add_argument("--ks", nargs="+", type=int, metavar="K",
+                        help=f"difficulties k (default {list(FULL_KS)}; quick {list(QUICK_KS)})")
+    parser.add_argument("--depths", nargs="+", type=int, metavar="N",
+                        help=f"operator depths (default {list(FULL_DEPTHS)}; "
+                        f"quick {list(QUICK_DEPTHS)})")
+    parser.add_argument("--width", type=int,
+                        help=f"operator width n; targets are n/2 × n/2 (default {PAPER_WIDTH}; "
+                        f"quick {QUICK_WIDTH})")
+    parser.add_argument("--steps-scale", type=float,
+                        help="multiply every phase of the paper's 7000/3000/2000-step schedule "
+                        f"and its 1000-step final window (default 1; quick {QUICK_STEPS_SCALE})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="inputs per step (the paper gives none; default "
+                        f"{DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                        help="seeds (target, initialisation, data); figures average over them")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel worker processes (one torch thread each when > 1)")
+    parser.add_argument("--network", choices=NETWORKS, default="linear",
+                        help="linear: G(θ) of §3.1 (the paper's experiments); tanh: h_θ of §3.2")
+    parser.add_argument("--out", default="runs/operators", metavar="DIR",
+                        help="results.jsonl, table.md and one PNG per task go here; rerunning "
+                        "with the same DIR skips finished runs")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Validate every flag and target before anything trains; ValueError on bad input."""
+    from bornsparse.data.operators import K_TARGETS, load_target
+
+    quick = bool(args.quick)
+    width = args.width if args.width is not None else (QUICK_WIDTH if quick else PAPER_WIDTH)
+    if width < 4 or width % 2:
+        raise ValueError(f"--width must be an even integer >= 4, got {width}")
+    m = width // 2
+    ks = args.ks if args.ks is not None else (QUICK_KS if quick else FULL_KS)
+    depths = args.depths if args.depths is not None else (QUICK_DEPTHS if quick else FULL_DEPTHS)
+    scale = args.steps_scale if args.steps_scale is not None else (
+        QUICK_STEPS_SCALE if quick else 1.0)
+    scaled_schedule(scale)  # validates
+    for k in ks:
+        if not 1 <= k <= m:
+            raise ValueError(f"--ks: k must lie in 1..width/2 = 1..{m}, got {k}")
+    for d in depths:
+        if d < 1:
+            raise ValueError(f"--depths: depth must be a positive integer, got {d}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be a positive integer, got {args.workers}")
+
+    tasks = list(args.tasks) if args.tasks is not None else (
+        [] if args.target_file else list(TASK_CHOICES))
+    tasks += [f"file:{p}" for p in args.target_file]
+    if not tasks:
+        raise ValueError("no task given")
+    parsed: list[tuple[str, str | None]] = []
+    for t in tasks:
+        if t.startswith("file:"):
+            path = t[len("file:"):]
+            load_target(path, m)  # shape, finiteness, readability: fail now, not mid-sweep
+            parsed.append(("file", path))
+        elif t in TASK_CHOICES:
+            parsed.append((t, None))
+        else:
+            raise ValueError(
+                f"--tasks: unknown task {t!r}; expected one of {', '.join(TASK_CHOICES)} "
+                "or file:PATH.npy")
+
+    configs = []
+    seen = set()
+    for task, path in parsed:
+        for k in (ks if task in K_TARGETS else [None]):
+            for d in depths:
+                for s in args.seeds:
+                    cfg = make_config(task, k, d, width=width, batch_size=args.batch_size,
+                                      steps_scale=scale, seed=s, network=args.network,
+                                      target_file=path)
+                    sig = repr(sorted(cfg.items()))
+                    if sig not in seen:
+                        seen.add(sig)
+                        configs.append(cfg)
+    return configs, {"width": width, "ks": list(ks), "depths": list(depths), "steps_scale": scale}
+
+
+def main(args: argparse.Namespace) -> int:
+    """Validate, run the sweep (resuming), write figures and table; print the table."""
+    from bornsparse.experiments.results_io import ensure_writable_dir
+
+    try:
+        configs, info = _build_configs(args)
+        out = ensure_writable_dir(args.out, name="--out directory")
+    except (ValueError, TypeError) as err:
+        print(f"bornsparse reproduce operators: error: {err}", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    phases, window = scaled_schedule(info["steps_scale"])
+    print(f"{len(configs)} runs: width {info['width']}, depths {info['depths']}, "
+          f"steps {'/'.join(str(p.steps) for p in phases)} (final window {window}), "
+          f"batch {args.batch_size}, network {args.network}, {args.workers} worker(s); "
+          f"results in {out / 'results.jsonl'}", file=sys.stderr)
+    records = run_sweep(configs, out / "results.jsonl", workers=args.workers,
+                        progress=not args.no_progress)
+    table = markdown_table(records)
+    (out / "table.md").write_text(
+        f"Final MSE (mean over the last {window} steps), width n = {info['width']}, "
+        f"batch {args.batch_size}, network {args.network}; column headers give depth N and "
+        f"the parameter count.\n\n{table}")
+    if not args.no_plots:
+        from bornsparse.experiments.figures import plot_operator_figures
+
+        for path in plot_operator_figures(records, out, width=info["width"]):
+            print(f"wrote {path}", file=sys.stderr)
+    print(table)
+    print(f"sweep wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
