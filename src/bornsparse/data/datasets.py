@@ -1,0 +1,217 @@
+"""Classification data sets as in-memory tensors: ``load_dataset(name, ...) -> Splits``.
+
+All offline: MNIST-1D is generated (and cached), digits ship with scikit-learn, CIFAR is read
+from a local folder. Inputs are standardised per channel with training-set statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bornsparse._checks import check_float_tensor
+
+#: names accepted by :func:`load_dataset`
+DATASETS: tuple[str, ...] = ("mnist1d", "digits", "cifar10", "cifar100")
+
+# keyword options each data set takes besides data_dir, seed and standardize
+_OPTIONS = {
+    "mnist1d": ("num_samples", "cache_dir", "cache"),
+    "digits": ("test_fraction",),
+    "cifar10": (),
+    "cifar100": (),
+}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A train/test split held in memory.
+
+    ``train_x`` (N, *input_shape) float32, ``train_y`` (N,) int64 in [0, num_classes); the
+    same for ``test_*``. ``mean`` and ``std`` are the per-channel statistics of the raw
+    training inputs that were subtracted and divided out (zeros and ones if not standardised);
+    channels are axis 1 of image inputs, and 1D signals count as one channel.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for part in ("train", "test"):
+            x, y = getattr(self, f"{part}_x"), getattr(self, f"{part}_y")
+            check_float_tensor(f"{part}_x", x)
+            if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
+                raise TypeError(f"{part}_y must be a 1D int64 tensor")
+            if x.dim() < 2 or x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"{part}_x must have shape (N, ...) with N = len({part}_y) = {y.shape[0]}, "
+                    f"got {tuple(x.shape)}"
+                )
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise ValueError(
+                f"train_x and test_x sample shapes differ: {tuple(self.train_x.shape[1:])} vs "
+                f"{tuple(self.test_x.shape[1:])}"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (40,) MNIST-1D, (1, 8, 8) digits, (3, 32, 32) CIFAR."""
+        return tuple(self.train_x.shape[1:])
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Splits:
+        """A copy with inputs (and labels, for ``device``) moved; ``dtype`` applies to inputs."""
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x.to(device=device, dtype=dtype),
+            test_x=self.test_x.to(device=device, dtype=dtype),
+            train_y=self.train_y.to(device=device),
+            test_y=self.test_y.to(device=device),
+        )
+
+
+def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (float64) over every axis but the channel axis (1 for images)."""
+    if x.ndim >= 3:
+        axes = (0, *range(2, x.ndim))
+        mean, std = x.mean(axis=axes), x.std(axis=axes)
+    else:
+        mean, std = np.atleast_1d(x.mean()), np.atleast_1d(x.std())
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def _standardize(
+    x: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
+    shape = (1, -1) + (1,) * (x.ndim - 2) if x.ndim >= 3 else (1,)
+    return (x - mean.reshape(shape)) / std.reshape(shape)
+
+
+def _build(
+    name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+    test_y: np.ndarray, num_classes: int, standardize: bool,
+) -> Splits:
+    train_x = np.asarray(train_x, dtype=np.float64)
+    test_x = np.asarray(test_x, dtype=np.float64)
+    if standardize:
+        mean, std = _channel_stats(train_x)
+        train_x, test_x = _standardize(train_x, mean, std), _standardize(test_x, mean, std)
+    else:
+        channels = train_x.shape[1] if train_x.ndim >= 3 else 1
+        mean, std = np.zeros(channels), np.ones(channels)
+    return Splits(
+        name=name,
+        train_x=torch.from_numpy(train_x.astype(np.float32)),
+        train_y=torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
+        test_x=torch.from_numpy(test_x.astype(np.float32)),
+        test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)),
+        num_classes=num_classes,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+    )
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seed: int | None = None,
+    standardize: bool = True,
+    **options: object,
+) -> Splits:
+    """Load data set ``name`` (one of :data:`DATASETS`) as a :class:`Splits`.
+
+    - "mnist1d": signals (40,), 10 classes, generated by the mnist1d package's
+      ``make_dataset`` with its defaults (5000 samples: 4000 train, 1000 test; ``seed`` None
+      means its seed 42). Options: ``num_samples``, ``cache_dir`` (default
+      $BORNSPARSE_CACHE_DIR or ~/.cache/bornsparse), ``cache`` (False: no cache).
+    - "digits": scikit-learn's 8×8 digits as (1, 8, 8), 10 classes, a stratified split by
+      ``sklearn.model_selection.train_test_split`` with ``random_state=seed`` (None: 0) and
+      option ``test_fraction`` (default 0.2: 1,437 train, 360 test).
+    - "cifar10", "cifar100": (3, 32, 32) images read from ``data_dir`` (the python-pickle
+      batches, in data_dir or its cifar-10-batches-py / cifar-100-python subfolder); pixels
+      are scaled to [0, 1] first. The split is the official one, so ``seed`` is unused.
+
+    ``data_dir`` is only read by the CIFAR sets. With ``standardize`` (default) every channel
+    is shifted and scaled to zero mean and unit variance using training-set statistics
+    (recorded in ``Splits.mean``/``std``); the test set gets the same affine map.
+    """
+    if not isinstance(name, str) or name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    unknown = sorted(set(options) - set(_OPTIONS[name]))
+    if unknown:
+        raise TypeError(
+            f"load_dataset({name!r}) got unexpected keyword argument(s) {unknown}; "
+            f"its options are {list(_OPTIONS[name])}"
+        )
+    if not isinstance(standardize, bool):
+        raise TypeError(f"standardize must be a bool, got {standardize!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed!r}")
+
+    if name == "mnist1d":
+        from bornsparse.data.mnist1d_data import MNIST1D_SEED, load_mnist1d_arrays
+
+        a = load_mnist1d_arrays(seed=MNIST1D_SEED if seed is None else seed, **options)
+        return _build(name, a["x"], a["y"], a["x_test"], a["y_test"], 10, standardize)
+    if name == "digits":
+        from bornsparse.data.digits import load_digits_arrays
+
+        arrays = load_digits_arrays(seed=0 if seed is None else seed, **options)
+        return _build(name, *arrays, 10, standardize)
+
+    from bornsparse.data.cifar import CIFAR_SPECS, load_cifar_arrays
+
+    if data_dir is None:
+        subdir, train, test = CIFAR_SPECS[name][:3]
+        raise ValueError(
+            f"{name} is read from a local folder: pass data_dir (the CLI's --data-dir) naming "
+            f"a folder that holds {', '.join(train + test)}, directly or in {subdir}/"
+        )
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a path, got {data_dir!r}")
+    train_x, train_y, test_x, test_y = load_cifar_arrays(name, data_dir)
+    # uint8 -> [0, 1] first, so the recorded mean/std are in the familiar units
+    return _build(
+        name, train_x / 255.0, train_y, test_x / 255.0, test_y, CIFAR_SPECS[name][4], standardize
+    )
+
+
+def random_crop_flip(
+    x: torch.Tensor, *, padding: int = 4, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The standard CIFAR training augmentation on a batch (N, C, H, W): zero-pad each side
+    by ``padding``, take a random H×W crop per image, and flip it left-right with
+    probability 1/2. Returns a new tensor of the same shape; ``generator`` seeds the draws
+    (it must live on the CPU)."""
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+    n, c, h, w = x.shape
+    p = padding
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (p, p, p, p))  # (N, C, H+2p, W+2p)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (N, W)
+    # a flipped crop reads its columns right to left
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(n, device=x.device)[:, None, None, None]
+    idx_c = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
