@@ -148,8 +148,8 @@ def make_sparse_layer(
     """A sparse layer with the shape, bias and dtype of the dense ``module`` on ``indices``.
 
     ``values`` (shape (k,)) default to the dense weight at ``indices`` — the pruning-at-init
-    convention that the kept weights are the initial ones. The bias is copied (``bias=False``
-    builds the layer without one).
+    convention that the kept weights are the initial ones. The bias Parameter is reused, so an
+    optimizer built on the dense model still holds it (``bias=False``: a layer without one).
     """
     kind = check_kind(kind)
     lin_cls, conv_cls = _sparse_classes()[kind]
@@ -178,8 +178,8 @@ def make_sparse_layer(
     else:
         raise TypeError(f"cannot make a sparse layer from {type(module).__name__}")
     if has_bias:
-        with torch.no_grad():
-            new.bias.copy_(module.bias)
+        # the same Parameter object, so an optimizer built on the dense model still holds it
+        new.bias = module.bias
     new.train(module.training)
     return new
 

@@ -1,0 +1,423 @@
+"""Dynamic sparse training: RigL (Evci et al. 2020) and SET (Mocanu et al. 2018).
+
+Two lines in a training loop, as in rigl-torch::
+
+    rigl = RigL(model, optimizer, density=0.1, total_steps=len(loader) * epochs)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        if rigl.step():          # False on topology-update steps
+            optimizer.step()
+
+Every ``delta`` steps before ``t_end`` each sparse layer drops the ``k`` smallest-magnitude
+values and grows ``k`` new positions — the largest dense-gradient magnitudes (RigL) or
+uniformly random ones (SET) — with ``k = ⌊f(t)·nnz⌋`` and the cosine-decayed drop fraction
+``f(t) = α/2·(1 + cos(π t / t_end))``. The count per layer never changes, indices stay unique
+and row-major sorted, grown weights start at zero with zeroed optimizer state.
+
+NOTE: as in RigL's reference code and rigl-torch, ``step()`` returns False on update steps so
+the caller skips that optimizer step, and a position dropped and regrown in the same update
+keeps its value and optimizer state (it never left, in effect).
+
+The dense gradient RigL needs is never a parameter: on the forward/backward pass preceding an
+update step only, hooks keep each layer's input and output gradient, and at ``step()`` the
+dense gradient ``G = gᵀx`` (or ``conv2d_weight``) is formed for one layer at a time, used and
+freed — O(rows·cols) transiently, every ``delta`` steps (the seed's O(pmn + mn/ΔT)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from bornsparse._checks import check_fraction, check_positive_int
+from bornsparse.sparsity.swap import (
+    check_kind,
+    dense_targets,
+    indices_to_flat,
+    make_sparse_layer,
+    set_submodule,
+    sparse_targets,
+)
+
+_SCALAR_STATE = ("step",)
+
+
+def _random_support(rows: int, cols: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    flat = torch.randperm(rows * cols, generator=gen)[:k]
+    flat = torch.sort(flat).values
+    return torch.stack([flat // cols, flat % cols])
+
+
+def _first_occurrences(c: torch.Tensor) -> torch.Tensor:
+    """Distinct entries of ``c`` in order of first appearance."""
+    uniq, inv = torch.unique(c, return_inverse=True)
+    first = torch.full((uniq.numel(),), c.numel(), dtype=torch.int64)
+    first.scatter_reduce_(0, inv, torch.arange(c.numel()), reduce="amin")
+    return uniq[torch.argsort(first)]
+
+
+def _sample_outside(total: int, taken: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct positions of [0, total) not in the sorted ``taken``, uniformly at random.
+
+    Rejection sampling costs O(k) expected while ``taken`` fills at most half the space; past
+    that the complement is listed explicitly (O(total), only for dense-ish layers).
+    """
+    if taken.numel() > total // 2:
+        free = torch.ones(total, dtype=torch.bool)
+        free[taken] = False
+        pool = free.nonzero().flatten()
+        return pool[torch.randperm(pool.numel(), generator=gen)[:k]]
+    chosen = torch.empty(0, dtype=torch.int64)
+    while chosen.numel() < k:
+        c = torch.randint(total, (2 * k + 16,), generator=gen)
+        pos = torch.searchsorted(taken, c).clamp(max=max(taken.numel() - 1, 0))
+        c = c[taken[pos] != c] if taken.numel() else c
+        chosen = _first_occurrences(torch.cat([chosen, c]))
+    return chosen[:k]
+
+
+class _Capture:
+    """Keeps (input, output-gradient) pairs of one layer while armed."""
+
+    def __init__(self, owner: _DynamicSparse, layer: nn.Module) -> None:
+        self.owner = owner
+        self.pairs: list[list[torch.Tensor | None]] = []
+        self.handle = layer.register_forward_hook(self._forward)
+
+    def _forward(self, module, args, output):
+        if not (self.owner._armed and module.training and torch.is_grad_enabled()):
+            return
+        if not output.requires_grad:
+            return
+        pair: list[torch.Tensor | None] = [args[0].detach(), None]
+        self.pairs.append(pair)
+
+        def keep_grad(g):
+            pair[1] = g.detach()
+
+        output.register_hook(keep_grad)
+
+
+class _DynamicSparse:
+    """Shared schedule, support bookkeeping, optimizer-state surgery and checkpointing."""
+
+    grows_by_gradient = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        total_steps: int,
+        density: float | None = None,
+        distribution: str = "erk",
+        delta: int = 100,
+        alpha: float = 0.3,
+        t_end: int | None = None,
+        kind: str = "sparse",
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.total_steps = check_positive_int("total_steps", total_steps)
+        self.delta = check_positive_int("delta", delta)
+        self.alpha = check_fraction("alpha", alpha, low_open=False)
+        if t_end is None:
+            t_end = max(1, int(0.75 * self.total_steps))
+        self.t_end = check_positive_int("t_end", t_end)
+        if self.t_end > self.total_steps:
+            raise ValueError(
+                f"t_end must not exceed total_steps={self.total_steps}, got {self.t_end}"
+            )
+        self.kind = check_kind(kind)
+        self.seed = int(torch.randint(2**62, ()).item()) if seed is None else int(seed)
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self.model = model
+        if density is not None:
+            density = check_fraction("density", density)
+            self._sparsify(model, optimizer, density, distribution, include, exclude)
+        self.layers = sparse_targets(model, include=include, exclude=exclude)
+        if not self.layers:
+            raise ValueError(
+                "model has no prunable layers: no bornsparse sparse layers, and no density "
+                "was given to turn its nn.Linear/nn.Conv2d layers into sparse ones"
+            )
+        self._optimizer = None
+        self.optimizer = optimizer
+        self._t = 0
+        self.updates = 0
+        self._armed = False
+        self._captures = (
+            {name: _Capture(self, layer) for name, layer in self.layers}
+            if self.grows_by_gradient else {}
+        )
+        self._arm()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _sparsify(self, model, optimizer, density, distribution, include, exclude) -> None:
+        """Dense layers -> sparse layers on random supports of the distribution's counts."""
+        from bornsparse.sparsity.prune_at_init import allocate_counts
+
+        targets = dense_targets(model, include=include, exclude=exclude)
+        counts = allocate_counts([tuple(m.weight.shape) for _, m in targets], density,
+                                 distribution)
+        swaps = {}
+        for (name, mod), k in zip(targets, counts, strict=True):
+            rows = mod.weight.shape[0]
+            cols = mod.weight.numel() // rows
+            idx = _random_support(rows, cols, k, self._gen).to(mod.weight.device)
+            new = make_sparse_layer(mod, idx, kind=self.kind)
+            set_submodule(model, name, new)
+            swaps[mod.weight] = new
+        if optimizer is not None:
+            _rebind(optimizer, swaps)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, opt: torch.optim.Optimizer | None) -> None:
+        if opt is not None:
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizer must be a torch.optim.Optimizer or None, got {type(opt).__name__}"
+                )
+            held = {id(p) for g in opt.param_groups for p in g["params"]}
+            missing = [n for n, l in self.layers if id(l.values) not in held]
+            if missing:
+                raise ValueError(
+                    f"optimizer does not hold the values of sparse layers {missing}; build it "
+                    "from model.parameters() after the model is sparse"
+                )
+        self._optimizer = opt
+
+    # ------------------------------------------------------------------ schedule
+
+    def drop_fraction(self, t: int) -> float:
+        """Cosine-decayed drop fraction α/2·(1 + cos(π t / t_end)) at step t (0 from t_end)."""
+        if t >= self.t_end:
+            return 0.0
+        return self.alpha / 2 * (1 + math.cos(math.pi * t / self.t_end))
+
+    def is_update_step(self, t: int) -> bool:
+        return t % self.delta == 0 and t < self.t_end
+
+    @property
+    def t(self) -> int:
+        """Number of ``step()`` calls so far."""
+        return self._t
+
+    def _arm(self) -> None:
+        self._armed = bool(self._captures) and self.is_update_step(self._t + 1)
+
+    def step(self) -> bool:
+        """Advance one training step; True when the caller should run ``optimizer.step()``.
+
+        Call it once per step after ``loss.backward()``. On update steps (every ``delta``
+        steps while t < t_end) the supports change and it returns False. Between ``t_end``
+        and ``total_steps`` the topology is fixed; calling it more than ``total_steps`` times
+        raises RuntimeError.
+        """
+        if self._optimizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs an optimizer; pass it to the constructor "
+                "or set .optimizer"
+            )
+        if self._t >= self.total_steps:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called after the last step: total_steps="
+                f"{self.total_steps} (topology updates stopped at t_end={self.t_end})"
+            )
+        self._t += 1
+        update = self.is_update_step(self._t)
+        if update:
+            self._update(self.drop_fraction(self._t))
+            self.updates += 1
+        self._arm()
+        return not update
+
+    __call__ = step
+
+    # ------------------------------------------------------------------ the update
+
+    def _grow(self, name, layer, kept_flat: torch.Tensor, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _update(self, fraction: float) -> None:
+        for name, layer in self.layers:
+            rows, cols = layer.dense_shape
+            n = layer.nnz
+            k = int(fraction * n)  # rows·cols - (n - k) >= k positions are free to grow
+            if k == 0 or n == rows * cols:
+                self._release(name)
+                continue
+            values = layer.values.detach()
+            old_flat = indices_to_flat(layer.indices, cols).cpu()
+            # drop the k smallest magnitudes, ties to the lower position (stable)
+            order = torch.argsort(values.abs().cpu(), stable=True)
+            kept_flat = torch.sort(old_flat[order[k:]]).values
+            grown = self._grow(name, layer, kept_flat, k).cpu()
+            new_flat = torch.sort(torch.cat([kept_flat, grown])).values
+            self._apply(layer, old_flat, new_flat, cols)
+
+    def _apply(self, layer, old_flat, new_flat, cols) -> None:
+        n = old_flat.numel()
+        pos = torch.searchsorted(old_flat, new_flat).clamp(max=n - 1)
+        found = old_flat[pos] == new_flat
+        dev = layer.values.device
+        pos, found = pos.to(dev), found.to(dev)
+
+        def carry(t: torch.Tensor) -> torch.Tensor:
+            return torch.where(found, t[pos], torch.zeros((), dtype=t.dtype, device=dev))
+
+        p = layer.values
+        if self._optimizer is not None and p in self._optimizer.state:
+            st = self._optimizer.state[p]
+            for key, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and key not in _SCALAR_STATE:
+                    st[key] = carry(v)
+        if p.grad is not None:
+            p.grad = carry(p.grad)
+        new_idx = torch.stack([new_flat // cols, new_flat % cols]).to(layer.indices.device)
+        layer.update_support_(new_idx, carry(p.detach()))
+        if not torch.equal(layer.indices, new_idx):
+            raise RuntimeError(
+                f"{type(layer).__name__}.update_support_ reordered the support; optimizer state "
+                "would no longer line up with the values"
+            )
+
+    def _release(self, name: str) -> None:
+        if name in self._captures:
+            self._captures[name].pairs.clear()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Schedule position and random state; supports live in the model's state_dict."""
+        return {
+            "t": self._t,
+            "updates": self.updates,
+            "total_steps": self.total_steps,
+            "t_end": self.t_end,
+            "delta": self.delta,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "rng": self._gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("total_steps", "t_end", "delta", "alpha"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint has {key}={state[key]!r} but this {type(self).__name__} has "
+                    f"{getattr(self, key)!r}"
+                )
+        self._t = int(state["t"])
+        self.updates = int(state["updates"])
+        self.seed = int(state["seed"])
+        self._gen.set_state(state["rng"])
+        for c in self._captures.values():
+            c.pairs.clear()
+        self._arm()
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient-capture hooks (after training; the model stays as it is)."""
+        for c in self._captures.values():
+            c.handle.remove()
+            c.pairs.clear()
+        self._captures = {}
+        self._armed = False
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={len(self.layers)}, t={self._t}/"
+                f"{self.total_steps}, delta={self.delta}, alpha={self.alpha}, "
+                f"t_end={self.t_end})")
+
+
+def _rebind(optimizer: torch.optim.Optimizer, swaps: dict) -> None:
+    """Point the optimizer at each new layer's values instead of the dense weight it replaced."""
+    for group in optimizer.param_groups:
+        group["params"] = [
+            swaps[p].values if p in swaps else p for p in group["params"]
+        ]
+    for old in swaps:
+        optimizer.state.pop(old, None)
+
+
+def dense_gradient(layer: nn.Module, pairs) -> torch.Tensor:
+    """∂L/∂S as a dense (rows, cols) matrix from captured (input, output-gradient) pairs.
+
+    For y = S x (+ α·T(x) + b) the gradient w.r.t. every entry of S is gᵀx whether or not the
+    entry is in the support; convolutions use ``torch.nn.grad.conv2d_weight``.
+    """
+    rows, cols = layer.dense_shape
+    total = None
+    for x, g in pairs:
+        if g is None:
+            continue
+        if hasattr(layer, "kernel_size"):
+            kh, kw = layer.kernel_size
+            gw = torch.nn.grad.conv2d_weight(
+                x, (rows, cols // (kh * kw), kh, kw), g, stride=layer.stride,
+                padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+            ).reshape(rows, cols)
+        else:
+            gw = g.reshape(-1, rows).transpose(0, 1) @ x.reshape(-1, cols)
+        total = gw if total is None else total + gw
+    return total
+
+
+class RigL(_DynamicSparse):
+    """RigL: drop the smallest |w|, grow where the dense gradient is largest.
+
+    Args:
+        model: a model with bornsparse sparse layers (SparseLinear, SparseConv2d, or the S of
+            DCTPlusSparse layers: DCTpS + RigL), or a dense model together with ``density``.
+        optimizer: the optimizer holding the layers' ``values`` (may be None and set later as
+            ``.optimizer``; ``step()`` needs it). When ``density`` converts a dense model the
+            optimizer's references to the dense weights are replaced by the new values.
+        total_steps: the number of training steps; ``step()`` may be called that often.
+        density: if given, every dense nn.Linear/nn.Conv2d (filtered by include/exclude)
+            becomes a ``kind`` sparse layer on a random support with ``distribution``'s
+            per-layer counts, values = the dense initial weights there.
+        distribution: per-layer allocation (default "erk"), only used with ``density``.
+        delta: steps between topology updates (ΔT, default 100).
+        alpha: initial drop fraction (default 0.3), decayed by a cosine to 0 at ``t_end``.
+        t_end: last step that may update the topology (default 75% of total_steps).
+        seed: random seed of the initial supports (and of SET's growth).
+    """
+
+    grows_by_gradient = True
+
+    def _grow(self, name, layer, kept_flat, k):
+        pairs = self._captures[name].pairs
+        grad = dense_gradient(layer, pairs)
+        pairs.clear()
+        if grad is None:
+            raise RuntimeError(
+                f"RigL update at step {self._t} found no gradient for layer {name!r}: run the "
+                "forward and backward pass in training mode before step()"
+            )
+        score = grad.abs().flatten().double().cpu()
+        score[kept_flat] = -math.inf
+        return torch.argsort(score, descending=True, stable=True)[:k]
+
+
+class SET(_DynamicSparse):
+    """SET: drop the smallest |w|, grow uniformly at random among absent positions.
+
+    Same arguments as :class:`RigL`; no gradient is captured.
+    """
+
+    def _grow(self, name, layer, kept_flat, k):
+        rows, cols = layer.dense_shape
+        return _sample_outside(rows * cols, kept_flat, k, self._gen)
