@@ -215,3 +215,13 @@ def test_cli_rejects_bad_target_files_and_output_dir(tmp_path, capsys):
         assert cli_main(TINY + extra) == 2
         assert match in capsys.readouterr().err
     assert not list(tmp_path.glob("o*/results.jsonl"))
+
+
+@pytest.mark.parametrize(("name", "k"), [("lowrank", 2), ("band", 3), ("sparse", 1),
+                                         ("permutation", None), ("dense", None)])
+def test_fast_target_products_match_dense(name, k):
+    from bornsparse.experiments.operators import _target_matmul
+
+    a = make_target(name, 96, k, seed=5)
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_target_matmul(a)(x), x @ a.T, rtol=1e-5, atol=1e-5)
