@@ -1,0 +1,49 @@
+"""Numba kernels for y = x Sᵀ with S in compressed-row form; see ops/sparse_matmul.py.
+
+Every kernel works on *transposed* activations, shape (features, batch), C-contiguous: one
+nonzero then touches two contiguous rows of length batch, which LLVM turns into packed
+SIMD, instead of a strided gather per sample. Threads split the output rows, so no two
+threads ever write the same row and no atomics are needed.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _spmm_t_kernel(
+    ptr: np.ndarray, idx: np.ndarray, vals: np.ndarray, x_t: np.ndarray, out_t: np.ndarray
+) -> None:
+    """out_t[r, :] = Σ_{e in ptr[r]:ptr[r+1]} vals[e] · x_t[idx[e], :]   (out_t may be empty).
+
+    With (rowptr, cols, vals) it computes yᵀ = S xᵀ; with the compressed-column arrays
+    (colptr, rows[perm], vals[perm]) the same kernel computes grad_xᵀ = Sᵀ grad_yᵀ.
+    """
+    n_out = ptr.shape[0] - 1
+    batch = x_t.shape[1]
+    for r in numba.prange(n_out):
+        o = out_t[r]
+        # zeroing here, row by row, saves a separate memory pass over the output
+        o[:] = 0
+        for e in range(ptr[r], ptr[r + 1]):
+            v = vals[e]
+            xr = x_t[idx[e]]
+            for j in range(batch):
+                o[j] += v * xr[j]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _sampled_dot_kernel(
+    rows: np.ndarray, cols: np.ndarray, gy_t: np.ndarray, x_t: np.ndarray, out: np.ndarray
+) -> None:
+    """out[e] = ⟨gy_t[rows[e]], x_t[cols[e]]⟩: the gradient of S's values (out zeroed)."""
+    batch = x_t.shape[1]
+    for e in numba.prange(rows.shape[0]):
+        g = gy_t[rows[e]]
+        xr = x_t[cols[e]]
+        acc = out[e]
+        for j in range(batch):
+            acc += g[j] * xr[j]
+        out[e] = acc
