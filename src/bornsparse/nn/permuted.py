@@ -106,7 +106,7 @@ class _PermutedBase(nn.Module):
 
     @property
     def backend(self) -> str:
-        """Kernel choice: "auto" (numba on CPU float32/64, else reference) or "reference"."""
+        """Kernel choice: "auto" (numba on CPU float32/64, else reference), "reference", "numba"."""
         return self._backend
 
     @backend.setter
@@ -170,26 +170,31 @@ class PermutedBlockDiagonal(_PermutedBase):
             seed=seed, device=device, dtype=dtype,
         )
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight.dtype))
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, device=device, dtype=self.weight.dtype)
+            )
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        x2, lead = self._pad(x)
-        y = permuted_block_diagonal(x2, self.weight, self.perms, backend=self.backend)
-        y = y[:, : self.out_features]
+        # the op pads to width and slices to out_features itself (the kernel never
+        # materialises either)
+        y = permuted_block_diagonal(
+            x, self.weight, self.perms, out_features=self.out_features, backend=self.backend
+        )
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y
 
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The (out_features, in_features) matrix W with forward(x) == x @ W.T (+ bias)."""
         eye = torch.eye(self.in_features, dtype=self.weight.dtype, device=self.weight.device)
-        x2, _ = self._pad(eye)
-        cols = permuted_block_diagonal(x2, self.weight, self.perms, backend="reference")
-        return cols[:, : self.out_features].T.contiguous()
+        cols = permuted_block_diagonal(
+            eye, self.weight, self.perms, out_features=self.out_features, backend="reference"
+        )
+        return cols.T.contiguous()
 
 
 class PermutedTanhNetwork(_PermutedBase):

@@ -2,34 +2,57 @@
 
 Layout and conventions (shared by the reference and every fast path):
 
-* ``x`` has shape ``(batch, width)``; rows are samples.
+* ``x`` has shape ``(..., n_in)`` with ``n_in <= width``; it is zero-padded to ``width``
+  (implicitly: the fused kernel never materialises the padding). Rows are samples.
 * ``weight`` has shape ``(depth, width // k, k, k)``; ``weight[t, b]`` is block ``b`` of the
   factor applied ``t``-th. Factors are stored in *application order*: ``weight[0]`` and
   ``perms[0]`` are the paper's ``B(θ_N)`` and ``P_N`` (applied first, as the product is
   written), ``weight[depth - 1]`` is ``B(θ_1)``.
-* ``perms`` has shape ``(depth, width)``, int64; the permutation is a gather,
-  ``(P_t h)[j] = h[perms[t, j]]``.
+* ``perms`` has shape ``(depth, width)``, int64, each row a permutation of ``range(width)``;
+  it is a gather, ``(P_t h)[j] = h[perms[t, j]]``.
 * One factor maps ``h -> z`` with ``z[b*k + r] = Σ_c weight[t, b, r, c] · h[perms[t, b*k + c]]``.
+* The result keeps the first ``out_features`` entries (all ``width`` by default).
+
+Layers, top to bottom: ``permuted_block_diagonal_reference`` (plain PyTorch, any device,
+autograd of any order), the numba kernels in ``_permuted_numba.py``, the autograd Function
+``PermutedBlockDiagonalFn`` (forward and first-order backward through the kernels) and the
+functional ``permuted_block_diagonal`` that validates and dispatches.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from bornsparse._checks import check_float_tensor, check_positive_int
+
+BACKENDS = ("auto", "reference", "numba")
+NUMBA_DTYPES = (torch.float32, torch.float64)
+
+# Samples per batch tile of the fused kernels. Forward: two (width, tile) buffers per thread,
+# 1 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also keeps the tile's depth
+# activations, so it uses a smaller tile (see docs/design/permuted.md for the measurements).
+FORWARD_TILE = 64
+BACKWARD_TILE = 32
 
 
 def permuted_block_diagonal_reference(
-    x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, *, out_features: int | None = None
 ) -> torch.Tensor:
-    """Plain-PyTorch, device-agnostic G x for ``x`` of shape (batch, width).
+    """Plain-PyTorch, device-agnostic G x for ``x`` of shape (..., n_in), n_in <= width.
 
-    Autograd differentiates it directly; it keeps depth activations alive for backward.
+    Autograd differentiates it directly (any order); it keeps depth activations alive for
+    backward.
     """
     depth, nblocks, k, _ = weight.shape
+    width = nblocks * k
     h = x
+    if h.shape[-1] < width:
+        h = torch.nn.functional.pad(h, (0, width - h.shape[-1]))
     for t in range(depth):
-        g = h.index_select(-1, perms[t]).unflatten(-1, (nblocks, k))  # (batch, nb, k)
-        h = torch.einsum("nbc,brc->nbr", g, weight[t]).flatten(-2)  # (batch, width)
-    return h
+        g = h.index_select(-1, perms[t]).unflatten(-1, (nblocks, k))  # (..., nb, k)
+        h = torch.einsum("...bc,brc->...br", g, weight[t]).flatten(-2)  # (..., width)
+    return h if out_features is None else h[..., :out_features]
 
 
 def permuted_block_diagonal_dense_reference(
@@ -45,17 +68,150 @@ def permuted_block_diagonal_dense_reference(
     return permuted_block_diagonal_reference(eye, weight, perms).T
 
 
-BACKENDS = ("auto", "reference", "numba")
+def _numba_threads(ntiles: int) -> int:
+    import numba
+
+    return max(1, min(numba.get_num_threads(), ntiles))
+
+
+def _tile_for(batch: int, nthreads: int, cap: int) -> int:
+    """Largest tile <= cap that still gives every thread work when the batch is small."""
+    return max(1, min(cap, -(-batch // nthreads)))
+
+
+def _plan(batch: int, cap: int) -> tuple[int, int]:
+    import numba
+
+    tile = _tile_for(batch, max(1, numba.get_num_threads()), cap)
+    return tile, _numba_threads(-(-batch // tile))
+
+
+class PermutedBlockDiagonalFn(torch.autograd.Function):
+    """G x through the fused numba kernels; saves only ``x`` (and the parameters) for backward.
+
+    ``x``: (batch, n_in) CPU float32/float64; returns (batch, out_features). Backward
+    recomputes the activations tile by tile, so memory kept between forward and backward
+    does not grow with depth. First-order only: double backward raises (use the reference).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int
+    ) -> torch.Tensor:
+        from bornsparse.ops._permuted_numba import _forward_kernel
+
+        x = x.detach().contiguous()
+        weight_c = weight.detach().contiguous()
+        perms_c = perms.contiguous()
+        out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+        if x.shape[0]:
+            tile, nthreads = _plan(x.shape[0], FORWARD_TILE)
+            _forward_kernel(
+                x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), tile, nthreads
+            )
+        ctx.save_for_backward(x, weight_c, perms_c)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        from bornsparse.ops._permuted_numba import _backward_kernel
+
+        x, weight, perms = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        batch = x.shape[0]
+        tile, nthreads = _plan(max(batch, 1), BACKWARD_TILE)
+        grad_x = torch.empty_like(x)
+        partial = torch.zeros(nthreads, *weight.shape, dtype=weight.dtype)
+        if batch:
+            _backward_kernel(
+                x.numpy(), weight.numpy(), perms.numpy(), grad_out.numpy(), grad_x.numpy(),
+                partial.numpy(), tile, nthreads,
+            )
+        grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
+
+
+def _check_operands(
+    x: object, weight: object, perms: object, out_features: object, backend: object
+) -> tuple[int, int]:
+    """Validate the functional's arguments; return (width, out_features)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight)
+    if not isinstance(perms, torch.Tensor):
+        raise TypeError(f"perms must be a torch.Tensor, got {type(perms).__name__}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:
+        raise ValueError(
+            f"weight must have shape (depth, width // k, k, k), got {tuple(weight.shape)}"
+        )
+    depth, nblocks, k, _ = weight.shape
+    width = nblocks * k
+    if perms.dtype != torch.int64:
+        raise TypeError(f"perms must have dtype torch.int64, got {perms.dtype}")
+    if tuple(perms.shape) != (depth, width):
+        raise ValueError(
+            f"perms must have shape (depth, width) = {(depth, width)} to match weight, "
+            f"got {tuple(perms.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    if x.device != weight.device or perms.device != weight.device:
+        raise ValueError(
+            f"x, weight and perms must be on one device, got {x.device}, {weight.device} "
+            f"and {perms.device}"
+        )
+    if x.dim() == 0 or not 1 <= x.shape[-1] <= width:
+        raise ValueError(f"x must have shape (..., n_in) with 1 <= n_in <= {width}, "
+                         f"got {tuple(x.shape)}")
+    if out_features is None:
+        out_features = width
+    out_features = check_positive_int("out_features", out_features)
+    if out_features > width:
+        raise ValueError(f"out_features must be at most width = {width}, got {out_features}")
+    return width, out_features
+
+
+def _check_permutations(perms: torch.Tensor) -> None:
+    # The numba kernels do no bounds checks, so a bad index would read outside memory.
+    if perms.device.type == "cpu":
+        from bornsparse.ops._permuted_numba import _perms_are_permutations_kernel
+
+        ok = _perms_are_permutations_kernel(perms.contiguous().numpy())
+    else:
+        arange = torch.arange(perms.shape[1], device=perms.device)
+        ok = bool((perms.sort(dim=1).values == arange).all())
+    if not ok:
+        raise ValueError("perms must hold a permutation of range(width) in every row")
 
 
 def permuted_block_diagonal(
-    x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, *, backend: str = "auto"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    perms: torch.Tensor,
+    *,
+    out_features: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """G x for ``x`` of shape (batch, width); see the module docstring for the layout.
+    """G [x, 0] for ``x`` of shape (..., n_in); returns (..., out_features).
 
-    ``backend="auto"`` picks the fused numba kernel for CPU float32/float64 tensors and the
-    reference otherwise; ``"reference"`` forces plain PyTorch (any device).
+    See the module docstring for the layout. ``backend="auto"`` picks the fused numba kernel
+    for CPU float32/float64 tensors and the reference otherwise (other devices and dtypes);
+    ``"reference"`` forces plain PyTorch (any device, gradients of any order); ``"numba"``
+    forces the kernel and raises if the tensors do not suit it. The numba path supports
+    first-order gradients (``x`` and ``weight``); double backward through it raises, so use
+    ``backend="reference"`` for higher-order derivatives.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return permuted_block_diagonal_reference(x, weight, perms)
+    _, out_features = _check_operands(x, weight, perms, out_features, backend)
+    _check_permutations(perms)
+    suits_numba = x.device.type == "cpu" and x.dtype in NUMBA_DTYPES
+    if backend == "numba" and not suits_numba:
+        raise ValueError(
+            f"backend='numba' needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
+        )
+    if backend == "reference" or not suits_numba:
+        return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
+    lead = x.shape[:-1]
+    y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features)
+    return y.reshape(*lead, out_features)
