@@ -1,0 +1,317 @@
+"""RigL and SET: schedule, support invariants, optimizer-state surgery, checkpoints, digits."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from bornsparse.sparsity import SET, RigL, allocate_nnz
+from bornsparse.sparsity.dynamic import dense_gradient
+from bornsparse.sparsity.swap import dense_targets, indices_to_flat, sparse_targets
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64),
+                         nn.ReLU(), nn.Linear(64, 10))
+
+
+def convnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (8, 4, 4)
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),         # (16, 2, 2)
+        nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+def make(cls, net=mlp, *, density=0.1, total_steps=60, delta=5, seed=0, lr=0.01, **kw):
+    model = net()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = cls(model, opt, density=density, total_steps=total_steps, delta=delta, seed=seed,
+                **kw)
+    return model, opt, sched
+
+
+def run(model, opt, sched, x, y, steps, *, start=0, batch=64, record=None):
+    for t in range(start, start + steps):
+        i = (t * batch) % (len(y) - batch)
+        opt.zero_grad()
+        F.cross_entropy(model(x[i:i + batch]), y[i:i + batch]).backward()
+        before = snapshot(model, opt) if record is not None else None
+        if sched.step():
+            opt.step()
+        elif record is not None:
+            record.append((before, snapshot(model, opt)))
+
+
+def snapshot(model, opt):
+    out = {}
+    for name, layer in sparse_targets(model):
+        st = opt.state.get(layer.values, {})
+        out[name] = dict(
+            indices=layer.indices.clone(), values=layer.values.detach().clone(),
+            exp_avg=st["exp_avg"].clone() if "exp_avg" in st else None,
+            exp_avg_sq=st["exp_avg_sq"].clone() if "exp_avg_sq" in st else None,
+            cols=layer.dense_shape[1], rows=layer.dense_shape[0],
+        )
+    return out
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_schedule_and_step_return_values(digits):
+    x, y, *_ = digits
+    model, opt, rigl = make(RigL, total_steps=40, delta=7)
+    assert rigl.t_end == 30
+    assert rigl.drop_fraction(0) == pytest.approx(0.3)
+    assert rigl.drop_fraction(15) == pytest.approx(0.15)
+    assert rigl.drop_fraction(30) == 0.0 and rigl.drop_fraction(39) == 0.0
+    returned = []
+    for t in range(1, 41):
+        opt.zero_grad()
+        F.cross_entropy(model(x[:32]), y[:32]).backward()
+        returned.append(rigl.step())
+        assert rigl.t == t
+    assert [t for t, r in enumerate(returned, 1) if not r] == [7, 14, 21, 28]
+    assert rigl.updates == 4
+    with pytest.raises(RuntimeError, match="after the last step: total_steps=40"):
+        rigl.step()
+
+
+def test_conversion_follows_distribution_and_rebinds_optimizer():
+    dense = mlp()
+    shapes = [tuple(m.weight.shape) for _, m in dense_targets(dense)]
+    model, opt, rigl = make(RigL, density=0.05, distribution="erk")
+    counts = [l.nnz for _, l in sparse_targets(model)]
+    assert counts == list(allocate_nnz(shapes, 0.05, "erk"))
+    in_opt = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in in_opt} == {id(p) for p in model.parameters()}
+    assert len(in_opt) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("cls", [RigL, SET])
+@pytest.mark.parametrize("net,kind", [(mlp, "sparse"), (convnet, "sparse"), (mlp, "dctps"),
+                                      (convnet, "dctps")])
+def test_update_invariants(cls, net, kind, digits):
+    x, y, *_ = digits
+    model, opt, sched = make(cls, net, kind=kind, total_steps=40, delta=4)
+    counts = [l.nnz for _, l in sparse_targets(model)]
+    record = []
+    run(model, opt, sched, x, y, 40, record=record)
+    assert len(record) == 7  # updates at 4, 8, ..., 28 (t_end = 30)
+    changed = 0
+    for before, after in record:
+        for name, b in before.items():
+            a = after[name]
+            cols, n = a["cols"], a["values"].numel()
+            assert n == b["values"].numel()
+            flat_a = indices_to_flat(a["indices"], cols)
+            flat_b = indices_to_flat(b["indices"], cols)
+            assert torch.equal(flat_a, torch.unique(flat_a))  # sorted, unique
+            assert int(a["indices"][0].max()) < a["rows"] and int(a["indices"][1].max()) < cols
+            new = ~torch.isin(flat_a, flat_b)
+            kept = ~new
+            changed += int(new.sum())
+            assert (a["values"][new] == 0).all()
+            assert (a["exp_avg"][new] == 0).all() and (a["exp_avg_sq"][new] == 0).all()
+            src = torch.searchsorted(flat_b, flat_a[kept])
+            assert torch.equal(a["values"][kept], b["values"][src])
+            assert torch.equal(a["exp_avg"][kept], b["exp_avg"][src])
+            assert torch.equal(a["exp_avg_sq"][kept], b["exp_avg_sq"][src])
+            # what was dropped had no larger magnitude than anything kept
+            dropped = ~torch.isin(flat_b, flat_a)
+            if dropped.any():
+                assert b["values"][dropped].abs().max() <= b["values"][~dropped].abs().min()
+    assert changed > 0
+    assert [l.nnz for _, l in sparse_targets(model)] == counts
+    assert all(type(l).__name__.startswith("DCTPlus" if kind == "dctps" else "Sparse")
+               for _, l in sparse_targets(model))
+
+
+def dense_twin(model):
+    """A copy of a plain-sparse model with nn.Linear/nn.Conv2d holding to_dense() weights."""
+    twin = copy.deepcopy(model)
+    for name, layer in sparse_targets(twin):
+        w = layer.to_dense().detach()
+        if hasattr(layer, "kernel_size"):
+            kh, kw = layer.kernel_size
+            d = nn.Conv2d(layer.in_channels, layer.out_channels, (kh, kw), stride=layer.stride,
+                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            w = w.reshape(d.weight.shape)
+        else:
+            d = nn.Linear(layer.in_features, layer.out_features)
+        with torch.no_grad():
+            d.weight.copy_(w)
+            d.bias.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child, d)
+    return twin
+
+
+@pytest.mark.parametrize("net", [mlp, convnet])
+@pytest.mark.parametrize("kind", ["sparse", "dctps"])
+def test_dense_gradient_matches_autograd(net, kind, digits):
+    x, y, *_ = digits
+    model, opt, rigl = make(RigL, net, kind=kind, density=0.2, total_steps=10, delta=1)
+    assert rigl._armed
+    F.cross_entropy(model(x[:16]), y[:16]).backward()
+    grads = {n: dense_gradient(l, rigl._captures[n].pairs) for n, l in sparse_targets(model)}
+    for name, layer in sparse_targets(model):
+        # at the support the dense gradient is the gradient the layer gives its values
+        g = grads[name]
+        torch.testing.assert_close(g[layer.indices[0], layer.indices[1]], layer.values.grad)
+    if kind == "sparse":
+        # everywhere, it is the weight gradient of the same network made dense
+        twin = dense_twin(model)
+        F.cross_entropy(twin(x[:16]), y[:16]).backward()
+        for name, _ in sparse_targets(model):
+            w = twin.get_submodule(name).weight
+            torch.testing.assert_close(grads[name], w.grad.reshape(w.shape[0], -1))
+
+
+def test_rigl_grows_the_largest_gradients(digits):
+    x, y, *_ = digits
+    model, opt, rigl = make(RigL, density=0.05, total_steps=10, delta=1, alpha=0.5)
+    F.cross_entropy(model(x[:64]), y[:64]).backward()
+    grads = {n: dense_gradient(l, rigl._captures[n].pairs).abs() for n, l in
+             sparse_targets(model)}
+    before = snapshot(model, opt)
+    assert rigl.step() is False
+    for name, layer in sparse_targets(model):
+        b, cols = before[name], layer.dense_shape[1]
+        old = indices_to_flat(b["indices"], cols)
+        new = indices_to_flat(layer.indices, cols)
+        grown = new[~torch.isin(new, old)]
+        g = grads[name].flatten()
+        outside = torch.ones_like(g, dtype=torch.bool)
+        outside[new] = False
+        outside[old] = False
+        if grown.numel() and outside.any():
+            assert g[grown].min() >= g[outside].max()
+
+
+@pytest.mark.parametrize("cls", [RigL, SET])
+def test_deterministic_for_a_seed(cls, digits):
+    x, y, *_ = digits
+    finals = []
+    for _ in range(2):
+        model, opt, sched = make(cls, total_steps=30, delta=5, seed=7)
+        run(model, opt, sched, x, y, 30)
+        finals.append([l.indices.clone() for _, l in sparse_targets(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+    model, opt, sched = make(cls, total_steps=30, delta=5, seed=8)
+    run(model, opt, sched, x, y, 30)
+    other = [l.indices for _, l in sparse_targets(model)]
+    assert not all(torch.equal(a, b) for a, b in zip(finals[0], other, strict=True))
+
+
+@pytest.mark.parametrize("cls", [RigL, SET])
+def test_resume_from_checkpoint_is_identical(cls, digits):
+    x, y, *_ = digits
+    model, opt, sched = make(cls, total_steps=40, delta=5, seed=3)
+    run(model, opt, sched, x, y, 12)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                          "sched": sched.state_dict()})
+    run(model, opt, sched, x, y, 20, start=12)
+    # a fresh run built with another seed, then restored from the checkpoint
+    model2, opt2, sched2 = make(cls, total_steps=40, delta=5, seed=99)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert sched2.t == 12
+    run(model2, opt2, sched2, x, y, 20, start=12)
+    for (_, a), (_, b) in zip(sparse_targets(model), sparse_targets(model2), strict=True):
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(a.values, b.values)
+    torch.testing.assert_close(model(x[:16]), model2(x[:16]))
+
+
+def test_works_on_an_already_sparse_model(digits):
+    x, y, *_ = digits
+    model = mlp()
+    RigL(model, None, density=0.1, total_steps=1, seed=0)  # only to make the model sparse
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = RigL(model, opt, total_steps=20, delta=2)
+    record = []
+    run(model, opt, rigl, x, y, 20, record=record)
+    assert rigl.updates == 7 and len(record) == 7
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("cls,kind", [(RigL, "sparse"), (SET, "sparse"), (RigL, "dctps")])
+def test_trains_digits_above_chance(cls, kind, digits):
+    x, y, xt, yt = digits
+    steps = 250
+    model, opt, sched = make(cls, kind=kind, density=0.1, total_steps=steps, delta=20)
+    run(model, opt, sched, x, y, steps)
+    acc = accuracy(model, xt, yt)
+    assert acc > 0.6, f"{cls.__name__}/{kind}: test accuracy {acc:.3f}"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("density", [0.0, 1.01, -2])
+def test_rejects_density_outside_unit_interval(density):
+    with pytest.raises(ValueError, match="density must lie in"):
+        make(RigL, density=density)
+
+
+def test_rejects_bad_arguments(digits):
+    x, y, *_ = digits
+    with pytest.raises(ValueError, match="distribution"):
+        make(RigL, distribution="nope")
+    with pytest.raises(ValueError, match="no prunable layers"):
+        RigL(nn.Sequential(nn.ReLU()), None, total_steps=10)
+    with pytest.raises(ValueError, match="no prunable layers"):
+        RigL(mlp(), None, total_steps=10)  # dense and no density given
+    with pytest.raises(ValueError, match="t_end must not exceed total_steps"):
+        make(RigL, total_steps=10, t_end=11)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        make(SET, alpha=1.5)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        make(SET, kind="dense")
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        RigL(mlp(), "adam", density=0.1, total_steps=10)
+    with pytest.raises(ValueError, match="optimizer does not hold the values"):
+        model = mlp()
+        stale = torch.optim.SGD(model.parameters(), lr=0.1)
+        RigL(model, None, density=0.1, total_steps=10).optimizer = stale
+
+
+def test_step_without_optimizer_or_gradient_raises(digits):
+    x, y, *_ = digits
+    model = mlp()
+    rigl = RigL(model, None, density=0.1, total_steps=10, delta=1)
+    with pytest.raises(RuntimeError, match="needs an optimizer"):
+        rigl.step()
+    rigl.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        model(x[:8])
+    with pytest.raises(RuntimeError, match="found no gradient"):
+        rigl.step()
