@@ -212,6 +212,8 @@ def permuted_block_diagonal(
         )
     if backend == "reference" or not suits_numba:
         return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
+    if x.dim() == 2:
+        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features)
     lead = x.shape[:-1]
     y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features)
     return y.reshape(*lead, out_features)

@@ -1,0 +1,127 @@
+"""PermutedBlockDiagonal(1024, 1024, width=2048, depth=20) against dense nn.Linear(1024, 1024).
+
+Forward (under no_grad) and forward+backward (gradients of input and parameters, as in
+training), at several batch sizes, float32, measured side by side and interleaved after a
+warm-up that compiles the numba kernels. Prints a table and one JSON line of ratios
+(ours / dense; below 1 means ours is faster).
+
+    python benchmarks/bench_permuted.py [--threads 2] [--repeats 9] [--reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bornsparse.nn import PermutedBlockDiagonal  # noqa: E402
+from common import machine_tag, print_json_line, set_threads, time_interleaved  # noqa: E402
+
+
+def _forward(layer: torch.nn.Module, x: torch.Tensor):
+    def run() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    return run
+
+
+def _forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    def run() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch and numba threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=9, help="timed rounds per case (default 9)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--features", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--depth", type=int, default=20)
+    ap.add_argument("--block-size", type=int, default=2)
+    ap.add_argument(
+        "--reference", action="store_true",
+        help="also time the plain-PyTorch reference backend (slow)",
+    )
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    n = args.features
+    dense = torch.nn.Linear(n, n)
+    ours = PermutedBlockDiagonal(
+        n, n, width=args.width, depth=args.depth, block_size=args.block_size, seed=0
+    )
+    ref = None
+    if args.reference:
+        ref = PermutedBlockDiagonal(
+            n, n, width=args.width, depth=args.depth, block_size=args.block_size, seed=0
+        )
+        ref.backend = "reference"
+
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, n, requires_grad=True)
+        grad = torch.randn(batch, n)
+        fns = {
+            "dense_fwd": _forward(dense, x),
+            "ours_fwd": _forward(ours, x),
+            "dense_fwdbwd": _forward_backward(dense, x, grad),
+            "ours_fwdbwd": _forward_backward(ours, x, grad),
+        }
+        if ref is not None:
+            fns["ref_fwd"] = _forward(ref, x)
+            fns["ref_fwdbwd"] = _forward_backward(ref, x, grad)
+        t = time_interleaved(fns, repeats=args.repeats)
+        row = {"batch": batch, **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
+        row["ratio_fwd"] = t["ours_fwd"] / t["dense_fwd"]
+        row["ratio_fwdbwd"] = t["ours_fwdbwd"] / t["dense_fwdbwd"]
+        if ref is not None:
+            row["ref_ratio_fwd"] = t["ref_fwd"] / t["dense_fwd"]
+            row["ref_ratio_fwdbwd"] = t["ref_fwdbwd"] / t["dense_fwdbwd"]
+        rows.append(row)
+
+    print(
+        f"PermutedBlockDiagonal({n}, {n}, width={args.width}, depth={args.depth}, "
+        f"block_size={args.block_size}) vs nn.Linear({n}, {n}), float32, "
+        f"{args.threads} threads; ratio = ours / dense"
+    )
+    head = f"{'batch':>6} {'dense fwd':>10} {'ours fwd':>10} {'ratio':>7} " \
+           f"{'dense f+b':>10} {'ours f+b':>10} {'ratio':>7}"
+    if ref is not None:
+        head += f" {'ref fwd':>8} {'ref f+b':>8}"
+    print(head + "   (ms, ratios)")
+    for r in rows:
+        line = (
+            f"{r['batch']:>6} {r['dense_fwd_ms']:>10.3f} {r['ours_fwd_ms']:>10.3f} "
+            f"{r['ratio_fwd']:>7.2f} {r['dense_fwdbwd_ms']:>10.3f} "
+            f"{r['ours_fwdbwd_ms']:>10.3f} {r['ratio_fwdbwd']:>7.2f}"
+        )
+        if ref is not None:
+            line += f" {r['ref_ratio_fwd']:>8.2f} {r['ref_ratio_fwdbwd']:>8.2f}"
+        print(line)
+    record = {
+        "bench": "permuted_vs_dense",
+        "config": {
+            "features": n, "width": args.width, "depth": args.depth,
+            "block_size": args.block_size, "dtype": "float32", "repeats": args.repeats,
+        },
+        "ratio_fwd": {str(r["batch"]): round(r["ratio_fwd"], 4) for r in rows},
+        "ratio_fwdbwd": {str(r["batch"]): round(r["ratio_fwdbwd"], 4) for r in rows},
+        "ms": {str(r["batch"]): {k: round(v, 4) for k, v in r.items() if k.endswith("_ms")}
+               for r in rows},
+        "machine": machine_tag(),
+    }
+    print_json_line(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Cross-checks of the permuted block-diagonal op: dense matrix, PyTorch reference, numba kernel.
+
+Float64 comparisons are tight (1e-12 relative); float32 results of the kernel are held to
+a small multiple of the float32 reference's own error against float64.
+"""
+
+from __future__ import annotations
+
+import numba
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bornsparse.ops.permuted import (
+    BACKWARD_TILE,
+    FORWARD_TILE,
+    PermutedBlockDiagonalFn,
+    permuted_block_diagonal,
+    permuted_block_diagonal_dense_reference,
+    permuted_block_diagonal_reference,
+)
+
+
+def make_operands(depth, nblocks, k, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    width = nblocks * k
+    weight = torch.randn(depth, nblocks, k, k, generator=g, dtype=torch.float64) / k**0.5
+    perms = torch.stack([torch.randperm(width, generator=g) for _ in range(depth)])
+    return weight.to(dtype), perms
+
+
+@st.composite
+def cases(draw):
+    k = draw(st.sampled_from([2, 3, 4]))
+    nblocks = draw(st.integers(1, 12))
+    width = k * nblocks
+    depth = draw(st.integers(1, 5))
+    n_in = draw(st.integers(1, width))
+    n_out = draw(st.integers(1, width))
+    # batch sizes around the kernel tiles exercise full, partial and several tiles per thread
+    batch = draw(st.sampled_from([1, 2, 7, 16, BACKWARD_TILE + 1, FORWARD_TILE + 3, 150]))
+    lead = draw(st.sampled_from([(), (1,), (3,)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return k, nblocks, depth, n_in, n_out, lead + (batch,), seed
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases())
+def test_dense_reference_numba_agree_forward_backward(case):
+    k, nblocks, depth, n_in, n_out, batch_shape, seed = case
+    weight, perms = make_operands(depth, nblocks, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*batch_shape, n_in, generator=g, dtype=torch.float64)
+    gy = torch.randn(*batch_shape, n_out, generator=g, dtype=torch.float64)
+
+    dense = permuted_block_diagonal_dense_reference(weight, perms)[:n_out, :n_in]
+    y_dense = x @ dense.T
+
+    out = {}
+    for backend in ("reference", "numba"):
+        xr = x.clone().requires_grad_()
+        wr = weight.clone().requires_grad_()
+        y = permuted_block_diagonal(xr, wr, perms, out_features=n_out, backend=backend)
+        y.backward(gy)
+        out[backend] = (y.detach(), xr.grad, wr.grad)
+
+    scale = 1e-12 * (1 + y_dense.abs().max().item())
+    torch.testing.assert_close(out["reference"][0], y_dense, rtol=1e-12, atol=scale)
+    torch.testing.assert_close(out["numba"][0], y_dense, rtol=1e-12, atol=scale)
+    # gradient of <gy, G x> with respect to x is Gᵀ gy
+    torch.testing.assert_close(out["numba"][1], gy @ dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out["numba"][1], out["reference"][1], rtol=1e-12, atol=1e-12)
+    gw_scale = 1e-12 * (1 + out["reference"][2].abs().max().item())
+    torch.testing.assert_close(out["numba"][2], out["reference"][2], rtol=1e-11, atol=gw_scale)
+
+
+@pytest.mark.parametrize("k,nblocks,depth,n_in,n_out,batch", [
+    (2, 6, 4, 12, 12, 70),
+    (4, 5, 3, 13, 7, 40),
+    (2, 512, 6, 1000, 1000, 33),
+])
+def test_float32_kernel_error_is_within_float32_reference_error(k, nblocks, depth, n_in, n_out,
+                                                                 batch):
+    weight, perms = make_operands(depth, nblocks, k, seed=3)
+    x = torch.randn(batch, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    gy = torch.randn(batch, n_out, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def run(dtype, backend):
+        xr = x.to(dtype).clone().requires_grad_()
+        wr = weight.to(dtype).clone().requires_grad_()
+        y = permuted_block_diagonal(xr, wr, perms, out_features=n_out, backend=backend)
+        y.backward(gy.to(dtype))
+        return [t.double() for t in (y.detach(), xr.grad, wr.grad)]
+
+    exact = run(torch.float64, "reference")
+    ref32 = run(torch.float32, "reference")
+    fast32 = run(torch.float32, "numba")
+    eps = torch.finfo(torch.float32).eps
+    for e, r, f in zip(exact, ref32, fast32, strict=True):
+        ref_err = (r - e).abs().max().item()
+        fast_err = (f - e).abs().max().item()
+        assert fast_err <= 4 * ref_err + 8 * eps * e.abs().max().item()
+
+
+@pytest.mark.parametrize("k,nblocks,depth,n_in,n_out,batch", [
+    (2, 3, 3, 5, 6, 1),
+    (2, 4, 2, 3, 3, FORWARD_TILE + 5),
+    (3, 3, 2, 7, 9, 4),
+    (4, 2, 3, 6, 5, 3),
+])
+def test_numba_gradcheck_float64(k, nblocks, depth, n_in, n_out, batch):
+    weight, perms = make_operands(depth, nblocks, k, seed=11)
+    x = torch.randn(batch, n_in, dtype=torch.float64, requires_grad=True)
+    w = weight.clone().requires_grad_()
+
+    def f(x, w):
+        return permuted_block_diagonal(x, w, perms, out_features=n_out, backend="numba")
+
+    assert torch.autograd.gradcheck(f, (x, w))
+
+
+def test_numba_partial_weight_gradients_sum_over_threads():
+    # the per-thread weight-gradient partials must add up the same with 1 or 2 threads
+    weight, perms = make_operands(4, 8, 2, seed=2)
+    x = torch.randn(3 * FORWARD_TILE + 1, 16, dtype=torch.float64)
+    before = numba.get_num_threads()
+    grads = []
+    try:
+        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(n)
+            w = weight.clone().requires_grad_()
+            permuted_block_diagonal(x, w, perms, backend="numba").sum().backward()
+            grads.append(w.grad)
+    finally:
+        numba.set_num_threads(before)
+    ref_w = weight.clone().requires_grad_()
+    permuted_block_diagonal_reference(x, ref_w, perms).sum().backward()
+    for gw in grads:
+        torch.testing.assert_close(gw, ref_w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_dispatch_picks_numba_for_cpu_float32_and_float64_only():
+    weight, perms = make_operands(2, 4, 2, seed=0)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+        y = permuted_block_diagonal(x, weight.to(dtype), perms)
+        assert type(y.grad_fn).__name__.startswith(PermutedBlockDiagonalFn.__name__)
+        y_ref = permuted_block_diagonal(x, weight.to(dtype), perms, backend="reference")
+        assert not type(y_ref.grad_fn).__name__.startswith(PermutedBlockDiagonalFn.__name__)
+    xb = torch.randn(3, 8, dtype=torch.bfloat16)
+    y16 = permuted_block_diagonal(xb, weight.to(torch.bfloat16), perms)
+    expect = permuted_block_diagonal_reference(xb.double(), weight, perms)
+    torch.testing.assert_close(y16.double(), expect, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="backend='numba' needs CPU float32/float64"):
+        permuted_block_diagonal(xb, weight.to(torch.bfloat16), perms, backend="numba")
+
+
+def test_double_backward_raises_on_numba_and_works_on_reference():
+    weight, perms = make_operands(2, 3, 2, seed=1)
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    w = weight.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(
+        permuted_block_diagonal(x, w, perms, backend="numba").pow(2).sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        gx.sum().backward()
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: permuted_block_diagonal(x, w, perms, backend="reference"), (x, w)
+    )
+
+
+def test_empty_batch_and_noncontiguous_input():
+    weight, perms = make_operands(3, 4, 2, seed=5)
+    x0 = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
+    y0 = permuted_block_diagonal(x0, weight, perms, backend="numba")
+    assert y0.shape == (0, 8)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 8)
+    xt = torch.randn(8, 5, dtype=torch.float64).T  # (5, 8), not contiguous
+    torch.testing.assert_close(
+        permuted_block_diagonal(xt, weight, perms, backend="numba"),
+        permuted_block_diagonal_reference(xt, weight, perms),
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_perms_that_are_not_permutations_are_rejected(backend):
+    weight, perms = make_operands(2, 4, 2, seed=0)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    repeated = perms.clone()
+    repeated[1, 0] = repeated[1, 1]
+    out_of_range = perms.clone()
+    out_of_range[0, 3] = 8
+    negative = perms.clone()
+    negative[0, 0] = -1
+    for bad in (repeated, out_of_range, negative):
+        with pytest.raises(ValueError, match="permutation of range"):
+            permuted_block_diagonal(x, weight, bad, backend=backend)
+
+
+def test_operand_validation_names_argument_value_and_expectation():
+    weight, perms = make_operands(2, 4, 2, seed=0)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
+        permuted_block_diagonal(x, weight, perms, backend="cuda")
+    with pytest.raises(TypeError, match="x must have a real floating dtype.*torch.int64"):
+        permuted_block_diagonal(x.long(), weight, perms)
+    with pytest.raises(TypeError, match="x must have a real floating dtype.*complex128"):
+        permuted_block_diagonal(x.to(torch.complex128), weight, perms)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        permuted_block_diagonal(x, weight.numpy(), perms)
+    with pytest.raises(ValueError, match=r"weight must have shape .*got \(2, 4, 2\)"):
+        permuted_block_diagonal(x, weight[..., 0], perms)
+    with pytest.raises(TypeError, match="perms must have dtype torch.int64, got torch.int32"):
+        permuted_block_diagonal(x, weight, perms.int())
+    with pytest.raises(ValueError, match=r"perms must have shape .*\(2, 8\).*got \(1, 8\)"):
+        permuted_block_diagonal(x, weight, perms[:1])
+    with pytest.raises(TypeError, match="share a dtype.*float32.*float64"):
+        permuted_block_diagonal(x.float(), weight, perms)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., n_in\) with 1 <= n_in <= 8"):
+        permuted_block_diagonal(torch.randn(2, 9, dtype=torch.float64), weight, perms)
+    with pytest.raises(ValueError, match="out_features must be at most width = 8, got 9"):
+        permuted_block_diagonal(x, weight, perms, out_features=9)
+    with pytest.raises(ValueError, match="out_features must be a positive integer, got 0"):
+        permuted_block_diagonal(x, weight, perms, out_features=0)
