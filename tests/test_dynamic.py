@@ -13,6 +13,15 @@ from bornsparse.sparsity.dynamic import dense_gradient
 from bornsparse.sparsity.swap import dense_targets, indices_to_flat, sparse_targets
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these models are tiny: with the cores shared, more threads only add contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits():
     d = load_digits()

@@ -15,6 +15,15 @@ from bornsparse.sparsity.swap import dense_targets, sparse_targets, swap_in_spar
 METHODS = ["snip", "grasp", "synflow", "force"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these models are tiny: with the cores shared, more threads only add contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits():
     d = load_digits()

@@ -185,7 +185,9 @@ class IMP:
         self.masks = new_masks
         self.model.load_state_dict(self._rewind["model"])
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(self._rewind["optimizer"])
+            # the optimizer adopts the tensors it is given and updates them in place later:
+            # hand it a copy so the rewind point survives every round
+            self.optimizer.load_state_dict(copy.deepcopy(self._rewind["optimizer"]))
         self.apply_masks()
         self.round += 1
         return self.density
