@@ -173,7 +173,8 @@ class _DynamicSparse:
             rows = mod.weight.shape[0]
             cols = mod.weight.numel() // rows
             idx = _random_support(rows, cols, k, self._gen).to(mod.weight.device)
-            new = make_sparse_layer(mod, idx, kind=self.kind)
+            layer_seed = int(torch.randint(2**62, (), generator=self._gen))
+            new = make_sparse_layer(mod, idx, kind=self.kind, layer_init=True, seed=layer_seed)
             set_submodule(model, name, new)
             swaps[mod.weight] = new
         if optimizer is not None:
@@ -388,7 +389,8 @@ class RigL(_DynamicSparse):
         total_steps: the number of training steps; ``step()`` may be called that often.
         density: if given, every dense nn.Linear/nn.Conv2d (filtered by include/exclude)
             becomes a ``kind`` sparse layer on a random support with ``distribution``'s
-            per-layer counts, values = the dense initial weights there.
+            per-layer counts, values initialised by the sparse layer itself (Kaiming with
+            the sparse fan-in; zeros for the S of DCTpS, as in the paper).
         distribution: per-layer allocation (default "erk"), only used with ``density``.
         delta: steps between topology updates (ΔT, default 100).
         alpha: initial drop fraction (default 0.3), decayed by a cosine to 0 at ``t_end``.

@@ -144,23 +144,27 @@ def make_sparse_layer(
     kind: str = "sparse",
     values: torch.Tensor | None = None,
     bias: bool = True,
+    layer_init: bool = False,
+    seed: int | None = None,
 ) -> nn.Module:
     """A sparse layer with the shape, bias and dtype of the dense ``module`` on ``indices``.
 
     ``values`` (shape (k,)) default to the dense weight at ``indices`` — the pruning-at-init
     convention that the kept weights are the initial ones. The bias Parameter is reused, so an
     optimizer built on the dense model still holds it (``bias=False``: a layer without one).
+    ``layer_init=True`` ignores the dense weight and lets the sparse layer initialise its
+    values its own way (sparse fan-in Kaiming for S, zeros for the S of DCTpS) from ``seed``.
     """
     kind = check_kind(kind)
     lin_cls, conv_cls = _sparse_classes()[kind]
     w = module.weight
-    if values is None:
+    if values is None and not layer_init:
         values = weight_matrix(module).detach()[indices[0], indices[1]]
     has_bias = bias and module.bias is not None
-    common = dict(bias=has_bias, device=w.device, dtype=w.dtype)
+    common = dict(bias=has_bias, device=w.device, dtype=w.dtype, seed=seed)
     if isinstance(module, nn.Linear):
         new = lin_cls.from_indices(
-            module.in_features, module.out_features, indices, values.detach().clone(), **common
+            module.in_features, module.out_features, indices, _copy(values), **common
         )
     elif isinstance(module, nn.Conv2d):
         new = conv_cls.from_indices(
@@ -168,7 +172,7 @@ def make_sparse_layer(
             module.out_channels,
             module.kernel_size,
             indices,
-            values.detach().clone(),
+            _copy(values),
             stride=module.stride,
             padding=module.padding,
             dilation=module.dilation,
@@ -182,6 +186,10 @@ def make_sparse_layer(
         new.bias = module.bias
     new.train(module.training)
     return new
+
+
+def _copy(values: torch.Tensor | None) -> torch.Tensor | None:
+    return None if values is None else values.detach().clone()
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
