@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from bornsparse.sparsity import prune_at_init
 from bornsparse.sparsity import scores as S
+from bornsparse.sparsity.prune_at_init import prune_at_init  # see the NOTE below
 from bornsparse.sparsity.swap import dense_targets, sparse_targets, swap_in_sparse_layers
 
+# NOTE: imported from the submodule: `from bornsparse.sparsity import prune_at_init` gives the
+# module, because the lazy table maps the function to a submodule of the same name.
 METHODS = ["snip", "grasp", "synflow", "force"]
 
 

@@ -138,6 +138,11 @@ class _DynamicSparse:
         self.kind = check_kind(kind)
         self.seed = int(torch.randint(2**62, ()).item()) if seed is None else int(seed)
         self._gen = torch.Generator().manual_seed(self.seed)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got "
+                f"{type(optimizer).__name__}"
+            )
         self.model = model
         if density is not None:
             density = check_fraction("density", density)
