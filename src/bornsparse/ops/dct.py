@@ -105,11 +105,14 @@ def dct_matrix(
     q = max(rows, cols) if length is None else check_positive_int("length", length)
     if q < max(rows, cols):
         raise ValueError(f"length must be at least max(rows, cols) = {max(rows, cols)}, got {q}")
-    n = torch.arange(rows, dtype=torch.int64)
-    k = torch.arange(cols, dtype=torch.int64)
-    # reduce k(2n+1) modulo the period 4q in integers so float32 callers keep full accuracy
+    dtype = dtype or torch.get_default_dtype()
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    n = torch.arange(rows, dtype=torch.int64, device=device)
+    k = torch.arange(cols, dtype=torch.int64, device=device)
+    # reducing k(2n+1) modulo the period 4q in integers keeps the angle below 2π, so even
+    # a float32 cosine is accurate to a few ulps (conv layers rebuild this every forward)
     phase = torch.outer(2 * n + 1, k) % (4 * q)
-    m = torch.cos(phase.to(torch.float64) * (math.pi / (2 * q)))
-    scale = torch.full((cols,), math.sqrt(2.0 / q), dtype=torch.float64)
+    m = torch.cos(phase.to(work) * (math.pi / (2 * q)))
+    scale = torch.full((cols,), math.sqrt(2.0 / q), dtype=work, device=device)
     scale[0] = math.sqrt(1.0 / q)
-    return (m * scale).to(device=device, dtype=dtype or torch.get_default_dtype())
+    return (m * scale).to(dtype)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bornsparse._checks import check_float_tensor
@@ -118,7 +119,11 @@ def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> SparsePlan:
     rowptr = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
     rowptr[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     # a stable sort keeps rows ascending inside each column: deterministic gradients
-    csc_perm = torch.sort(cols, stable=True).indices
+    if cols.device.type == "cpu":
+        # numpy's single-threaded sort measured several times faster than torch.sort here
+        csc_perm = torch.from_numpy(np.argsort(cols.numpy(), kind="stable"))
+    else:
+        csc_perm = torch.sort(cols, stable=True).indices
     colptr = torch.zeros(shape[1] + 1, dtype=torch.int64, device=rows.device)
     colptr[1:] = torch.cumsum(torch.bincount(cols, minlength=shape[1]), 0)
     return SparsePlan(shape, rows, cols, rowptr, colptr, csc_perm, rows[csc_perm].contiguous())

@@ -1,0 +1,89 @@
+"""DCTPlusSparseLinear: y = α·DCT(x) + S x + b, the DCTpS layer of seed 001.
+
+The dense offset is the orthonormal DCT-II, applied with an FFT in O(q log q) and never
+stored: T(x) is the first out_features coefficients of the DCT of x zero-padded to
+q = max(in_features, out_features), i.e. x @ D with
+D = scipy.fft.dct(eye(q), norm="ortho")[:in_features, :out_features].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bornsparse.nn.sparse_linear import SparseLinear, check_choice
+from bornsparse.ops.dct import dct, dct_matrix
+
+
+def dct_project(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (..., in) -> first ``out_features`` DCT-II coefficients of x padded to max(in, out)."""
+    n = x.shape[-1]
+    q = max(n, out_features)
+    if q > n:
+        x = nn.functional.pad(x, (0, q - n))
+    return dct(x)[..., :out_features]
+
+
+class DCTPlusSparseLinear(SparseLinear):
+    """y = α·T(x) + x Sᵀ + b: a fixed DCT offset plus a trainable sparse S (seed 001).
+
+    Arguments as :class:`SparseLinear`; ``alpha`` is α's start value, a Parameter when
+    ``train_alpha`` else a buffer. ``init`` for S: "zeros" (default, the paper's), "normal"
+    (N(0, 1/f), f = nnz/out) or "kaiming" (N(0, 2/f)). Stored: values, indices, α, bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        nnz: int | None = None,
+        density: float | None = None,
+        bias: bool = True,
+        alpha: float = 1.0,
+        train_alpha: bool = True,
+        support: str = "random",
+        init: str = "zeros",
+        seed: int | None = None,
+        indices: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_choice("init", init, ("zeros", "normal", "kaiming"))
+        super().__init__(
+            in_features, out_features, nnz=nnz, density=density, bias=bias, support=support,
+            init=init, seed=seed, indices=indices, device=device, dtype=dtype,
+        )
+        register_alpha(self, alpha, train_alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        y = self._sparse_part(x)
+        y = torch.addcmul(y, dct_project(x, self.out_features), self.alpha)
+        return y if self.bias is None else y + self.bias
+
+    def dct_dense(self) -> torch.Tensor:
+        """The fixed offset Dᵀ as an (out_features, in_features) matrix, without α."""
+        return dct_matrix(
+            self.in_features, self.out_features, dtype=self.values.dtype,
+            device=self.values.device,
+        ).T
+
+    def to_dense(self) -> torch.Tensor:
+        """The effective (out, in) weight α·Dᵀ + S, with forward(x) = x Wᵀ + b."""
+        return self.alpha * self.dct_dense() + self.sparse_dense()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", train_alpha={isinstance(self.alpha, nn.Parameter)}"
+
+
+def register_alpha(module: nn.Module, alpha: object, train_alpha: object) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise TypeError(f"alpha must be a real number, got {alpha!r}")
+    if not isinstance(train_alpha, bool):
+        raise TypeError(f"train_alpha must be a bool, got {train_alpha!r}")
+    t = torch.tensor(float(alpha), dtype=module.values.dtype, device=module.values.device)
+    if train_alpha:
+        module.alpha = nn.Parameter(t)
+    else:
+        module.register_buffer("alpha", t)

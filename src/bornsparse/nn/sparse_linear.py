@@ -1,0 +1,295 @@
+"""SparseLinear, y = S x + b with S stored as values plus indices, and the shared base class.
+
+Storage is O(nnz) from the first line of the constructor on: the support is drawn by
+``_support.sample_support`` without a dense mask, the weight is the ``values`` Parameter
+(nnz,) and the ``indices`` buffer (2, nnz), and the state_dict holds nothing else (plus
+bias, and α for the DCT layers).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from bornsparse._checks import check_float_tensor, check_fraction, check_positive_int
+from bornsparse.nn._support import sample_support
+from bornsparse.ops.sparse_matmul import (
+    BACKENDS,
+    SparsePlan,
+    build_plan,
+    check_indices,
+    sort_support,
+    sparse_matmul,
+)
+
+SUPPORTS = ("random", "per_row")
+
+
+def resolve_nnz(nnz: object, density: object, rows: int, cols: int) -> int:
+    """The exact entry count from exactly one of ``nnz`` and ``density`` (rounded, >= 1)."""
+    total = rows * cols
+    if (nnz is None) == (density is None):
+        raise ValueError(
+            f"pass exactly one of nnz and density, got nnz={nnz!r}, density={density!r}"
+        )
+    if nnz is not None:
+        if isinstance(nnz, bool) or not isinstance(nnz, numbers.Integral):
+            raise TypeError(f"nnz must be an int, got {nnz!r} ({type(nnz).__name__})")
+        if not 1 <= nnz <= total:
+            raise ValueError(
+                f"nnz must lie in [1, {total}] for a ({rows}, {cols}) weight, got {nnz}"
+            )
+        return int(nnz)
+    d = check_fraction("density", density)
+    n = min(total, math.floor(d * total + 0.5))  # half up, so density >= 0.5/total gives 1
+    if n < 1:
+        raise ValueError(
+            f"density={density!r} gives {d * total:.3g} < 1 entries for a ({rows}, {cols}) "
+            f"weight; use density >= {0.5 / total:.3g} or pass nnz"
+        )
+    return n
+
+
+def make_generator(seed: object) -> torch.Generator:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+class SparseWeightBase(nn.Module):
+    """Values, indices, plan cache and support updates shared by every sparse layer.
+
+    Subclasses call :meth:`_init_support` with the dense weight's (rows, cols): rows are
+    outputs (out features / out channels), cols the flattened inputs of one row.
+    """
+
+    values: nn.Parameter
+    indices: torch.Tensor
+
+    def _init_support(
+        self,
+        rows: int,
+        cols: int,
+        *,
+        nnz: object,
+        density: object,
+        support: str,
+        indices: torch.Tensor | None,
+        seed: object,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> torch.Generator:
+        self._rows, self._cols = rows, cols
+        self.support = check_choice("support", support, SUPPORTS)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a real floating torch.dtype, got {dtype!r}")
+        gen = make_generator(seed)
+        if indices is not None:
+            if nnz is not None or density is not None:
+                raise ValueError("pass either indices or nnz/density, not both")
+            idx, _ = sort_support(indices.detach().cpu(), (rows, cols))
+            check_indices(idx, (rows, cols))
+        else:
+            n = resolve_nnz(nnz, density, rows, cols)
+            idx = sample_support(rows, cols, n, gen, per_row=support == "per_row")
+        self.register_buffer("indices", idx.to(device))
+        self.values = nn.Parameter(torch.empty(idx.shape[1], device=device, dtype=dtype))
+        self._plan: SparsePlan | None = None
+        self._plan_key: tuple | None = None
+        self._backend = "auto"
+        return gen
+
+    # ---- support ---------------------------------------------------------------------
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (trainable) weight entries."""
+        return self.values.numel()
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the dense weight matrix that ``indices`` address."""
+        return (self._rows, self._cols)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self._rows * self._cols)
+
+    @property
+    def backend(self) -> str:
+        """Kernel choice for the sparse product; see bornsparse.ops.sparse_matmul.BACKENDS."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = check_choice("backend", value, BACKENDS)
+
+    def plan(self) -> SparsePlan:
+        """The support's compressed structure, rebuilt (and re-validated) when it changes."""
+        idx = self.indices
+        # in-place writes (load_state_dict, update_support_) bump _version; .to() moves it
+        key = (idx.data_ptr(), idx._version, idx.device)
+        if self._plan is None or self._plan_key != key:
+            self._plan = build_plan(idx, self.dense_shape)
+            self._plan_key = key
+        return self._plan
+
+    @torch.no_grad()
+    def update_support_(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the support and its values in place, keeping nnz (RigL/SET, pruning).
+
+        ``indices`` (2, nnz) integer, any order, unique, in range; ``values`` (nnz,).
+        The ``values`` Parameter object is kept, so optimizers still hold it; their state
+        for moved entries is the caller's business.
+        """
+        if not isinstance(indices, torch.Tensor) or indices.shape != (2, self.nnz):
+            got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices)
+            raise ValueError(f"indices must have shape (2, {self.nnz}), got {got}")
+        if not isinstance(values, torch.Tensor) or values.shape != (self.nnz,):
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
+            raise ValueError(f"values must have shape ({self.nnz},), got {got}")
+        idx, vals = sort_support(indices.detach(), self.dense_shape, values.detach())
+        check_indices(idx, self.dense_shape, nnz=self.nnz)
+        self.indices.copy_(idx)
+        self.values.copy_(vals)
+        self._plan = None
+
+    def _linear_indices(self) -> torch.Tensor:
+        return self.indices[0] * self._cols + self.indices[1]
+
+    def sparse_dense(self) -> torch.Tensor:
+        """S as a dense (rows, cols) matrix; differentiable in ``values``."""
+        flat = self.values.new_zeros(self._rows * self._cols)
+        return flat.scatter(0, self._linear_indices(), self.values).view(self._rows, self._cols)
+
+    def _init_values(self, init: str, gen: torch.Generator) -> None:
+        with torch.no_grad():
+            if init == "zeros":
+                self.values.zero_()
+                return
+            # fan-in of the sparse weight: the mean number of entries per output row
+            fan = max(1.0, self.nnz / self._rows)
+            std = math.sqrt((2.0 if init == "kaiming" else 1.0) / fan)
+            v = torch.randn(self.nnz, generator=gen, dtype=torch.float64) * std
+            self.values.copy_(v.to(self.values.dtype))
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        if x.dtype != self.values.dtype:
+            raise TypeError(
+                f"input must have the layer's dtype {self.values.dtype}, got {x.dtype}"
+            )
+
+    def _sparse_repr(self) -> str:
+        return f"nnz={self.nnz}, density={self.density:.3g}, support={self.support!r}"
+
+
+class SparseLinear(SparseWeightBase):
+    """y = x Sᵀ + b with S (out_features, in_features) holding exactly ``nnz`` entries.
+
+    Give exactly one of ``nnz`` and ``density`` (nnz = round(density·in·out)).
+    ``support="random"`` draws positions uniformly; ``"per_row"`` gives every output row
+    nnz // out entries (the remainder one each to the first rows). ``init``: "kaiming"
+    (N(0, 2/f)), "normal" (N(0, 1/f)), with f = nnz/out the mean fan-in, or "zeros".
+
+    NOTE: the bias starts at zero, unlike nn.Linear; a sparse fan-in makes nn.Linear's
+    1/√in bias scale meaningless.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        nnz: int | None = None,
+        density: float | None = None,
+        bias: bool = True,
+        support: str = "random",
+        init: str = "kaiming",
+        seed: int | None = None,
+        indices: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        check_choice("init", init, ("kaiming", "normal", "zeros"))
+        gen = self._init_support(
+            self.out_features, self.in_features, nnz=nnz, density=density, support=support,
+            indices=indices, seed=seed, device=device, dtype=dtype,
+        )
+        self._init_values(init, gen)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, device=device, dtype=self.values.dtype)
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_indices(
+        cls, in_features: int, out_features: int, indices: torch.Tensor,
+        values: torch.Tensor | None = None, **kwargs,
+    ) -> SparseLinear:
+        """A layer on the given support (2, nnz); ``values`` (nnz,) in the same order."""
+        layer = cls(in_features, out_features, indices=indices, **kwargs)
+        _copy_given_values(layer, indices, values)
+        return layer
+
+    def _sparse_part(self, x2: torch.Tensor) -> torch.Tensor:
+        return sparse_matmul(
+            x2, self.values, self.indices, self.dense_shape, plan=self.plan(),
+            backend=self._backend,
+        )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_float_tensor("input", x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        self._check_dtype(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        y = self._sparse_part(x)
+        return y if self.bias is None else y + self.bias
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) weight W with forward(x) = x Wᵀ + b."""
+        return self.sparse_dense()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"{self._sparse_repr()}, bias={self.bias is not None}"
+        )
+
+
+def _copy_given_values(
+    layer: SparseWeightBase, indices: torch.Tensor, values: torch.Tensor | None
+) -> None:
+    """Put ``values`` (ordered like the caller's ``indices``) into the sorted layer."""
+    if values is None:
+        return
+    if not isinstance(values, torch.Tensor) or values.shape != (layer.nnz,):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
+        raise ValueError(f"values must have shape ({layer.nnz},), got {got}")
+    _, vals = sort_support(indices.detach().cpu(), layer.dense_shape, values.detach().cpu())
+    with torch.no_grad():
+        layer.values.copy_(vals)
