@@ -1,0 +1,238 @@
+"""SparseConv2d and DCTPlusSparseConv2d: conv kernels stored as values plus indices.
+
+The kernel (out_channels, in_channels/groups, kh, kw) is addressed as a (rows, cols) matrix
+with rows = out channels and cols = the flattened (in_channels/groups, kh, kw) patch, the
+order F.unfold uses. forward() scatters the values into a transient dense kernel and calls
+F.conv2d: the dense kernel lives only inside the call, while parameters, gradients and
+optimizer state stay O(nnz) (the kernel's gradient is gathered back to the values).
+
+For the DCT layer, output channel o adds α·D[:, o] with D = dct_matrix(L, out_channels),
+L = in_channels/groups·kh·kw and q = max(L, out_channels): each flattened patch is mapped
+to the first out_channels DCT-II coefficients of the patch zero-padded to q.
+NOTE: with groups > 1 the same rule holds per output channel (channel o of group g sees
+its own group's patch and uses DCT column o), so groups and depthwise convs get distinct
+offsets per channel instead of copies of the first columns.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bornsparse._checks import check_float_tensor, check_positive_int
+from bornsparse.nn.dct_plus_sparse import register_alpha
+from bornsparse.nn.sparse_linear import SparseWeightBase, _copy_given_values, check_choice
+from bornsparse.ops.dct import dct_matrix
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
+    vals = value if isinstance(value, tuple | list) else (value, value)
+    if len(vals) != 2 or any(
+        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum for v in vals
+    ):
+        raise ValueError(
+            f"{name} must be an int >= {minimum} or a pair of them, got {value!r}"
+        )
+    return int(vals[0]), int(vals[1])
+
+
+class _SparseConvBase(SparseWeightBase):
+    def _init_conv(
+        self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        padding_mode,
+    ) -> None:
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.groups = check_positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups must divide in_channels and out_channels, got groups={groups} with "
+                f"in_channels={in_channels}, out_channels={out_channels}"
+            )
+        self.kernel_size = _pair("kernel_size", kernel_size, minimum=1)
+        self.stride = _pair("stride", stride, minimum=1)
+        self.dilation = _pair("dilation", dilation, minimum=1)
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(
+                    f"padding must be 'valid', 'same', an int >= 0 or a pair, got {padding!r}"
+                )
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride={stride!r}")
+            self.padding = padding
+        else:
+            self.padding = _pair("padding", padding, minimum=0)
+        self.padding_mode = check_choice("padding_mode", padding_mode, PADDING_MODES)
+        if padding_mode != "zeros" and isinstance(self.padding, str):
+            raise ValueError(
+                f"padding_mode={padding_mode!r} needs numeric padding, got {padding!r}"
+            )
+
+    @property
+    def patch_size(self) -> int:
+        """L = in_channels/groups·kh·kw, the length of one flattened patch (a kernel row)."""
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_float_tensor("input", x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"input must have shape (N, {self.in_channels}, H, W) or "
+                f"({self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        self._check_dtype(x)
+
+    def _conv(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, kernel, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def _make_bias(self, bias: bool, device, dtype) -> None:
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", {self._sparse_repr()}, bias={self.bias is not None}"
+
+
+class SparseConv2d(_SparseConvBase):
+    """nn.Conv2d whose kernel holds exactly ``nnz`` entries (values plus indices).
+
+    Conv arguments as nn.Conv2d; sparsity arguments as :class:`SparseLinear`, with a row
+    being one output filter (``support="per_row"`` = equal count per filter, EPF).
+    ``init``: "kaiming" (N(0, 2/f)), "normal" (N(0, 1/f)), f = nnz/out_channels, or "zeros".
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        nnz: int | None = None,
+        density: float | None = None,
+        support: str = "random",
+        init: str = "kaiming",
+        seed: int | None = None,
+        indices: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_conv(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            padding_mode,
+        )
+        check_choice("init", init, self._inits)
+        gen = self._init_support(
+            self.out_channels, self.patch_size, nnz=nnz, density=density, support=support,
+            indices=indices, seed=seed, device=device, dtype=dtype,
+        )
+        self._init_values(init, gen)
+        self._make_bias(bias, device, self.values.dtype)
+
+    _inits = ("kaiming", "normal", "zeros")
+
+    @classmethod
+    def from_indices(
+        cls, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+        indices: torch.Tensor, values: torch.Tensor | None = None, **kwargs,
+    ):
+        """A layer on the given support (2, nnz) of the (out, L) kernel matrix."""
+        layer = cls(in_channels, out_channels, kernel_size, indices=indices, **kwargs)
+        _copy_given_values(layer, indices, values)
+        return layer
+
+    def to_dense(self) -> torch.Tensor:
+        """The kernel (out_channels, in_channels/groups, kh, kw); differentiable."""
+        return self.sparse_dense().view(self.kernel_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.to_dense())
+
+
+class DCTPlusSparseConv2d(SparseConv2d):
+    """Conv with kernel α·D + S: a fixed DCT offset on each patch plus a sparse S (seed 001).
+
+    Arguments as :class:`SparseConv2d` plus ``alpha``/``train_alpha`` as
+    :class:`DCTPlusSparseLinear`; ``init`` defaults to "zeros". The offset is regenerated
+    in closed form at every forward (O(out·L), no FFT, never stored).
+    """
+
+    _inits = ("zeros", "normal", "kaiming")
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        nnz: int | None = None,
+        density: float | None = None,
+        alpha: float = 1.0,
+        train_alpha: bool = True,
+        support: str = "random",
+        init: str = "zeros",
+        seed: int | None = None,
+        indices: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, nnz=nnz, density=density, support=support, init=init, seed=seed,
+            indices=indices, device=device, dtype=dtype,
+        )
+        register_alpha(self, alpha, train_alpha)
+
+    def dct_dense(self) -> torch.Tensor:
+        """The fixed offset kernel (out, in/groups, kh, kw), without α."""
+        d = dct_matrix(
+            self.patch_size, self.out_channels, dtype=self.values.dtype,
+            device=self.values.device,
+        )
+        return d.T.reshape(self.kernel_shape)
+
+    def to_dense(self) -> torch.Tensor:
+        """The effective kernel α·D + S; differentiable in α and the values."""
+        return self.alpha * self.dct_dense() + self.sparse_dense().view(self.kernel_shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", train_alpha={isinstance(self.alpha, nn.Parameter)}"
