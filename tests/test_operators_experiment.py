@@ -225,3 +225,14 @@ def test_fast_target_products_match_dense(name, k):
     a = make_target(name, 96, k, seed=5)
     x = torch.randn(7, 96, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_target_matmul(a)(x), x @ a.T, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_tanh_network(tmp_path):
+    out = tmp_path / "ops"
+    argv = TINY + ["--tasks", "band", "--ks", "1", "--depths", "2", "--network", "tanh",
+                   "--workers", "1", "--no-plots", "--out", str(out)]
+    assert cli_main(argv) == 0
+    (rec,) = read_jsonl(out / "results.jsonl")
+    assert rec["config"]["network"] == "tanh"
+    assert rec["params"] == 2 * 16 * 2 + 2 * 16  # block entries plus one bias per neuron and layer
+    assert not list(out.glob("*.png"))
