@@ -46,42 +46,40 @@ def _perms_are_permutations_kernel(perms: np.ndarray) -> bool:
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _load_tile_transposed(x, s0, ts, buf):
-    """buf[i, s] = x[s0 + s, i] for i < x.shape[1], zero for the padded rows."""
+    """buf[i, s] = x[s0 + s, i] for i < x.shape[1]; the padded rows of buf are left alone.
+
+    Callers zero those rows once per buffer: the loads never write them.
+    """
     n_in = x.shape[1]
-    width = buf.shape[0]
-    # Rows of x are usually 4 KiB apart and would all fall in one L1 set: touching a few
-    # samples at a time (8 < the 12 ways of L1) and 16 features (one cache line) per step
-    # avoids conflict misses.
-    for sa in range(0, ts, 8):
-        sb = min(sa + 8, ts)
-        for i0 in range(0, n_in, 16):
-            i1 = min(i0 + 16, n_in)
-            for s in range(sa, sb):
-                for i in range(i0, i1):
-                    buf[i, s] = x[s0 + s, i]
-    for i in range(n_in, width):
+    # 16 features (one cache line of x) at a time for all samples of the tile: each line of
+    # x is read once and the 16 rows of buf being written stay in L1.
+    for i0 in range(0, n_in, 16):
+        i1 = min(i0 + 16, n_in)
         for s in range(ts):
-            buf[i, s] = 0.0
+            for i in range(i0, i1):
+                buf[i, s] = x[s0 + s, i]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _store_tile_transposed(buf, s0, ts, out):
     """out[s0 + s, i] = buf[i, s] for i < out.shape[1]."""
     n_out = out.shape[1]
-    for sa in range(0, ts, 8):
-        sb = min(sa + 8, ts)
-        for i0 in range(0, n_out, 16):
-            i1 = min(i0 + 16, n_out)
-            for s in range(sa, sb):
-                for i in range(i0, i1):
-                    out[s0 + s, i] = buf[i, s]
+    for i0 in range(0, n_out, 16):
+        i1 = min(i0 + 16, n_out)
+        for s in range(ts):
+            for i in range(i0, i1):
+                out[s0 + s, i] = buf[i, s]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _apply_factor(src, dst, w, p, ts):
-    """dst[b*k + r, :ts] = Σ_c w[b, r, c] · src[p[b*k + c], :ts] (one factor on one tile)."""
-    nb = w.shape[0]
+def _apply_factor(src, dst, w, p, ts, n_rows):
+    """dst[b*k + r, :ts] = Σ_c w[b, r, c] · src[p[b*k + c], :ts] (one factor on one tile).
+
+    Only the blocks holding rows < n_rows are computed (the last factor skips the rows that
+    the output slice drops).
+    """
     k = w.shape[1]
+    nb = (n_rows + k - 1) // k
     if k == 2:
         # each pair of source rows is read once and feeds both outputs of its block
         for b in range(nb):
@@ -123,6 +121,8 @@ def _factor_backward(act, g, gin, w, p, gw, ts):
     """
     nb = w.shape[0]
     k = w.shape[1]
+    # a literal 0.0 would make the accumulators float64 and the float32 loops convert
+    zero = gw.dtype.type(0)
     if k == 2:
         for b in range(nb):
             i0 = p[2 * b]
@@ -137,10 +137,10 @@ def _factor_backward(act, g, gin, w, p, gw, ts):
             w01 = w[b, 0, 1]
             w10 = w[b, 1, 0]
             w11 = w[b, 1, 1]
-            c00 = 0.0
-            c01 = 0.0
-            c10 = 0.0
-            c11 = 0.0
+            c00 = zero
+            c01 = zero
+            c10 = zero
+            c11 = zero
             for s in range(ts):
                 u = a0[s]
                 v = a1[s]
@@ -173,7 +173,7 @@ def _factor_backward(act, g, gin, w, p, gw, ts):
                         e[s] += wc * y[s]
                 for r in range(k):
                     y = g[b * k + r]
-                    acc = 0.0
+                    acc = zero
                     for s in range(ts):
                         acc += y[s] * a[s]
                     gw[b, r, c] += acc
@@ -185,18 +185,21 @@ def _forward_kernel(x, weight, perms, out, tile, nthreads):
     batch = x.shape[0]
     depth = weight.shape[0]
     width = perms.shape[1]
+    n_out = out.shape[1]
     ntiles = (batch + tile - 1) // tile
     for th in numba.prange(nthreads):
+        # the input tile has its own buffer, so its padded rows are zeroed once per call
+        buf_in = np.zeros((width, tile), dtype=x.dtype)
         buf_a = np.empty((width, tile), dtype=x.dtype)
         buf_b = np.empty((width, tile), dtype=x.dtype)
         for it in range(th, ntiles, nthreads):
             s0 = it * tile
             ts = min(tile, batch - s0)
-            _load_tile_transposed(x, s0, ts, buf_a)
-            src, dst = buf_a, buf_b
+            _load_tile_transposed(x, s0, ts, buf_in)
+            src, dst = buf_in, buf_a
             for t in range(depth):
-                _apply_factor(src, dst, weight[t], perms[t], ts)
-                src, dst = dst, src
+                _apply_factor(src, dst, weight[t], perms[t], ts, n_out if t == depth - 1 else width)
+                src, dst = dst, (buf_b if dst is buf_a else buf_a)
             _store_tile_transposed(src, s0, ts, out)
 
 
@@ -213,6 +216,8 @@ def _backward_kernel(x, weight, perms, grad_out, grad_x, grad_w_partial, tile, n
     ntiles = (batch + tile - 1) // tile
     for th in numba.prange(nthreads):
         acts = np.empty((depth, width, tile), dtype=x.dtype)
+        acts[0] = 0.0  # padded rows of the input stay zero across tiles
+        g_out = np.zeros((width, tile), dtype=x.dtype)  # likewise for the output gradient
         g_a = np.empty((width, tile), dtype=x.dtype)
         g_b = np.empty((width, tile), dtype=x.dtype)
         gw = grad_w_partial[th]
@@ -222,10 +227,10 @@ def _backward_kernel(x, weight, perms, grad_out, grad_x, grad_w_partial, tile, n
             ts = min(tile, batch - s0)
             _load_tile_transposed(x, s0, ts, acts[0])
             for t in range(depth - 1):
-                _apply_factor(acts[t], acts[t + 1], weight[t], perms[t], ts)
-            _load_tile_transposed(grad_out, s0, ts, g_a)
-            g, gin = g_a, g_b
+                _apply_factor(acts[t], acts[t + 1], weight[t], perms[t], ts, width)
+            _load_tile_transposed(grad_out, s0, ts, g_out)
+            g, gin = g_out, g_a
             for t in range(depth - 1, -1, -1):
                 _factor_backward(acts[t], g, gin, weight[t], perms[t], gw[t], ts)
-                g, gin = gin, g
+                g, gin = gin, (g_b if gin is g_a else g_a)
             _store_tile_transposed(g, s0, ts, grad_x)
