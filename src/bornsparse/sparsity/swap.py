@@ -75,11 +75,6 @@ def dense_targets(
             continue
         if _matches(name, exclude):
             continue
-        if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-            raise ValueError(
-                f"layer {name!r} uses padding_mode={mod.padding_mode!r}; only 'zeros' has a "
-                "sparse counterpart"
-            )
         found.append((name, mod))
     if not found:
         raise ValueError(
@@ -177,6 +172,7 @@ def make_sparse_layer(
             padding=module.padding,
             dilation=module.dilation,
             groups=module.groups,
+            padding_mode=module.padding_mode,
             **common,
         )
     else:
