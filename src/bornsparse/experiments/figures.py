@@ -27,6 +27,7 @@ def plot_operator_figures(
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from bornsparse.experiments.operators import summarize
 
@@ -77,6 +78,16 @@ def plot_operator_figures(
                        label=f"full receptive field (N={rf_depth})")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if per_factor:
+            # depth on top: comparable with the paper whatever parameter count it used
+            pf = per_factor
+            top = ax.secondary_xaxis("top", functions=(lambda p, pf=pf: p / pf,
+                                                       lambda d, pf=pf: d * pf))
+            depths = sorted({d for row in summary.values() for d in row})
+            top.set_xticks(depths, [str(d) for d in depths])
+            top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            top.set_xlabel("depth N", fontsize=8)
+            top.tick_params(labelsize=7)
         ax.set_xlabel("parameters of G(θ)")
         ax.set_ylabel("final MSE (mean of last window)")
         title = _TITLES.get(task, "dense baseline" if task == "dense" else f"user matrix {path}")
