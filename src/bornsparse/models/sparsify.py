@@ -1,0 +1,226 @@
+"""sparsify(model): swap the nn.Linear / nn.Conv2d layers of any torch model for sparse ones.
+
+The budget density·(Σ dense weights of the chosen layers) is split across them by
+bornsparse.sparsity.allocate_nnz; each layer is rebuilt on a fresh random support (the
+DCTpS recipe: no dense training first) and keeps the original layer's bias values, device
+and dtype. The swap happens in place; the returned :class:`SparsifyReport` lists what was
+stored before and after.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bornsparse.nn.dct_plus_sparse import DCTPlusSparseLinear
+from bornsparse.nn.sparse_conv import DCTPlusSparseConv2d, SparseConv2d
+from bornsparse.nn.sparse_linear import SparseLinear
+from bornsparse.sparsity.distributions import allocate_nnz, support_layout
+
+METHODS = ("dctps", "sparse")
+_CLASSES = {
+    ("dctps", nn.Linear): DCTPlusSparseLinear,
+    ("dctps", nn.Conv2d): DCTPlusSparseConv2d,
+    ("sparse", nn.Linear): SparseLinear,
+    ("sparse", nn.Conv2d): SparseConv2d,
+}
+
+Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    replaced: str  # class name of the original layer
+    now: str  # class name of the sparse layer
+    shape: tuple[int, ...]  # dense weight shape
+    nnz: int
+    stored_bytes: int  # the new layer's state_dict
+    dense_bytes: int  # the original layer's state_dict
+
+    @property
+    def density(self) -> float:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return self.nnz / n
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class SparsifyReport:
+    """Per-layer rows plus whole-model sizes before (dense) and after the swap."""
+
+    method: str
+    distribution: str
+    density: float
+    layers: list[LayerReport] = field(default_factory=list)
+    dense_model_bytes: int = 0
+    sparse_model_bytes: int = 0
+
+    @property
+    def total_nnz(self) -> int:
+        return sum(r.nnz for r in self.layers)
+
+    @property
+    def total_dense_weights(self) -> int:
+        return sum(r.nnz / r.density for r in self.layers).__round__()
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(r.stored_bytes for r in self.layers)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self.layers)
+
+    def __str__(self) -> str:
+        head = ("layer", "was", "now", "shape", "nnz", "density", "stored", "dense")
+        rows = [
+            (r.name, r.replaced, r.now, "×".join(map(str, r.shape)), str(r.nnz),
+             f"{r.density:.3g}", _human(r.stored_bytes), _human(r.dense_bytes))
+            for r in self.layers
+        ]
+        rows.append(("total", "", "", "", str(self.total_nnz),
+                     f"{self.total_nnz / max(1, self.total_dense_weights):.3g}",
+                     _human(self.stored_bytes), _human(self.dense_bytes)))
+        widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+        lines = [f"sparsify(method={self.method!r}, density={self.density:g}, "
+                 f"distribution={self.distribution!r})"]
+        for j, row in enumerate([head, *rows]):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+            if j == 0 or j == len(rows) - 1:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append(f"model state: {_human(self.sparse_model_bytes)} "
+                     f"(dense model: {_human(self.dense_model_bytes)})")
+        return "\n".join(lines)
+
+
+def _state_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in module.state_dict(keep_vars=True).values():
+        key = (t.device, t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t),
+               t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _matcher(name: str, sel: Selector) -> Callable[[str, nn.Module], bool] | None:
+    if sel is None:
+        return None
+    if callable(sel):
+        return sel
+    pats = [sel] if isinstance(sel, str) else list(sel)
+    if not all(isinstance(p, str) for p in pats):
+        raise TypeError(f"{name} must be a glob string, a list of them or a callable, got {sel!r}")
+    return lambda n, _m: any(fnmatch.fnmatchcase(n, p) for p in pats)
+
+
+def _build(cls, old: nn.Module, nnz: int, support: str, seed: int) -> nn.Module:
+    w = old.weight
+    common = dict(nnz=nnz, support=support, seed=seed, device=w.device, dtype=w.dtype)
+    if isinstance(old, nn.Linear):
+        new = cls(old.in_features, old.out_features, bias=old.bias is not None, **common)
+    else:
+        new = cls(
+            old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+            old.dilation, old.groups, old.bias is not None, old.padding_mode, **common,
+        )
+    if old.bias is not None:
+        with torch.no_grad():
+            new.bias.copy_(old.bias)
+    return new
+
+
+def sparsify(
+    model: nn.Module,
+    *,
+    method: str = "dctps",
+    density: float,
+    distribution: str = "epl",
+    include: Selector = None,
+    exclude: Selector = None,
+    seed: int | None = None,
+) -> SparsifyReport:
+    """Replace ``model``'s nn.Linear and nn.Conv2d layers in place; return a report.
+
+    ``method``: "dctps" (DCTPlusSparse layers) or "sparse" (SparseLinear/SparseConv2d).
+    ``density``: global fraction of the chosen layers' dense weights kept trainable, split
+    by ``distribution`` (see bornsparse.sparsity.DISTRIBUTIONS; "epf" also lays out the
+    entries per output row). ``include``/``exclude``: glob patterns on qualified module
+    names (e.g. "features.*"), or a callable (name, module) -> bool. ``seed`` fixes every
+    layer's support and values.
+
+    NOTE: only exact nn.Linear / nn.Conv2d instances are swapped, not subclasses (e.g.
+    nn.MultiheadAttention's out_projection reads its .weight directly). A layer reachable
+    under several names (weight sharing) is replaced everywhere by one sparse layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    support = support_layout(distribution)
+    inc, exc = _matcher("include", include), _matcher("exclude", exclude)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+    chosen: dict[int, tuple[str, nn.Module]] = {}
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    # pre-order, so the report lists layers in the order a forward pass usually meets them
+    for name, child in model.named_modules(remove_duplicate=False):
+        if type(child) not in (nn.Linear, nn.Conv2d) or not name:
+            continue
+        if inc is not None and not inc(name, child):
+            continue
+        if exc is not None and exc(name, child):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        chosen.setdefault(id(child), (name, child))
+        places.setdefault(id(child), []).append((model.get_submodule(parent_name), attr))
+    if not chosen:
+        raise ValueError(
+            "sparsify found no nn.Linear or nn.Conv2d layer to replace "
+            f"(include={include!r}, exclude={exclude!r})"
+        )
+    for name, m in chosen.values():
+        if m.weight.device.type == "meta" or isinstance(m.weight, nn.UninitializedParameter):
+            raise ValueError(f"layer {name!r} has no materialised weight; build it first")
+
+    dense_model_bytes = _state_bytes(model)
+    layers = list(chosen.values())
+    counts = allocate_nnz([tuple(m.weight.shape) for _, m in layers], density, distribution)
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    seeds = torch.randint(2**62, (len(layers),), generator=gen).tolist()
+    report = SparsifyReport(
+        method=method, distribution=distribution, density=float(density),
+        dense_model_bytes=dense_model_bytes,
+    )
+    for (name, old), nnz, s in zip(layers, counts, seeds, strict=True):
+        kind = nn.Linear if isinstance(old, nn.Linear) else nn.Conv2d
+        new = _build(_CLASSES[(method, kind)], old, nnz, support, s)
+        for parent, attr in places[id(old)]:
+            setattr(parent, attr, new)
+        report.layers.append(LayerReport(
+            name=name, replaced=type(old).__name__, now=type(new).__name__,
+            shape=tuple(old.weight.shape), nnz=new.nnz, stored_bytes=_state_bytes(new),
+            dense_bytes=_state_bytes(old),
+        ))
+    report.sparse_model_bytes = _state_bytes(model)
+    return report
