@@ -146,3 +146,22 @@ def test_bad_input():
         check_indices(idx, (4, 3), nnz=3)
     with pytest.raises(ValueError, match=r"shape \(2, nnz\)"):
         check_indices(idx[0], (4, 3))
+
+
+@pytest.mark.parametrize("min_work", [0, 1 << 62])
+def test_parallel_and_serial_numba_kernels_agree(monkeypatch, min_work):
+    import bornsparse.ops.sparse_matmul as sm
+
+    monkeypatch.setattr(sm, "_PARALLEL_MIN_WORK", min_work)
+    for rows, cols, nnz, batch in [(1, 1, 1, 1), (17, 9, 40, 5), (64, 80, 900, 33)]:
+        idx = random_support(rows, cols, nnz, seed=rows)
+        v = torch.randn(nnz, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(batch, cols, dtype=torch.float64, requires_grad=True)
+        y = sparse_matmul(x, v, idx, (rows, cols), backend="numba")
+        gy = torch.randn_like(y)
+        gx, gv = torch.autograd.grad(y, (x, v), gy)
+        yr = sparse_matmul_reference(x, v, idx, (rows, cols))
+        gxr, gvr = torch.autograd.grad(yr, (x, v), gy)
+        torch.testing.assert_close(y, yr)
+        torch.testing.assert_close(gx, gxr)
+        torch.testing.assert_close(gv, gvr)

@@ -3,7 +3,9 @@
 Every kernel works on *transposed* activations, shape (features, batch), C-contiguous: one
 nonzero then touches two contiguous rows of length batch, which LLVM turns into packed
 SIMD, instead of a strided gather per sample. Threads split the output rows, so no two
-threads ever write the same row and no atomics are needed.
+threads ever write the same row and no atomics are needed. Each kernel also has a serial
+twin: for small products the cost of waking the thread pool (and, on a busy machine,
+waiting at its barrier) exceeds the work itself.
 """
 
 from __future__ import annotations
@@ -41,6 +43,33 @@ def _sampled_dot_kernel(
     """out[e] = ⟨gy_t[rows[e]], x_t[cols[e]]⟩: the gradient of S's values (out zeroed)."""
     batch = x_t.shape[1]
     for e in numba.prange(rows.shape[0]):
+        g = gy_t[rows[e]]
+        xr = x_t[cols[e]]
+        acc = out[e]
+        for j in range(batch):
+            acc += g[j] * xr[j]
+        out[e] = acc
+
+
+# Serial twins: same bodies, no thread pool (separate functions so numba's on-disk cache
+# keeps one entry per function).
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _spmm_t_serial_kernel(ptr, idx, vals, x_t, out_t):
+    batch = x_t.shape[1]
+    for r in range(ptr.shape[0] - 1):
+        o = out_t[r]
+        o[:] = 0
+        for e in range(ptr[r], ptr[r + 1]):
+            v = vals[e]
+            xr = x_t[idx[e]]
+            for j in range(batch):
+                o[j] += v * xr[j]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _sampled_dot_serial_kernel(rows, cols, gy_t, x_t, out):
+    batch = x_t.shape[1]
+    for e in range(rows.shape[0]):
         g = gy_t[rows[e]]
         xr = x_t[cols[e]]
         acc = out[e]

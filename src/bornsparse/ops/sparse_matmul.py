@@ -141,19 +141,29 @@ def sparse_matmul_reference(
     return out.index_add(-1, indices[0], contrib)
 
 
+# below this many multiply-adds a kernel runs serially: waking threads costs more
+_PARALLEL_MIN_WORK = 1 << 16
+
+
 def _numba_spmm_t(ptr, idx, vals, x_t, n_out):
-    from bornsparse.ops._sparse_numba import _spmm_t_kernel
+    from bornsparse.ops import _sparse_numba as k
 
     out_t = torch.empty(n_out, x_t.shape[1], dtype=x_t.dtype)
-    _spmm_t_kernel(ptr.numpy(), idx.numpy(), vals.numpy(), x_t.numpy(), out_t.numpy())
+    fn = k._spmm_t_kernel if idx.numel() * x_t.shape[1] >= _PARALLEL_MIN_WORK else (
+        k._spmm_t_serial_kernel
+    )
+    fn(ptr.numpy(), idx.numpy(), vals.numpy(), x_t.numpy(), out_t.numpy())
     return out_t
 
 
 def _numba_sampled_dot(rows, cols, gy_t, x_t):
-    from bornsparse.ops._sparse_numba import _sampled_dot_kernel
+    from bornsparse.ops import _sparse_numba as k
 
     out = torch.zeros(rows.numel(), dtype=x_t.dtype)
-    _sampled_dot_kernel(rows.numpy(), cols.numpy(), gy_t.numpy(), x_t.numpy(), out.numpy())
+    fn = k._sampled_dot_kernel if rows.numel() * x_t.shape[1] >= _PARALLEL_MIN_WORK else (
+        k._sampled_dot_serial_kernel
+    )
+    fn(rows.numpy(), cols.numpy(), gy_t.numpy(), x_t.numpy(), out.numpy())
     return out
 
 
