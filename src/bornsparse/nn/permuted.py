@@ -97,7 +97,10 @@ class _PermutedBase(nn.Module):
         nblocks = width // self.block_size
         blocks = haar_orthogonal(self.depth * nblocks, self.block_size, gen, dtype)
         self.weight = nn.Parameter(
-            blocks.reshape(self.depth, nblocks, self.block_size, self.block_size).to(device)
+            # QR returns column-major blocks; the kernels want a contiguous weight
+            blocks.reshape(self.depth, nblocks, self.block_size, self.block_size)
+            .contiguous()
+            .to(device)
         )
         # a buffer, so the state_dict carries the permutations and a loaded module is the
         # same function

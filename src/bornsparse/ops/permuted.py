@@ -109,7 +109,8 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
             _forward_kernel(
                 x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), tile, nthreads
             )
-        ctx.save_for_backward(x, weight_c, perms_c)
+        # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice
+        ctx.save_for_backward(x, weight, perms)
         return out
 
     @staticmethod
@@ -118,6 +119,8 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         from bornsparse.ops._permuted_numba import _backward_kernel
 
         x, weight, perms = ctx.saved_tensors
+        weight = weight.detach().contiguous()
+        perms = perms.contiguous()
         grad_out = grad_out.contiguous()
         batch = x.shape[0]
         tile, nthreads = _plan(max(batch, 1), BACKWARD_TILE)
