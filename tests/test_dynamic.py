@@ -113,6 +113,10 @@ def test_conversion_follows_distribution_and_rebinds_optimizer():
     model, opt, rigl = make(RigL, density=0.05, distribution="erk")
     counts = [l.nnz for _, l in sparse_targets(model)]
     assert counts == list(allocate_nnz(shapes, 0.05, "erk"))
+    model, opt, rigl = make(SET, density=0.1, distribution="epf")
+    for _, layer in sparse_targets(model):
+        per_row = torch.bincount(layer.indices[0], minlength=layer.dense_shape[0])
+        assert int(per_row.max() - per_row.min()) <= 1
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     assert {id(p) for p in in_opt} == {id(p) for p in model.parameters()}
     assert len(in_opt) == len(list(model.parameters()))

@@ -252,6 +252,13 @@ def test_distribution_fixes_per_layer_counts(digits):
     model, report = prune_at_init(dense, "snip", 0.1, data=(x[:256], y[:256]),
                                   distribution="erk")
     assert [l.nnz for l in report.layers] == list(allocate_nnz(shapes, 0.1, "erk"))
+    # equal per filter: every row of every layer holds the same count (give or take one)
+    model, report = prune_at_init(mlp(), "force", 0.1, data=(x[:256], y[:256]),
+                                  distribution="epf", rounds=4)
+    assert [l.nnz for l in report.layers] == list(allocate_nnz(shapes, 0.1, "epf"))
+    for _, layer in sparse_targets(model):
+        per_row = torch.bincount(layer.indices[0], minlength=layer.dense_shape[0])
+        assert int(per_row.max() - per_row.min()) <= 1
 
 
 @pytest.mark.parametrize("method", ["synflow", "force"])

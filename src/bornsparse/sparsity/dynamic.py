@@ -46,12 +46,6 @@ from bornsparse.sparsity.swap import (
 _SCALAR_STATE = ("step",)
 
 
-def _random_support(rows: int, cols: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    flat = torch.randperm(rows * cols, generator=gen)[:k]
-    flat = torch.sort(flat).values
-    return torch.stack([flat // cols, flat % cols])
-
-
 def _first_occurrences(c: torch.Tensor) -> torch.Tensor:
     """Distinct entries of ``c`` in order of first appearance."""
     uniq, inv = torch.unique(c, return_inverse=True)
@@ -168,16 +162,18 @@ class _DynamicSparse:
 
     def _sparsify(self, model, optimizer, density, distribution, include, exclude) -> None:
         """Dense layers -> sparse layers on random supports of the distribution's counts."""
-        from bornsparse.sparsity.prune_at_init import allocate_counts
+        from bornsparse.nn._support import sample_support
+        from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 
         targets = dense_targets(model, include=include, exclude=exclude)
-        counts = allocate_counts([tuple(m.weight.shape) for _, m in targets], density,
-                                 distribution)
+        counts = allocate_nnz([tuple(m.weight.shape) for _, m in targets], density, distribution)
+        per_row = support_layout(distribution) == "per_row"
         swaps = {}
         for (name, mod), k in zip(targets, counts, strict=True):
             rows = mod.weight.shape[0]
             cols = mod.weight.numel() // rows
-            idx = _random_support(rows, cols, k, self._gen).to(mod.weight.device)
+            idx = sample_support(rows, cols, k, self._gen, per_row=per_row)
+            idx = idx.to(mod.weight.device)
             layer_seed = int(torch.randint(2**62, (), generator=self._gen))
             new = make_sparse_layer(mod, idx, kind=self.kind, layer_init=True, seed=layer_seed)
             set_submodule(model, name, new)

@@ -20,6 +20,7 @@ from torch import nn
 
 from bornsparse._checks import check_fraction, check_positive_int
 from bornsparse.sparsity import scores as S
+from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 from bornsparse.sparsity.swap import (
     DCTOffset,
     check_kind,
@@ -82,15 +83,6 @@ class PruneReport:
         return "\n".join(rows)
 
 
-def allocate_counts(
-    shapes: Sequence[tuple[int, ...]], density: float, distribution: str
-) -> list[int]:
-    """Per-layer nnz from ``bornsparse.sparsity.distributions.allocate_nnz``."""
-    from bornsparse.sparsity.distributions import allocate_nnz
-
-    return list(allocate_nnz(list(shapes), density, distribution))
-
-
 def _weight_shapes(targets) -> list[tuple[int, ...]]:
     return [tuple(mod.weight.shape) for _, mod in targets]
 
@@ -102,12 +94,6 @@ def _masks_from(selected: list[torch.Tensor], targets) -> list[torch.Tensor]:
         m[sel.to(m.device)] = True
         masks.append(m.view_as(mod.weight))
     return masks
-
-
-def _select(scores, keep_total, counts, min_per_layer):
-    if counts is None:
-        return S.select_global(scores, keep_total, min_per_layer=min_per_layer)
-    return S.select_per_layer(scores, counts), 0
 
 
 def prune_at_init(
@@ -182,11 +168,13 @@ def prune_at_init(
         S.as_batches(data)  # validates early
 
     total_sizes = [mod.weight.numel() for _, mod in targets]
+    per_row = False
     if distribution is None:
         counts = None
         keep = max(1, round(density * sum(total_sizes)))
     else:
-        counts = allocate_counts(_weight_shapes(targets), density, distribution)
+        counts = allocate_nnz(_weight_shapes(targets), density, distribution)
+        per_row = support_layout(distribution) == "per_row"
         keep = sum(counts)
 
     offsets = DCTOffset(targets) if (kind == "dctps" and method != "synflow") else None
@@ -195,7 +183,10 @@ def prune_at_init(
         if method in ("snip", "grasp"):
             fn = S.snip_scores if method == "snip" else S.grasp_scores
             sc = fn(model, targets, data, loss_fn)
-            selected, moved = _select(sc, keep, counts, min_per_layer)
+            if counts is None:
+                selected, moved = S.select_global(sc, keep, min_per_layer=min_per_layer)
+            else:
+                selected, moved = S.select_per_layer(sc, counts, per_row=per_row), 0
             report.floor_moved = report.floor_moved_total = moved
         else:
             if counts is None:
@@ -216,7 +207,7 @@ def prune_at_init(
                 if counts is None:
                     selected, moved = S.select_global(sc, ks[0], min_per_layer=min_per_layer)
                 else:
-                    selected, moved = S.select_per_layer(sc, ks), 0
+                    selected, moved = S.select_per_layer(sc, ks, per_row=per_row), 0
                 report.floor_moved = moved
                 report.floor_moved_total += moved
                 masks = _masks_from(selected, targets)

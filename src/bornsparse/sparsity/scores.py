@@ -213,12 +213,26 @@ def _order(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(s, descending=True, stable=True)
 
 
-def select_per_layer(scores: Sequence[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
-    """The ``counts[l]`` highest-scoring flat positions of each layer (sorted ascending)."""
-    return [
-        torch.sort(_order(s.flatten())[:c]).values
-        for s, c in zip(scores, counts, strict=True)
-    ]
+def select_per_layer(
+    scores: Sequence[torch.Tensor], counts: Sequence[int], *, per_row: bool = False
+) -> list[torch.Tensor]:
+    """The ``counts[l]`` highest-scoring flat positions of each layer (sorted ascending).
+
+    ``per_row=True`` (equal per filter) keeps ``counts[l] // rows`` in every row of the
+    layer's (rows, cols) view and one more in each of the first ``counts[l] % rows`` rows.
+    """
+    out = []
+    for s, c in zip(scores, counts, strict=True):
+        if not per_row:
+            out.append(torch.sort(_order(s.flatten())[:c]).values)
+            continue
+        m = s.detach().reshape(s.shape[0], -1)
+        rows, cols = m.shape
+        per = torch.full((rows,), c // rows, dtype=torch.int64)
+        per[: c % rows] += 1
+        kept = [_order(m[r])[: int(per[r])] + r * cols for r in range(rows)]
+        out.append(torch.sort(torch.cat(kept)).values)
+    return out
 
 
 def select_global(
