@@ -10,7 +10,12 @@ from torch import nn
 
 from bornsparse.sparsity import scores as S
 from bornsparse.sparsity.prune_at_init import prune_at_init  # see the NOTE below
-from bornsparse.sparsity.swap import dense_targets, sparse_targets, swap_in_sparse_layers
+from bornsparse.sparsity.swap import (
+    DCTOffset,
+    dense_targets,
+    sparse_targets,
+    swap_in_sparse_layers,
+)
 
 # NOTE: imported from the submodule: `from bornsparse.sparsity import prune_at_init` gives the
 # module, because the lazy table maps the function to a submodule of the same name.
@@ -154,6 +159,27 @@ def test_scoring_leaves_model_untouched(digits):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model.training and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("net", [mlp, convnet])
+def test_dct_offset_hook_is_the_dctps_layer(net, digits):
+    # the dense stand-in scored for kind="dctps" computes α·T(x) + S x + b, exactly what
+    # DCT-plus-sparse layers holding every entry of S compute
+    x, *_ = digits
+    dense = net()
+    full = {n: torch.stack(torch.meshgrid(torch.arange(m.weight.shape[0]),
+                                          torch.arange(m.weight[0].numel()), indexing="ij"))
+            .reshape(2, -1) for n, m in dense_targets(dense)}
+    hooks = DCTOffset(dense_targets(dense))
+    with torch.no_grad():
+        hooked = dense(x[:16])
+    hooks.remove()
+    with torch.no_grad():
+        plain = dense(x[:16])
+    swap_in_sparse_layers(dense, full, kind="dctps")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x[:16]), hooked, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain, hooked)
 
 
 # ----------------------------------------------------------------------------- selection
