@@ -112,12 +112,64 @@ def _apply_factor(src, dst, w, p, ts, n_rows):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _factor_backward(act, g, gin, w, p, gw, ts):
+def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
+    """_apply_factor that also writes gathered[j] = src[p[j]] (the factor's input, in the order
+    it is read); with compute=False only the gather is done.
+
+    Backward then reads the saved input sequentially: every random access of the backward
+    pass stays in the (width, tile) buffers that fit L2, and the depth-sized scratch, which
+    does not, is only streamed.
+    """
+    k = w.shape[1]
+    nb = w.shape[0]
+    if k == 2 and compute:
+        for b in range(nb):
+            a0 = src[p[2 * b]]
+            a1 = src[p[2 * b + 1]]
+            q0 = gathered[2 * b]
+            q1 = gathered[2 * b + 1]
+            d0 = dst[2 * b]
+            d1 = dst[2 * b + 1]
+            w00 = w[b, 0, 0]
+            w01 = w[b, 0, 1]
+            w10 = w[b, 1, 0]
+            w11 = w[b, 1, 1]
+            for s in range(ts):
+                u = a0[s]
+                v = a1[s]
+                q0[s] = u
+                q1[s] = v
+                d0[s] = w00 * u + w01 * v
+                d1[s] = w10 * u + w11 * v
+    else:
+        for j in range(nb * k):
+            a = src[p[j]]
+            q = gathered[j]
+            for s in range(ts):
+                q[s] = a[s]
+        if compute:
+            for b in range(nb):
+                for r in range(k):
+                    d = dst[b * k + r]
+                    a = gathered[b * k]
+                    wc = w[b, r, 0]
+                    for s in range(ts):
+                        d[s] = wc * a[s]
+                    for c in range(1, k):
+                        a = gathered[b * k + c]
+                        wc = w[b, r, c]
+                        for s in range(ts):
+                            d[s] += wc * a[s]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _factor_backward(gathered, g, gin, w, p, gw, ts):
     """One factor's backward on one tile.
 
-    act: input of the factor (width, tile); g: gradient w.r.t. its output; writes
-    gin[p[b*k + c]] = Σ_r w[b, r, c] · g[b*k + r] (every row once, as p is a permutation) and
-    adds gw[b, r, c] += Σ_s g[b*k + r, s] · act[p[b*k + c], s].
+    gathered: the factor's input in gathered order, row j = input row p[j] (width, tile);
+    g: gradient w.r.t. its output. Writes gin[p[b*k + c]] = Σ_r w[b, r, c] · g[b*k + r]
+    (every row once, as p is a permutation) and adds
+    gw[b, r, c] += Σ_s g[b*k + r, s] · gathered[b*k + c, s].
     """
     nb = w.shape[0]
     k = w.shape[1]
@@ -127,8 +179,8 @@ def _factor_backward(act, g, gin, w, p, gw, ts):
         for b in range(nb):
             i0 = p[2 * b]
             i1 = p[2 * b + 1]
-            a0 = act[i0]
-            a1 = act[i1]
+            a0 = gathered[2 * b]
+            a1 = gathered[2 * b + 1]
             g0 = g[2 * b]
             g1 = g[2 * b + 1]
             e0 = gin[i0]
@@ -159,9 +211,8 @@ def _factor_backward(act, g, gin, w, p, gw, ts):
     else:
         for b in range(nb):
             for c in range(k):
-                ic = p[b * k + c]
-                a = act[ic]
-                e = gin[ic]
+                a = gathered[b * k + c]
+                e = gin[p[b * k + c]]
                 y = g[b * k]
                 wc = w[b, 0, c]
                 for s in range(ts):
@@ -207,30 +258,36 @@ def _forward_kernel(x, weight, perms, out, tile, nthreads):
 def _backward_kernel(x, weight, perms, grad_out, grad_x, grad_w_partial, tile, nthreads):
     """grad_x (batch, n_in) and per-thread weight-gradient partials (nthreads, *weight.shape).
 
-    The forward of each tile is recomputed into a (depth, width, tile) scratch owned by the
-    thread, then the factors are walked backwards.
+    The forward of each tile is recomputed, saving every factor's gathered input into a
+    (depth, width, tile) scratch owned by the thread; then the factors are walked backwards.
+    (Checkpointing every √depth factors keeps the scratch in L2 but costs one more forward
+    pass; measured slower here, see docs/design/permuted.md.)
     """
     batch = x.shape[0]
     depth = weight.shape[0]
     width = perms.shape[1]
     ntiles = (batch + tile - 1) // tile
     for th in numba.prange(nthreads):
-        acts = np.empty((depth, width, tile), dtype=x.dtype)
-        acts[0] = 0.0  # padded rows of the input stay zero across tiles
+        gathered = np.empty((depth, width, tile), dtype=x.dtype)
+        buf_in = np.zeros((width, tile), dtype=x.dtype)  # padded rows stay zero across tiles
         g_out = np.zeros((width, tile), dtype=x.dtype)  # likewise for the output gradient
-        g_a = np.empty((width, tile), dtype=x.dtype)
-        g_b = np.empty((width, tile), dtype=x.dtype)
+        buf_a = np.empty((width, tile), dtype=x.dtype)
+        buf_b = np.empty((width, tile), dtype=x.dtype)
         gw = grad_w_partial[th]
         gw[:] = 0.0
         for it in range(th, ntiles, nthreads):
             s0 = it * tile
             ts = min(tile, batch - s0)
-            _load_tile_transposed(x, s0, ts, acts[0])
-            for t in range(depth - 1):
-                _apply_factor(acts[t], acts[t + 1], weight[t], perms[t], ts, width)
+            _load_tile_transposed(x, s0, ts, buf_in)
+            src, dst = buf_in, buf_a
+            for t in range(depth):
+                # the last factor's output is not needed, only its gathered input
+                _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
+                                     t < depth - 1)
+                src, dst = dst, (buf_b if dst is buf_a else buf_a)
             _load_tile_transposed(grad_out, s0, ts, g_out)
-            g, gin = g_out, g_a
+            g, gin = g_out, buf_a
             for t in range(depth - 1, -1, -1):
-                _factor_backward(acts[t], g, gin, weight[t], perms[t], gw[t], ts)
-                g, gin = gin, (g_b if gin is g_a else g_a)
+                _factor_backward(gathered[t], g, gin, weight[t], perms[t], gw[t], ts)
+                g, gin = gin, (buf_b if gin is buf_a else buf_a)
             _store_tile_transposed(g, s0, ts, grad_x)
