@@ -28,6 +28,7 @@ freed — O(rows·cols) transiently, every ``delta`` steps (the seed's O(pmn + m
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -96,7 +97,7 @@ class _Capture:
         output.register_hook(keep_grad)
 
 
-class _DynamicSparse:
+class _DynamicSparse(ABC):
     """Shared schedule, support bookkeeping, optimizer-state surgery and checkpointing."""
 
     grows_by_gradient = False
@@ -250,8 +251,9 @@ class _DynamicSparse:
 
     # ------------------------------------------------------------------ the update
 
+    @abstractmethod
     def _grow(self, name, layer, kept_flat: torch.Tensor, k: int) -> torch.Tensor:
-        raise NotImplementedError
+        """k distinct flat positions outside the sorted ``kept_flat``."""
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
@@ -263,11 +265,11 @@ class _DynamicSparse:
                 self._release(name)
                 continue
             values = layer.values.detach()
-            old_flat = indices_to_flat(layer.indices, cols).cpu()
+            old_flat = indices_to_flat(layer.indices, cols)
             # drop the k smallest magnitudes, ties to the lower position (stable)
-            order = torch.argsort(values.abs().cpu(), stable=True)
+            order = torch.argsort(values.abs(), stable=True)
             kept_flat = torch.sort(old_flat[order[k:]]).values
-            grown = self._grow(name, layer, kept_flat, k).cpu()
+            grown = self._grow(name, layer, kept_flat, k).to(kept_flat.device)
             new_flat = torch.sort(torch.cat([kept_flat, grown])).values
             self._apply(layer, old_flat, new_flat, cols)
 
@@ -276,7 +278,6 @@ class _DynamicSparse:
         pos = torch.searchsorted(old_flat, new_flat).clamp(max=n - 1)
         found = old_flat[pos] == new_flat
         dev = layer.values.device
-        pos, found = pos.to(dev), found.to(dev)
 
         def carry(t: torch.Tensor) -> torch.Tensor:
             return torch.where(found, t[pos], torch.zeros((), dtype=t.dtype, device=dev))
@@ -410,7 +411,7 @@ class RigL(_DynamicSparse):
                 f"RigL update at step {self._t} found no gradient for layer {name!r}: run the "
                 "forward and backward pass in training mode before step()"
             )
-        score = grad.abs().flatten().double().cpu()
+        score = grad.abs().flatten()
         score[kept_flat] = -math.inf
         return torch.argsort(score, descending=True, stable=True)[:k]
 
@@ -423,4 +424,5 @@ class SET(_DynamicSparse):
 
     def _grow(self, name, layer, kept_flat, k):
         rows, cols = layer.dense_shape
-        return _sample_outside(rows * cols, kept_flat, k, self._gen)
+        # drawn on the CPU generator so a seed gives the same supports on every device
+        return _sample_outside(rows * cols, kept_flat.cpu(), k, self._gen)
