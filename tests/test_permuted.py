@@ -190,3 +190,18 @@ def test_tanh_network_numba_and_reference_agree_with_biases():
         if t < 2:
             h = torch.tanh(h)
     torch.testing.assert_close(out["reference"][0], h[:, :4].detach())
+
+
+@pytest.mark.parametrize("cls", [PermutedBlockDiagonal, PermutedTanhNetwork])
+def test_perms_corrupted_after_first_call_are_caught(cls):
+    # the layer skips re-checking unchanged perms; an in-place change must trigger the check
+    layer = cls(6, 6, width=8, depth=3, seed=0)
+    x = torch.randn(2, 6)
+    layer(x)
+    with torch.no_grad():
+        layer.perms[2, 0] = layer.perms[2, 1]
+    with pytest.raises(ValueError, match="permutation of range"):
+        layer(x)
+    state = cls(6, 6, width=8, depth=3, seed=1).state_dict()
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer(x), cls(6, 6, width=8, depth=3, seed=1)(x))

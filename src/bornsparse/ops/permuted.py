@@ -206,8 +206,25 @@ def permuted_block_diagonal(
     first-order gradients (``x`` and ``weight``); double backward through it raises, so use
     ``backend="reference"`` for higher-order derivatives.
     """
+    return _permuted_block_diagonal(
+        x, weight, perms, out_features=out_features, backend=backend, check_perms=True
+    )
+
+
+def _permuted_block_diagonal(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    perms: torch.Tensor,
+    *,
+    out_features: int | None,
+    backend: str,
+    check_perms: bool,
+) -> torch.Tensor:
+    """The functional, with the O(depth · width) permutation check optional for callers
+    (the layers) that know their ``perms`` were checked and not modified since."""
     _, out_features = _check_operands(x, weight, perms, out_features, backend)
-    _check_permutations(perms)
+    if check_perms:
+        _check_permutations(perms)
     suits_numba = x.device.type == "cpu" and x.dtype in NUMBA_DTYPES
     if backend == "numba" and not suits_numba:
         raise ValueError(
