@@ -121,6 +121,27 @@ def test_to_sparse_keeps_the_function(net, kind, digits):
         imp.step()
 
 
+def test_to_sparse_rebinds_the_optimizer(digits):
+    x, y, *_ = digits
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    imp = IMP(model, opt, rounds=1, prune_rate=0.8)
+    train(model, opt, imp, x, y, 5)
+    imp.prune()
+    train(model, opt, imp, x, y, 3)
+    dense_state = {n: {k: v.clone() for k, v in opt.state[m.weight].items()}
+                   for n, m in dense_targets(model)}
+    imp.to_sparse()
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert [id(p) for p in held] == [id(p) for p in model.parameters()]
+    for name, layer in sparse_targets(model):
+        st, old = opt.state[layer.values], dense_state[name]
+        assert torch.equal(st["step"], old["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(st[key], old[key][layer.indices[0], layer.indices[1]])
+    train(model, opt, None, x, y, 3)  # and training goes on with the same optimizer
+
+
 def test_checkpoint_resumes_identically(digits):
     x, y, *_ = digits
     model = mlp()

@@ -40,6 +40,7 @@ from bornsparse.sparsity.swap import (
     dense_targets,
     indices_to_flat,
     make_sparse_layer,
+    rebind_optimizer,
     set_submodule,
     sparse_targets,
 )
@@ -178,9 +179,9 @@ class _DynamicSparse(ABC):
             layer_seed = int(torch.randint(2**62, (), generator=self._gen))
             new = make_sparse_layer(mod, idx, kind=self.kind, layer_init=True, seed=layer_seed)
             set_submodule(model, name, new)
-            swaps[mod.weight] = new
+            swaps[mod.weight] = (new.values, None)
         if optimizer is not None:
-            _rebind(optimizer, swaps)
+            rebind_optimizer(optimizer, swaps)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -344,16 +345,6 @@ class _DynamicSparse(ABC):
         return (f"{type(self).__name__}(layers={len(self.layers)}, t={self._t}/"
                 f"{self.total_steps}, delta={self.delta}, alpha={self.alpha}, "
                 f"t_end={self.t_end})")
-
-
-def _rebind(optimizer: torch.optim.Optimizer, swaps: dict) -> None:
-    """Point the optimizer at each new layer's values instead of the dense weight it replaced."""
-    for group in optimizer.param_groups:
-        group["params"] = [
-            swaps[p].values if p in swaps else p for p in group["params"]
-        ]
-    for old in swaps:
-        optimizer.state.pop(old, None)
 
 
 def dense_gradient(layer: nn.Module, pairs) -> torch.Tensor:

@@ -11,7 +11,7 @@ holding the rewound weights, ready for the final training run::
             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
             imp.step()                       # keeps pruned weights at zero, snapshots rewind
         imp.prune()                          # prune + rewind weights and optimizer
-    imp.to_sparse()                          # model now has sparse layers; train it
+    imp.to_sparse()                          # sparse layers, optimizer rebound; train on
 
 IMP trains dense (the seed's cost table: O(mn) per step falling to O(pmn)); the rewind point
 is one copy of the model and optimizer state.
@@ -33,6 +33,7 @@ from bornsparse.sparsity.swap import (
     dense_shape,
     dense_targets,
     flat_to_indices,
+    rebind_optimizer,
     swap_in_sparse_layers,
 )
 
@@ -193,16 +194,26 @@ class IMP:
         return self.density
 
     def to_sparse(self) -> nn.Module:
-        """Swap every pruned layer for a sparse layer holding its current (masked) weights."""
+        """Swap every pruned layer for a sparse layer holding its current (masked) weights.
+
+        The optimizer (if given) is pointed at the new values, its per-element state gathered
+        at the support, so the final training continues from the rewind point.
+        """
         if self._converted:
             raise RuntimeError("IMP.to_sparse() called twice")
         if self._offsets is not None:
             self._offsets.remove()
-        supports = {}
+        supports, flats, old = {}, {}, {}
         for (name, mod), m in zip(self.targets, self.masks, strict=True):
             _, cols = dense_shape(mod)
-            supports[name] = flat_to_indices(m.flatten().nonzero().flatten(), cols)
-        swap_in_sparse_layers(self.model, supports, kind=self.kind)
+            flats[name] = m.flatten().nonzero().flatten()
+            supports[name] = flat_to_indices(flats[name], cols)
+            old[name] = mod.weight
+        new = swap_in_sparse_layers(self.model, supports, kind=self.kind)
+        if self.optimizer is not None:
+            rebind_optimizer(
+                self.optimizer, {old[n]: (new[n].values, flats[n]) for n in supports}
+            )
         self._converted = True
         self._rewind = None
         return self.model

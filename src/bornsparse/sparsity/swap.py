@@ -218,6 +218,30 @@ def swap_in_sparse_layers(
     return new_layers
 
 
+def rebind_optimizer(
+    optimizer: torch.optim.Optimizer,
+    swaps: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor | None]],
+) -> None:
+    """Point ``optimizer`` at new sparse ``values`` instead of the dense weights they replace.
+
+    ``swaps``: dense weight -> (new values Parameter, flat positions of the support or None).
+    With positions, per-element state shaped like the dense weight (Adam's moments, SGD's
+    momentum) is gathered at the support, so training resumes where it was; scalar state
+    (Adam's step) is kept. Without positions the state is dropped.
+    """
+    for group in optimizer.param_groups:
+        group["params"] = [swaps[p][0] if p in swaps else p for p in group["params"]]
+    for old, (new, flat) in swaps.items():
+        st = optimizer.state.pop(old, None)
+        if st is None or flat is None:
+            continue
+        optimizer.state[new] = {
+            key: v.reshape(-1)[flat.to(v.device)].clone()
+            if torch.is_tensor(v) and v.shape == old.shape else v
+            for key, v in st.items()
+        }
+
+
 class DCTOffset:
     """Adds a DCT-plus-sparse layer's fixed offset ``α·T(x)`` to a dense layer's output.
 
