@@ -13,7 +13,9 @@ Why the kernels look the way they do:
   forward and backward: only ``x`` is saved, and the scratch does not grow with the batch.
 * Threads take whole tiles (``prange`` over threads, tiles dealt round-robin), so each thread
   owns its buffers and its partial weight gradient; the partials are summed afterwards, which
-  keeps the result deterministic for a given thread count.
+  keeps the result deterministic for a given thread count. With one thread the per-thread
+  kernel is called directly: a parallel region would still wait at its barrier for every
+  pool thread, which costs a scheduler time slice whenever the cores are oversubscribed.
 * ``fastmath={"contract", "reassoc"}``: contraction lets LLVM emit FMAs and reassociation lets
   it vectorise the weight-gradient sums over the batch tile. Neither flag assumes away NaN,
   infinity or signed zeros; both only change rounding (summation order over the batch, which
@@ -230,64 +232,77 @@ def _factor_backward(gathered, g, gin, w, p, gw, ts):
                     gw[b, r, c] += acc
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, parallel=True)
-def _forward_kernel(x, weight, perms, out, tile, nthreads):
-    """out = first out.shape[1] entries of G [x, 0] for every row of x (batch, n_in)."""
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
+    """Forward of tiles th, th + nthreads, ... of x (batch, n_in) into out (batch, n_out)."""
     batch = x.shape[0]
     depth = weight.shape[0]
     width = perms.shape[1]
     n_out = out.shape[1]
     ntiles = (batch + tile - 1) // tile
+    # the input tile has its own buffer, so its padded rows are zeroed once per call
+    buf_in = np.zeros((width, tile), dtype=x.dtype)
+    buf_a = np.empty((width, tile), dtype=x.dtype)
+    buf_b = np.empty((width, tile), dtype=x.dtype)
+    for it in range(th, ntiles, nthreads):
+        s0 = it * tile
+        ts = min(tile, batch - s0)
+        _load_tile_transposed(x, s0, ts, buf_in)
+        src, dst = buf_in, buf_a
+        for t in range(depth):
+            _apply_factor(src, dst, weight[t], perms[t], ts, n_out if t == depth - 1 else width)
+            src, dst = dst, (buf_b if dst is buf_a else buf_a)
+        _store_tile_transposed(src, s0, ts, out)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _forward_kernel(x, weight, perms, out, tile, nthreads):
+    """out = first out.shape[1] entries of G [x, 0] for every row of x (batch, n_in)."""
     for th in numba.prange(nthreads):
-        # the input tile has its own buffer, so its padded rows are zeroed once per call
-        buf_in = np.zeros((width, tile), dtype=x.dtype)
-        buf_a = np.empty((width, tile), dtype=x.dtype)
-        buf_b = np.empty((width, tile), dtype=x.dtype)
-        for it in range(th, ntiles, nthreads):
-            s0 = it * tile
-            ts = min(tile, batch - s0)
-            _load_tile_transposed(x, s0, ts, buf_in)
-            src, dst = buf_in, buf_a
-            for t in range(depth):
-                _apply_factor(src, dst, weight[t], perms[t], ts, n_out if t == depth - 1 else width)
-                src, dst = dst, (buf_b if dst is buf_a else buf_a)
-            _store_tile_transposed(src, s0, ts, out)
+        _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, parallel=True)
-def _backward_kernel(x, weight, perms, grad_out, grad_x, grad_w_partial, tile, nthreads):
-    """grad_x (batch, n_in) and per-thread weight-gradient partials (nthreads, *weight.shape).
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nthreads):
+    """Backward of tiles th, th + nthreads, ...: writes their rows of grad_x, sets gw (the
+    weight gradient summed over those tiles).
 
     The forward of each tile is recomputed, saving every factor's gathered input into a
-    (depth, width, tile) scratch owned by the thread; then the factors are walked backwards.
-    (Checkpointing every √depth factors keeps the scratch in L2 but costs one more forward
-    pass; measured slower here, see docs/design/permuted.md.)
+    (depth, width, tile) scratch; then the factors are walked backwards. (Checkpointing every
+    √depth factors keeps the scratch in L2 but costs one more forward pass; measured slower
+    here, see docs/design/permuted.md.)
     """
     batch = x.shape[0]
     depth = weight.shape[0]
     width = perms.shape[1]
     ntiles = (batch + tile - 1) // tile
+    gathered = np.empty((depth, width, tile), dtype=x.dtype)
+    buf_in = np.zeros((width, tile), dtype=x.dtype)  # padded rows stay zero across tiles
+    g_out = np.zeros((width, tile), dtype=x.dtype)  # likewise for the output gradient
+    buf_a = np.empty((width, tile), dtype=x.dtype)
+    buf_b = np.empty((width, tile), dtype=x.dtype)
+    gw[:] = 0.0
+    for it in range(th, ntiles, nthreads):
+        s0 = it * tile
+        ts = min(tile, batch - s0)
+        _load_tile_transposed(x, s0, ts, buf_in)
+        src, dst = buf_in, buf_a
+        for t in range(depth):
+            # the last factor's output is not needed, only its gathered input
+            _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t], t < depth - 1)
+            src, dst = dst, (buf_b if dst is buf_a else buf_a)
+        _load_tile_transposed(grad_out, s0, ts, g_out)
+        g, gin = g_out, buf_a
+        for t in range(depth - 1, -1, -1):
+            _factor_backward(gathered[t], g, gin, weight[t], perms[t], gw[t], ts)
+            g, gin = gin, (buf_b if gin is buf_a else buf_a)
+        _store_tile_transposed(g, s0, ts, grad_x)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _backward_kernel(x, weight, perms, grad_out, grad_x, grad_w_partial, tile, nthreads):
+    """grad_x (batch, n_in) and per-thread weight-gradient partials (nthreads, *weight.shape)."""
     for th in numba.prange(nthreads):
-        gathered = np.empty((depth, width, tile), dtype=x.dtype)
-        buf_in = np.zeros((width, tile), dtype=x.dtype)  # padded rows stay zero across tiles
-        g_out = np.zeros((width, tile), dtype=x.dtype)  # likewise for the output gradient
-        buf_a = np.empty((width, tile), dtype=x.dtype)
-        buf_b = np.empty((width, tile), dtype=x.dtype)
-        gw = grad_w_partial[th]
-        gw[:] = 0.0
-        for it in range(th, ntiles, nthreads):
-            s0 = it * tile
-            ts = min(tile, batch - s0)
-            _load_tile_transposed(x, s0, ts, buf_in)
-            src, dst = buf_in, buf_a
-            for t in range(depth):
-                # the last factor's output is not needed, only its gathered input
-                _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
-                                     t < depth - 1)
-                src, dst = dst, (buf_b if dst is buf_a else buf_a)
-            _load_tile_transposed(grad_out, s0, ts, g_out)
-            g, gin = g_out, buf_a
-            for t in range(depth - 1, -1, -1):
-                _factor_backward(gathered[t], g, gin, weight[t], perms[t], gw[t], ts)
-                g, gin = gin, (buf_b if gin is buf_a else buf_a)
-            _store_tile_transposed(g, s0, ts, grad_x)
+        _backward_thread_kernel(
+            x, weight, perms, grad_out, grad_x, grad_w_partial[th], tile, th, nthreads
+        )

@@ -98,7 +98,7 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
     def forward(
         ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int
     ) -> torch.Tensor:
-        from bornsparse.ops._permuted_numba import _forward_kernel
+        from bornsparse.ops._permuted_numba import _forward_kernel, _forward_thread_kernel
 
         x = x.detach().contiguous()
         weight_c = weight.detach().contiguous()
@@ -106,9 +106,11 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
         if x.shape[0]:
             tile, nthreads = _plan(x.shape[0], FORWARD_TILE)
-            _forward_kernel(
-                x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), tile, nthreads
-            )
+            args = (x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), tile)
+            if nthreads == 1:
+                _forward_thread_kernel(*args, 0, 1)
+            else:
+                _forward_kernel(*args, nthreads)
         # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice
         ctx.save_for_backward(x, weight, perms)
         return out
@@ -116,7 +118,7 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        from bornsparse.ops._permuted_numba import _backward_kernel
+        from bornsparse.ops._permuted_numba import _backward_kernel, _backward_thread_kernel
 
         x, weight, perms = ctx.saved_tensors
         weight = weight.detach().contiguous()
@@ -125,12 +127,15 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         batch = x.shape[0]
         tile, nthreads = _plan(max(batch, 1), BACKWARD_TILE)
         grad_x = torch.empty_like(x)
-        partial = torch.zeros(nthreads, *weight.shape, dtype=weight.dtype)
+        partial = torch.empty(nthreads, *weight.shape, dtype=weight.dtype)  # kernels zero it
         if batch:
-            _backward_kernel(
-                x.numpy(), weight.numpy(), perms.numpy(), grad_out.numpy(), grad_x.numpy(),
-                partial.numpy(), tile, nthreads,
-            )
+            args = (x.numpy(), weight.numpy(), perms.numpy(), grad_out.numpy(), grad_x.numpy())
+            if nthreads == 1:
+                _backward_thread_kernel(*args, partial[0].numpy(), tile, 0, 1)
+            else:
+                _backward_kernel(*args, partial.numpy(), tile, nthreads)
+        else:
+            partial.zero_()
         grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
         return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
 
