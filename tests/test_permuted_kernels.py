@@ -173,10 +173,12 @@ def test_double_backward_raises_on_numba_and_works_on_reference():
 def test_empty_batch_and_noncontiguous_input():
     weight, perms = make_operands(3, 4, 2, seed=5)
     x0 = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
-    y0 = permuted_block_diagonal(x0, weight, perms, backend="numba")
+    w = weight.clone().requires_grad_()
+    y0 = permuted_block_diagonal(x0, w, perms, backend="numba")
     assert y0.shape == (0, 8)
     y0.sum().backward()
     assert x0.grad.shape == (0, 8)
+    assert torch.equal(w.grad, torch.zeros_like(w))
     xt = torch.randn(8, 5, dtype=torch.float64).T  # (5, 8), not contiguous
     torch.testing.assert_close(
         permuted_block_diagonal(xt, weight, perms, backend="numba"),
