@@ -15,11 +15,16 @@ from bornsparse.sparsity.swap import dense_targets, indices_to_flat, sparse_targ
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # these models are tiny: with the cores shared, more threads only add contention
-    n = torch.get_num_threads()
+    # these models are tiny: with the cores shared, more threads only add contention (numba's
+    # parallel kernels measured 70x slower per step with 2 threads on a loaded machine)
+    import numba
+
+    n, nb = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+    numba.set_num_threads(nb)
 
 
 @pytest.fixture(scope="module")
