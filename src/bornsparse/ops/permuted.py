@@ -21,6 +21,8 @@ functional ``permuted_block_diagonal`` that validates and dispatches.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -68,22 +70,34 @@ def permuted_block_diagonal_dense_reference(
     return permuted_block_diagonal_reference(eye, weight, perms).T
 
 
-def _numba_threads(ntiles: int) -> int:
-    import numba
-
-    return max(1, min(numba.get_num_threads(), ntiles))
+_POOL: ThreadPoolExecutor | None = None
+_POOL_WORKERS = 0
 
 
-def _tile_for(batch: int, nthreads: int, cap: int) -> int:
-    """Largest tile <= cap that still gives every thread work when the batch is small."""
-    return max(1, min(cap, -(-batch // nthreads)))
+def _run_threads(fn, nthreads: int) -> None:
+    """Run fn(th) for th in range(nthreads), on the caller and nthreads - 1 pool threads.
+
+    The kernels release the GIL, so the threads run in parallel.
+    """
+    global _POOL, _POOL_WORKERS
+    if nthreads == 1:
+        fn(0)
+        return
+    if _POOL is None or _POOL_WORKERS < nthreads - 1:
+        _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="bornsparse")
+        _POOL_WORKERS = nthreads - 1
+    futures = [_POOL.submit(fn, th) for th in range(1, nthreads)]
+    fn(0)
+    for f in futures:
+        f.result()
 
 
 def _plan(batch: int, cap: int) -> tuple[int, int]:
-    import numba
-
-    tile = _tile_for(batch, max(1, numba.get_num_threads()), cap)
-    return tile, _numba_threads(-(-batch // tile))
+    """(tile, threads): the largest tile <= cap that still gives each of torch's threads work
+    when the batch is small, and no more threads than tiles."""
+    threads = max(1, torch.get_num_threads())
+    tile = max(1, min(cap, -(-batch // threads)))
+    return tile, max(1, min(threads, -(-batch // tile)))
 
 
 class PermutedBlockDiagonalFn(torch.autograd.Function):
@@ -98,7 +112,7 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
     def forward(
         ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int
     ) -> torch.Tensor:
-        from bornsparse.ops._permuted_numba import _forward_kernel, _forward_thread_kernel
+        from bornsparse.ops._permuted_numba import _forward_thread_kernel
 
         x = x.detach().contiguous()
         weight_c = weight.detach().contiguous()
@@ -107,10 +121,7 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         if x.shape[0]:
             tile, nthreads = _plan(x.shape[0], FORWARD_TILE)
             args = (x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), tile)
-            if nthreads == 1:
-                _forward_thread_kernel(*args, 0, 1)
-            else:
-                _forward_kernel(*args, nthreads)
+            _run_threads(lambda th: _forward_thread_kernel(*args, th, nthreads), nthreads)
         # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice
         ctx.save_for_backward(x, weight, perms)
         return out
@@ -118,7 +129,7 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        from bornsparse.ops._permuted_numba import _backward_kernel, _backward_thread_kernel
+        from bornsparse.ops._permuted_numba import _backward_thread_kernel
 
         x, weight, perms = ctx.saved_tensors
         weight = weight.detach().contiguous()
@@ -130,10 +141,10 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         partial = torch.empty(nthreads, *weight.shape, dtype=weight.dtype)  # kernels zero it
         if batch:
             args = (x.numpy(), weight.numpy(), perms.numpy(), grad_out.numpy(), grad_x.numpy())
-            if nthreads == 1:
-                _backward_thread_kernel(*args, partial[0].numpy(), tile, 0, 1)
-            else:
-                _backward_kernel(*args, partial.numpy(), tile, nthreads)
+            parts = partial.numpy()
+            _run_threads(
+                lambda th: _backward_thread_kernel(*args, parts[th], tile, th, nthreads), nthreads
+            )
         else:
             partial.zero_()
         grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
