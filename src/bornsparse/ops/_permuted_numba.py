@@ -115,6 +115,46 @@ def _apply_factor(src, dst, w, p, ts, n_rows):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows):
+    """Two consecutive k = 2 factors in one pass: dst = F2(F1(src)), rows < n_rows.
+
+    Each row of the intermediate is used by exactly one block of the second factor, so it is
+    computed on demand, in registers, exactly once: no arithmetic is repeated and the
+    intermediate never goes through memory (four source rows read and two rows written per
+    output block, instead of four and four). Measured: 1.7x faster than two single factors
+    in isolation, but only ~6% on the whole forward kernel (1.81 vs 1.93 ms, batch 256,
+    depth 20, one thread).
+    """
+    nb = (n_rows + 1) // 2
+    for b in range(nb):
+        j0 = p2[2 * b]
+        j1 = p2[2 * b + 1]
+        b0 = j0 // 2
+        r0 = j0 - 2 * b0
+        b1 = j1 // 2
+        r1 = j1 - 2 * b1
+        a0 = src[p1[2 * b0]]
+        a1 = src[p1[2 * b0 + 1]]
+        c0 = src[p1[2 * b1]]
+        c1 = src[p1[2 * b1 + 1]]
+        u0 = w1[b0, r0, 0]
+        u1 = w1[b0, r0, 1]
+        v0 = w1[b1, r1, 0]
+        v1 = w1[b1, r1, 1]
+        w00 = w2[b, 0, 0]
+        w01 = w2[b, 0, 1]
+        w10 = w2[b, 1, 0]
+        w11 = w2[b, 1, 1]
+        d0 = dst[2 * b]
+        d1 = dst[2 * b + 1]
+        for s in range(ts):
+            y = u0 * a0[s] + u1 * a1[s]
+            z = v0 * c0[s] + v1 * c1[s]
+            d0[s] = w00 * y + w01 * z
+            d1[s] = w10 * y + w11 * z
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
     """_apply_factor that also writes gathered[j] = src[p[j]] (the factor's input, in the order
     it is read); with compute=False only the gather is done.
@@ -240,6 +280,7 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
     depth = weight.shape[0]
     width = perms.shape[1]
     n_out = out.shape[1]
+    k = weight.shape[2]
     ntiles = (batch + tile - 1) // tile
     # the input tile has its own buffer, so its padded rows are zeroed once per call
     buf_in = np.zeros((width, tile), dtype=x.dtype)
@@ -250,8 +291,17 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
         ts = min(tile, batch - s0)
         _load_tile_transposed(x, s0, ts, buf_in)
         src, dst = buf_in, buf_a
-        for t in range(depth):
-            _apply_factor(src, dst, weight[t], perms[t], ts, n_out if t == depth - 1 else width)
+        t = 0
+        while t < depth:
+            if k == 2 and t + 1 < depth:
+                n_rows = n_out if t + 2 == depth else width
+                _apply_factor_pair2(src, dst, weight[t], perms[t], weight[t + 1], perms[t + 1],
+                                    ts, n_rows)
+                t += 2
+            else:
+                n_rows = n_out if t + 1 == depth else width
+                _apply_factor(src, dst, weight[t], perms[t], ts, n_rows)
+                t += 1
             src, dst = dst, (buf_b if dst is buf_a else buf_a)
         _store_tile_transposed(src, s0, ts, out)
 
