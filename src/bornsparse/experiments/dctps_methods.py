@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,18 +60,25 @@ class TrainConfig:
 # Memory: live tensor bytes
 
 
+def _tensor_types() -> set[type]:
+    """torch.Tensor and every subclass defined so far (Parameter, Buffer, ...)."""
+    out, todo = set(), [torch.Tensor]
+    while todo:
+        t = todo.pop()
+        if t not in out:
+            out.add(t)
+            todo.extend(t.__subclasses__())
+    return out
+
+
 def live_storages() -> dict[int, int]:
     """{storage data_ptr: nbytes} of every tensor object alive in this process."""
+    types = _tensor_types()
+    # exact type lookups, not isinstance: fast over ~10⁶ objects, and some lazily-loaded
+    # objects warn when their __class__ is read
+    tensors = [o for o in gc.get_objects() if type(o) in types]
     out: dict[int, int] = {}
-    is_tensor: dict[type, bool] = {}
-    for obj in gc.get_objects():
-        # type(), not isinstance: some lazily-loaded objects warn when their __class__ is read
-        t = type(obj)
-        flag = is_tensor.get(t)
-        if flag is None:
-            flag = is_tensor[t] = issubclass(t, torch.Tensor)
-        if not flag:
-            continue
+    for obj in tensors:
         try:
             if obj.layout != torch.strided or obj.device.type == "meta":
                 continue
@@ -87,7 +95,6 @@ class MemoryTracker:
     """Maximum live tensor bytes per phase, excluding storages alive at creation."""
 
     def __init__(self) -> None:
-        gc.collect()
         self._baseline = set(live_storages())
         self.peaks: dict[str, int] = {}
 
@@ -233,7 +240,10 @@ class RunContext:
                     before_gate()
                 if gate is None or gate():
                     optimizer.step()
-                sched.step()
+                with warnings.catch_warnings():
+                    # RigL skips the optimizer on update steps; the schedule still advances
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                    sched.step()
                 if after_step is not None:
                     after_step()
                 if epoch == 0 and i == 0:  # the steady state: every later step looks alike

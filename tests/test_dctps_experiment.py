@@ -1,0 +1,252 @@
+"""The DCTpS comparison: CLI end to end, resume, bad input, and the parts it is built from."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bornsparse.cli import main as cli_main
+from bornsparse.experiments.dctps_methods import (
+    METHODS,
+    MemoryTracker,
+    RunContext,
+    TrainConfig,
+    run_method,
+    stored_size,
+)
+from bornsparse.experiments.dctps_report import delta_table, markdown_report
+from bornsparse.experiments.jacobian import input_output_jacobian, jacobian_singular_values
+
+TINY = ["--dataset", "digits", "--model", "mlp", "--mlp-hidden", "256", "--seeds", "1",
+        "--epochs", "1", "--imp-rounds", "1", "--pai-rounds", "2", "--jacobian-inputs", "2",
+        "--workers", "1", "--no-progress"]
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dctps")
+    argv = ["reproduce", "dctps", *TINY, "--methods", "dctps", "snip", "rigl", "imp",
+            "--densities", "0.05", "--out", str(out)]
+    rc = cli_main(argv)
+    return out, argv, rc
+
+
+def test_cli_end_to_end_writes_records_table_and_figures(tiny_run):
+    out, _, rc = tiny_run
+    assert rc == 0
+    recs = _lines(out / "results.jsonl")
+    # dense is added automatically; one run per method at the single density
+    assert sorted(r["config"]["method"] for r in recs) == sorted(
+        ["dense", "dctps", "snip", "rigl", "imp"])
+    assert len({r["key"] for r in recs}) == len(recs)
+    for r in recs:
+        assert r.get("error") is None, r.get("error")
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert set(r["memory_bytes"]) == {"init", "training", "final"}
+        assert len(r["jacobian_sv"]) == 2  # two inputs, min(10, 64) values each
+        assert all(len(row) == 10 for row in r["jacobian_sv"])
+        if r["config"]["method"] != "dense":
+            n = r["dense_weights"]
+            assert r["nnz"] == round(0.05 * n) or abs(r["nnz"] - 0.05 * n) <= 3
+            # values (float) and their (row, col) indices (int64) are what is stored
+            assert r["stored"]["index_entries"] == 2 * r["nnz"]
+            assert r["stored"]["params"] < 0.2 * n
+    dense = next(r for r in recs if r["config"]["method"] == "dense")
+    assert dense["stored"]["index_entries"] == 0
+    # a sparse network holds far less during training than the dense one (Adam: 4 copies)
+    dctps = next(r for r in recs if r["config"]["method"] == "dctps")
+    assert dctps["memory_bytes"]["training"] < dense["memory_bytes"]["training"] / 2
+    table = (out / "table.md").read_text()
+    assert "| DCTpS |" in table and "| RigL (ERK) |" in table and "P = 0.05" in table
+    assert (out / "accuracy_digits_mlp.png").stat().st_size > 0
+    assert (out / "jacobian_digits_mlp.png").stat().st_size > 0
+
+
+def test_cli_rerun_skips_finished_runs_and_redoes_a_torn_one(tiny_run):
+    out, argv, _ = tiny_run
+    path = out / "results.jsonl"
+    before = path.read_text()
+    assert cli_main(argv + ["--no-plots"]) == 0
+    assert path.read_text() == before  # nothing rerun
+    # drop the last record and leave a torn fragment: exactly that run is redone
+    lines = before.splitlines(keepends=True)
+    lost = json.loads(lines[-1])
+    path.write_text("".join(lines[:-1]) + '{"key": "torn')
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        assert cli_main(argv + ["--no-plots"]) == 0
+    recs = _lines_skipping_torn(path)
+    assert len(recs) == len(lines)
+    assert recs[-1]["key"] == lost["key"]
+
+
+def _lines_skipping_torn(path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dataset", "imagenet"], "--dataset must be one of"),
+        (["--methods", "lottery"], "--methods: unknown method 'lottery'"),
+        (["--model", "vgg"], "--model: unknown model 'vgg'"),
+        (["--densities", "0"], "--densities: every density must lie in (0, 1), got 0.0"),
+        (["--densities", "1.5"], "got 1.5"),
+        (["--densities", "0.1", "0.1"], "repeated"),
+        (["--seeds", "0"], "--seeds must be a positive integer"),
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--quick", "--dataset", "digits"], "--quick runs on mnist1d"),
+    ],
+)
+def test_cli_rejects_bad_input(tmp_path, capsys, extra, message):
+    rc = cli_main(["reproduce", "dctps", *TINY, *extra, "--out", str(tmp_path)])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_cli_missing_cifar_folder(tmp_path, capsys):
+    base = ["reproduce", "dctps", "--dataset", "cifar10", "--model", "lenet5", "--out",
+            str(tmp_path / "o"), "--no-progress"]
+    assert cli_main(base) == 2
+    assert "data_dir" in capsys.readouterr().err
+    assert cli_main(base + ["--data-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "data_batch_1" in err and "test_batch" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Parts
+
+
+def test_jacobian_of_a_linear_map_is_its_matrix():
+    torch.manual_seed(0)
+    lin = nn.Linear(7, 3)
+    x = torch.randn(4, 7)
+    j = input_output_jacobian(lin, x)
+    assert j.shape == (4, 3, 7)
+    torch.testing.assert_close(j, lin.weight.detach().expand(4, 3, 7))
+    sv = jacobian_singular_values(lin, x)
+    torch.testing.assert_close(sv[0], torch.linalg.svdvals(lin.weight.detach().double()))
+
+
+def test_jacobian_matches_autograd_per_sample_and_restores_mode():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.BatchNorm1d(6), nn.Linear(6, 4))
+    model.train()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    model.double()
+    j = input_output_jacobian(model, x)
+    assert model.training
+    model.eval()
+    for i in range(3):
+        ref = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[i])
+        torch.testing.assert_close(j[i], ref)
+
+
+def test_jacobian_rejects_bad_input():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        input_output_jacobian(lambda x: x, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="x must have shape"):
+        input_output_jacobian(nn.Linear(3, 2), torch.randn(3))
+    with pytest.raises(TypeError, match="x must have a real floating dtype"):
+        input_output_jacobian(nn.Linear(3, 2), torch.ones(2, 3, dtype=torch.int64))
+
+
+def test_stored_size_counts_values_indices_bias_and_alpha():
+    from bornsparse.nn import DCTPlusSparseLinear, SparseLinear
+
+    sl = SparseLinear(20, 10, nnz=7, seed=0)
+    assert stored_size(sl) == {"params": 7 + 10, "index_entries": 14,
+                               "bytes": 4 * 17 + 8 * 14}
+    dl = DCTPlusSparseLinear(20, 10, nnz=7, seed=0)
+    assert stored_size(dl) == {"params": 7 + 10 + 1, "index_entries": 14,
+                               "bytes": 4 * 18 + 8 * 14}
+    assert stored_size(nn.Linear(20, 10))["params"] == 210
+
+
+def test_memory_tracker_sees_new_tensors_not_old_ones():
+    old = torch.zeros(50_000)  # noqa: F841  (alive before the tracker: baseline)
+    mem = MemoryTracker()
+    base = mem.sample("a")
+    held = torch.zeros(100_000)
+    assert mem.sample("a") - base >= held.numel() * 4
+    view = held[10:]  # a view shares the storage: not counted twice
+    assert mem.sample("b") - base < 2 * held.numel() * 4
+    del held, view
+    assert mem.peaks["a"] >= 400_000
+
+
+def _ctx(seed=0, epochs=1):
+    from bornsparse.data import load_dataset
+
+    splits = load_dataset("digits")
+    cfg = TrainConfig(epochs=epochs, batch_size=256, lr=1e-2, optimizer="adam",
+                      jacobian_inputs=0, pai_rounds=2, imp_rounds=1)
+    return RunContext(splits=splits, model_name="mlp", model_kwargs={"hidden_sizes": [24]},
+                      train_cfg=cfg, seed=seed)
+
+
+def test_dctps_starts_with_zero_s_and_fixed_alpha_stays_one():
+    from bornsparse.nn import DCTPlusSparseLinear
+
+    seen = {}
+    ctx = _ctx()
+    original = ctx.initialised
+
+    def spy(model):
+        layers = [m for m in model.modules() if isinstance(m, DCTPlusSparseLinear)]
+        seen["zero_s"] = all(bool((m.values == 0).all()) for m in layers)
+        seen["layers"] = len(layers)
+        original(model)
+
+    ctx.initialised = spy
+    model, _ = run_method("dctps_fixed_alpha", ctx, 0.05)
+    assert seen == {"zero_s": True, "layers": 2}
+    alphas = [m.alpha for m in model.modules() if isinstance(m, DCTPlusSparseLinear)]
+    assert all(float(a) == 1.0 for a in alphas)
+    model, _ = run_method("dctps", _ctx(), 0.05)
+    alphas = [m.alpha for m in model.modules() if isinstance(m, DCTPlusSparseLinear)]
+    assert any(float(a.detach()) != 1.0 for a in alphas)  # trainable α moved
+
+
+def test_every_registered_method_has_a_label_and_callable():
+    assert {"dense", "random_uniform", "random_epl", "snip", "force", "synflow", "imp", "rigl",
+            "dctps", "dctps_rigl", "dctps_fixed_alpha"} <= set(METHODS)
+    for m in METHODS.values():
+        assert callable(m.fn) and m.label
+
+
+def _rec(method, density, seed, acc):
+    return {"key": f"{method}{density}{seed}", "accuracy": acc,
+            "config": {"dataset": "d", "model": "m", "model_kwargs": {}, "method": method,
+                       "density": density, "seed": seed},
+            "stored": {"params": 1, "index_entries": 2, "bytes": 20},
+            "memory_bytes": {"init": 1, "training": 2, "final": 1}, "wall_s": 1.0}
+
+
+def test_delta_table_pairs_seeds_and_reports_mean_and_std():
+    recs = [_rec("dense", None, 0, 0.8), _rec("dense", None, 1, 0.9),
+            _rec("dctps", 0.01, 0, 0.7), _rec("dctps", 0.01, 1, 0.7)]
+    groups = {(r["config"]["method"], r["config"]["density"]): [] for r in recs}
+    for r in recs:
+        groups[(r["config"]["method"], r["config"]["density"])].append(r)
+    table, notes = delta_table(groups)
+    # Δ = -10 and -20 points: mean -15, sample std √50 ≈ 7.1
+    assert f"-15.0 ± {math.sqrt(50):.1f}" in table
+    assert notes["seeds"] == 2
+    text = markdown_report(recs)
+    assert "Dense test accuracy 85.0% ± 7.1" in text
