@@ -341,3 +341,52 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
             _factor_backward(gathered[t], g, gin, weight[t], perms[t], gw[t], ts)
             g, gin = gin, (buf_b if gin is buf_a else buf_a)
         _store_tile_transposed(g, s0, ts, grad_x)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _forward_saving_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
+    """_forward_thread_kernel that also keeps every factor's gathered input of every tile,
+    saved[it, t] (ntiles, depth, width, tile), for _backward_saved_thread_kernel.
+
+    The opt-in ``recompute=False`` path: activation memory grows with depth (like the
+    reference's), and backward skips the recomputation.
+    """
+    batch = x.shape[0]
+    depth = weight.shape[0]
+    width = perms.shape[1]
+    ntiles = (batch + tile - 1) // tile
+    buf_in = np.zeros((width, tile), dtype=x.dtype)
+    buf_a = np.empty((width, tile), dtype=x.dtype)
+    buf_b = np.empty((width, tile), dtype=x.dtype)
+    for it in range(th, ntiles, nthreads):
+        s0 = it * tile
+        ts = min(tile, batch - s0)
+        _load_tile_transposed(x, s0, ts, buf_in)
+        src, dst = buf_in, buf_a
+        for t in range(depth):
+            _apply_factor_saving(src, dst, weight[t], perms[t], ts, saved[it, t], True)
+            src, dst = dst, (buf_b if dst is buf_a else buf_a)
+        _store_tile_transposed(src, s0, ts, out)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _backward_saved_thread_kernel(weight, perms, grad_out, grad_x, gw, saved, tile, th, nthreads):
+    """Backward of tiles th, th + nthreads, ... from the activations kept by
+    _forward_saving_thread_kernel; same outputs as _backward_thread_kernel."""
+    batch = grad_out.shape[0]
+    depth = weight.shape[0]
+    width = perms.shape[1]
+    ntiles = (batch + tile - 1) // tile
+    g_out = np.zeros((width, tile), dtype=grad_out.dtype)
+    buf_a = np.empty((width, tile), dtype=grad_out.dtype)
+    buf_b = np.empty((width, tile), dtype=grad_out.dtype)
+    gw[:] = 0.0
+    for it in range(th, ntiles, nthreads):
+        s0 = it * tile
+        ts = min(tile, batch - s0)
+        _load_tile_transposed(grad_out, s0, ts, g_out)
+        g, gin = g_out, buf_a
+        for t in range(depth - 1, -1, -1):
+            _factor_backward(saved[it, t], g, gin, weight[t], perms[t], gw[t], ts)
+            g, gin = gin, (buf_b if gin is buf_a else buf_a)
+        _store_tile_transposed(g, s0, ts, grad_x)
