@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -38,7 +40,8 @@ def test_swaps_every_layer_and_reports():
     ]
     assert [r.name for r in report.layers] == ["features.0", "features.2", "head.1", "out"]
     assert [r.nnz for r in report.layers] == allocate_nnz(shapes, 0.1, "erk")
-    assert report.total_nnz == round(0.1 * sum(r.nnz / r.density for r in report.layers))
+    assert report.total_nnz == round(0.1 * report.total_dense_weights)
+    assert report.total_dense_weights == sum(math.prod(s) for s in shapes)
     assert report.dense_model_bytes == dense_bytes
     assert report.sparse_model_bytes == param_bytes(net)
     assert report.stored_bytes == sum(param_bytes(m) for m in net.modules()

@@ -10,6 +10,7 @@ stored before and after.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -43,11 +44,13 @@ class LayerReport:
     dense_bytes: int  # the original layer's state_dict
 
     @property
+    def numel(self) -> int:
+        """Weights of the dense layer this one replaced."""
+        return math.prod(self.shape)
+
+    @property
     def density(self) -> float:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return self.nnz / n
+        return self.nnz / self.numel
 
 
 def _human(n: int) -> str:
@@ -75,7 +78,7 @@ class SparsifyReport:
 
     @property
     def total_dense_weights(self) -> int:
-        return sum(r.nnz / r.density for r in self.layers).__round__()
+        return sum(r.numel for r in self.layers)
 
     @property
     def stored_bytes(self) -> int:
