@@ -204,6 +204,21 @@ def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | No
 # Figures
 
 
+# one colour per family, line style per variant, so 11 methods stay apart on one axis
+_STYLE = {
+    "random_uniform": ("tab:blue", ":"), "random_epl": ("tab:blue", "-"),
+    "snip": ("tab:green", "-"), "grasp": ("tab:olive", "-"), "force": ("tab:red", "-"),
+    "synflow": ("tab:purple", "-"), "imp": ("tab:brown", "-"), "rigl": ("tab:pink", "-"),
+    "dctps": ("tab:orange", "-"), "dctps_rigl": ("tab:orange", "--"),
+    "dctps_fixed_alpha": ("tab:cyan", ":"),
+}
+
+
+def _style(method: str) -> dict[str, Any]:
+    colour, ls = _STYLE.get(method, (None, "-"))
+    return {"color": colour, "ls": ls, "lw": 2.2 if method.startswith("dctps") else 1.4}
+
+
 def _pyplot():
     import matplotlib
 
@@ -225,7 +240,7 @@ def plot_accuracy(records: Iterable[dict[str, Any]], out_dir: str | Path) -> lis
     out_dir = Path(out_dir)
     paths = []
     for key, group in _groups(records).items():
-        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        fig, ax = plt.subplots(figsize=(8.4, 4.6))
         for m in _method_order(group):
             if m == "dense":
                 accs = [100 * r["accuracy"] for r in group[(m, None)]
@@ -243,15 +258,15 @@ def plot_accuracy(records: Iterable[dict[str, Any]], out_dir: str | Path) -> lis
                     pts.append((p, mu, sd or 0.0))
             if pts:
                 xs, ys, es = zip(*pts, strict=True)
-                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3.5, lw=1.4, capsize=2,
-                            label=_label(m))
+                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3.5, capsize=2, label=_label(m),
+                            **_style(m))
         ax.set_xscale("log")
         ax.set_xlabel("density P (fraction of weights trained)")
         ax.set_ylabel("test accuracy (%)")
         title = _model_title([r for recs in group.values() for r in recs])
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out_dir / f"accuracy_{_slug(key)}.png"
         fig.savefig(path, dpi=130)
@@ -276,7 +291,7 @@ def plot_spectra(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
                  for row in r["jacobian_sv"]]
         ref = max((max(row) for row in dense), default=1.0)
         floor = ZERO_SV * ref
-        fig, axes = plt.subplots(1, len(densities), figsize=(4.2 * len(densities), 4.0),
+        fig, axes = plt.subplots(1, len(densities), figsize=(4.2 * len(densities) + 2, 4.0),
                                  sharey=True, squeeze=False)
         for ax, p in zip(axes[0], densities, strict=True):
             if dense:
@@ -286,15 +301,15 @@ def plot_spectra(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
                 rows = [row for r in group.get((m, p), []) if r.get("jacobian_sv")
                         for row in r["jacobian_sv"]]
                 if m != "dense" and rows:
-                    ax.plot(_mean_spectrum(rows, floor), marker=".", ms=3, lw=1.2,
-                            label=_label(m))
+                    ax.plot(_mean_spectrum(rows, floor), marker=".", ms=3, label=_label(m),
+                            **_style(m))
             ax.set_yscale("log")
             ax.set_ylim(bottom=floor / 2)
             ax.set_title(f"P = {p:g}")
             ax.set_xlabel("singular value index")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("singular value of ∂logits/∂x at init")
-        axes[0][-1].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(_model_title([r for recs in group.values() for r in recs])
                      + ": when is training possible?", fontsize=9)
         fig.tight_layout()
