@@ -41,14 +41,13 @@ def cases(draw):
     batch = draw(st.sampled_from([1, 2, 7, 16, BACKWARD_TILE + 1, FORWARD_TILE + 3, 150]))
     lead = draw(st.sampled_from([(), (1,), (3,)]))
     seed = draw(st.integers(0, 2**31 - 1))
-    recompute = draw(st.booleans())
-    return k, nblocks, depth, n_in, n_out, lead + (batch,), seed, recompute
+    return k, nblocks, depth, n_in, n_out, lead + (batch,), seed
 
 
 @settings(max_examples=120, deadline=None)
 @given(cases())
 def test_dense_reference_numba_agree_forward_backward(case):
-    k, nblocks, depth, n_in, n_out, batch_shape, seed, recompute = case
+    k, nblocks, depth, n_in, n_out, batch_shape, seed = case
     weight, perms = make_operands(depth, nblocks, k, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*batch_shape, n_in, generator=g, dtype=torch.float64)
@@ -61,8 +60,7 @@ def test_dense_reference_numba_agree_forward_backward(case):
     for backend in ("reference", "numba"):
         xr = x.clone().requires_grad_()
         wr = weight.clone().requires_grad_()
-        y = permuted_block_diagonal(xr, wr, perms, out_features=n_out, backend=backend,
-                                    recompute=recompute)
+        y = permuted_block_diagonal(xr, wr, perms, out_features=n_out, backend=backend)
         y.backward(gy)
         out[backend] = (y.detach(), xr.grad, wr.grad)
 
@@ -110,15 +108,13 @@ def test_float32_kernel_error_is_within_float32_reference_error(k, nblocks, dept
     (3, 3, 2, 7, 9, 4),
     (4, 2, 3, 6, 5, 3),
 ])
-@pytest.mark.parametrize("recompute", [True, False])
-def test_numba_gradcheck_float64(k, nblocks, depth, n_in, n_out, batch, recompute):
+def test_numba_gradcheck_float64(k, nblocks, depth, n_in, n_out, batch):
     weight, perms = make_operands(depth, nblocks, k, seed=11)
     x = torch.randn(batch, n_in, dtype=torch.float64, requires_grad=True)
     w = weight.clone().requires_grad_()
 
     def f(x, w):
-        return permuted_block_diagonal(x, w, perms, out_features=n_out, backend="numba",
-                                       recompute=recompute)
+        return permuted_block_diagonal(x, w, perms, out_features=n_out, backend="numba")
 
     assert torch.autograd.gradcheck(f, (x, w))
 
@@ -131,11 +127,11 @@ def test_numba_partial_weight_gradients_sum_over_threads():
     before = torch.get_num_threads()
     results = []
     try:
-        for n, recompute in ((1, True), (2, True), (3, True), (1, False), (3, False)):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             xr = x.clone().requires_grad_()
             w = weight.clone().requires_grad_()
-            y = permuted_block_diagonal(xr, w, perms, backend="numba", recompute=recompute)
+            y = permuted_block_diagonal(xr, w, perms, backend="numba")
             y.backward(torch.cos(y.detach()))
             results.append((y.detach(), xr.grad, w.grad))
     finally:
@@ -235,5 +231,3 @@ def test_operand_validation_names_argument_value_and_expectation():
         permuted_block_diagonal(x, weight, perms, out_features=9)
     with pytest.raises(ValueError, match="out_features must be a positive integer, got 0"):
         permuted_block_diagonal(x, weight, perms, out_features=0)
-    with pytest.raises(TypeError, match="recompute must be a bool, got 'no'"):
-        permuted_block_diagonal(x, weight, perms, recompute="no")

@@ -111,7 +111,6 @@ class _PermutedBase(nn.Module):
         # same function
         self.register_buffer("perms", perms.to(device))
         self.backend = "auto"
-        self.recompute = True
 
     @property
     def backend(self) -> str:
@@ -123,19 +122,6 @@ class _PermutedBase(nn.Module):
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
-
-    @property
-    def recompute(self) -> bool:
-        """Fused path only. True (default): backward recomputes activations, so training keeps
-        nothing depth-sized between forward and backward. False: forward keeps every
-        factor's input (depth · batch · width values) and training is faster."""
-        return self._recompute
-
-    @recompute.setter
-    def recompute(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"recompute must be a bool, got {value!r}")
-        self._recompute = value
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """Mean over all blocks of 2‖I − BᵀB‖²_F (eq. 2); differentiable, a scalar."""
@@ -165,7 +151,7 @@ class _PermutedBase(nn.Module):
             out_features: int | None, checked: bool) -> torch.Tensor:
         return _permuted_block_diagonal(
             h, weight, perms, out_features=out_features, backend=self.backend,
-            check_perms=not checked, recompute=self.recompute,
+            check_perms=not checked,
         )
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -101,90 +101,54 @@ def _plan(batch: int, cap: int) -> tuple[int, int]:
 
 
 class PermutedBlockDiagonalFn(torch.autograd.Function):
-    """G x through the fused numba kernels.
+    """G x through the fused numba kernels; saves only ``x`` (and the parameters) for backward.
 
-    ``x``: (batch, n_in) CPU float32/float64; returns (batch, out_features). With
-    ``recompute=True`` only ``x`` (and the parameters) are saved and backward recomputes the
-    activations tile by tile, so memory kept between forward and backward does not grow
-    with depth. With ``recompute=False`` forward keeps every factor's input (depth · batch ·
-    width values, like the reference) and backward skips that pass (faster, see
-    docs/results/permuted.md). First-order only: double backward raises (use the reference).
+    ``x``: (batch, n_in) CPU float32/float64; returns (batch, out_features). Backward
+    recomputes the activations tile by tile, so memory kept between forward and backward
+    does not grow with depth. First-order only: double backward raises (use the reference).
     """
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int,
-        recompute: bool = True,
+        ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int
     ) -> torch.Tensor:
-        from bornsparse.ops._permuted_numba import (
-            _forward_saving_thread_kernel,
-            _forward_thread_kernel,
-        )
+        from bornsparse.ops._permuted_numba import _forward_thread_kernel
 
         x = x.detach().contiguous()
         weight_c = weight.detach().contiguous()
         perms_c = perms.contiguous()
-        batch = x.shape[0]
-        out = torch.empty(batch, out_features, dtype=x.dtype)
-        save = not recompute and any(ctx.needs_input_grad[:2]) and batch > 0
-        if save:
-            tile, nthreads = _plan(batch, BACKWARD_TILE)
-            depth, width = perms_c.shape
-            saved = torch.empty(-(-batch // tile), depth, width, tile, dtype=x.dtype)
-            args = (x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), saved.numpy(),
-                    tile)
-            _run_threads(lambda th: _forward_saving_thread_kernel(*args, th, nthreads), nthreads)
-            ctx.tile = tile
-        elif batch:
-            tile, nthreads = _plan(batch, FORWARD_TILE)
+        out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+        if x.shape[0]:
+            tile, nthreads = _plan(x.shape[0], FORWARD_TILE)
             args = (x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), tile)
             _run_threads(lambda th: _forward_thread_kernel(*args, th, nthreads), nthreads)
-        ctx.saved_activations = save
         # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice
-        if save:
-            ctx.save_for_backward(x, weight, perms, saved)
-        else:
-            ctx.save_for_backward(x, weight, perms)
+        ctx.save_for_backward(x, weight, perms)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        from bornsparse.ops._permuted_numba import (
-            _backward_saved_thread_kernel,
-            _backward_thread_kernel,
-        )
+        from bornsparse.ops._permuted_numba import _backward_thread_kernel
 
-        x, weight, perms, *saved = ctx.saved_tensors
+        x, weight, perms = ctx.saved_tensors
         weight = weight.detach().contiguous()
         perms = perms.contiguous()
         grad_out = grad_out.contiguous()
         batch = x.shape[0]
-        if ctx.saved_activations:
-            tile = ctx.tile
-            nthreads = max(1, min(torch.get_num_threads(), -(-batch // tile)))
-        else:
-            tile, nthreads = _plan(max(batch, 1), BACKWARD_TILE)
+        tile, nthreads = _plan(max(batch, 1), BACKWARD_TILE)
         grad_x = torch.empty_like(x)
         partial = torch.empty(nthreads, *weight.shape, dtype=weight.dtype)  # kernels zero it
-        if batch == 0:
-            partial.zero_()
-        elif ctx.saved_activations:
-            args = (weight.numpy(), perms.numpy(), grad_out.numpy(), grad_x.numpy())
-            parts, acts = partial.numpy(), saved[0].numpy()
-            _run_threads(
-                lambda th: _backward_saved_thread_kernel(*args, parts[th], acts, tile, th,
-                                                         nthreads),
-                nthreads,
-            )
-        else:
+        if batch:
             args = (x.numpy(), weight.numpy(), perms.numpy(), grad_out.numpy(), grad_x.numpy())
             parts = partial.numpy()
             _run_threads(
                 lambda th: _backward_thread_kernel(*args, parts[th], tile, th, nthreads), nthreads
             )
+        else:
+            partial.zero_()
         grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
 
 
 def _check_operands(
@@ -248,7 +212,6 @@ def permuted_block_diagonal(
     *,
     out_features: int | None = None,
     backend: str = "auto",
-    recompute: bool = True,
 ) -> torch.Tensor:
     """G [x, 0] for ``x`` of shape (..., n_in); returns (..., out_features).
 
@@ -257,13 +220,10 @@ def permuted_block_diagonal(
     ``"reference"`` forces plain PyTorch (any device, gradients of any order); ``"numba"``
     forces the kernel and raises if the tensors do not suit it. The numba path supports
     first-order gradients (``x`` and ``weight``); double backward through it raises, so use
-    ``backend="reference"`` for higher-order derivatives. ``recompute`` (numba path only):
-    True keeps nothing but ``x`` for backward and recomputes; False keeps depth · batch · width
-    activations and makes forward+backward faster.
+    ``backend="reference"`` for higher-order derivatives.
     """
     return _permuted_block_diagonal(
-        x, weight, perms, out_features=out_features, backend=backend, check_perms=True,
-        recompute=recompute,
+        x, weight, perms, out_features=out_features, backend=backend, check_perms=True
     )
 
 
@@ -275,13 +235,10 @@ def _permuted_block_diagonal(
     out_features: int | None,
     backend: str,
     check_perms: bool,
-    recompute: bool = True,
 ) -> torch.Tensor:
     """The functional, with the O(depth · width) permutation check optional for callers
     (the layers) that know their ``perms`` were checked and not modified since."""
     _, out_features = _check_operands(x, weight, perms, out_features, backend)
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool, got {recompute!r}")
     if check_perms:
         _check_permutations(perms)
     suits_numba = x.device.type == "cpu" and x.dtype in NUMBA_DTYPES
@@ -292,9 +249,7 @@ def _permuted_block_diagonal(
     if backend == "reference" or not suits_numba:
         return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
     if x.dim() == 2:
-        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features, recompute)
+        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features)
     lead = x.shape[:-1]
-    y = PermutedBlockDiagonalFn.apply(
-        x.reshape(-1, x.shape[-1]), weight, perms, out_features, recompute
-    )
+    y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features)
     return y.reshape(*lead, out_features)
