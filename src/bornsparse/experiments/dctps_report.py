@@ -309,7 +309,12 @@ def plot_spectra(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
             ax.set_xlabel("singular value index")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("singular value of ∂logits/∂x at init")
-        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        handles = {}
+        for ax in axes[0]:  # a method may be missing from a panel (n/a at that density)
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(lab, h)
+        axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(_model_title([r for recs in group.values() for r in recs])
                      + ": when is training possible?", fontsize=9)
         fig.tight_layout()
