@@ -177,7 +177,9 @@ class _NumbaSparseMatmulFn(torch.autograd.Function):
         y_t = _numba_spmm_t(plan.rowptr, plan.cols, vals, x_t, plan.shape[0])
         ctx.save_for_backward(x_t, values)
         ctx.plan = plan
-        return y_t.t()
+        # one explicit transpose copy: every consumer (bias add, the DCT sum, autograd's
+        # gradient accumulation) is several times slower on a transposed view
+        return y_t.t().contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -190,7 +192,7 @@ class _NumbaSparseMatmulFn(torch.autograd.Function):
             vals_csc = values.detach()[plan.csc_perm]
             grad_x = _numba_spmm_t(
                 plan.colptr, plan.csc_rows, vals_csc, gy_t, plan.shape[1]
-            ).t()
+            ).t().contiguous()
         if ctx.needs_input_grad[1]:
             grad_v = _numba_sampled_dot(plan.rows, plan.cols, gy_t, x_t)
         return grad_x, grad_v, None
