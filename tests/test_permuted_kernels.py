@@ -18,6 +18,7 @@ from bornsparse.ops.permuted import (
     permuted_block_diagonal,
     permuted_block_diagonal_dense_reference,
     permuted_block_diagonal_reference,
+    permuted_tanh_network,
 )
 
 
@@ -231,3 +232,37 @@ def test_operand_validation_names_argument_value_and_expectation():
         permuted_block_diagonal(x, weight, perms, out_features=9)
     with pytest.raises(ValueError, match="out_features must be a positive integer, got 0"):
         permuted_block_diagonal(x, weight, perms, out_features=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases())
+def test_tanh_network_numba_matches_reference(case):
+    k, nblocks, depth, n_in, n_out, batch_shape, seed = case
+    weight, perms = make_operands(depth, nblocks, k, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    biases = torch.randn(depth, nblocks * k, generator=g, dtype=torch.float64)
+    x = torch.randn(*batch_shape, n_in, generator=g, dtype=torch.float64)
+    out = {}
+    for backend in ("reference", "numba"):
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, biases))
+        y = permuted_tanh_network(xr, wr, perms, br, out_features=n_out, backend=backend)
+        y.backward(torch.cos(y.detach()))
+        out[backend] = (y.detach(), xr.grad, wr.grad, br.grad)
+    for a, b in zip(out["numba"], out["reference"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_tanh_network_numba_gradcheck_and_bias_validation():
+    weight, perms = make_operands(3, 4, 2, seed=7)
+    biases = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(37, 5, dtype=torch.float64, requires_grad=True)
+    w = weight.clone().requires_grad_()
+
+    def f(x, w, b):
+        return permuted_tanh_network(x, w, perms, b, out_features=6, backend="numba")
+
+    assert torch.autograd.gradcheck(f, (x, w, biases))
+    with pytest.raises(ValueError, match=r"biases must have shape .*\(3, 8\).*got \(3, 7\)"):
+        permuted_tanh_network(x, weight, perms, biases[:, :7])
+    with pytest.raises(TypeError, match="biases must match x's dtype"):
+        permuted_tanh_network(x, weight, perms, biases.float())

@@ -17,6 +17,7 @@ from bornsparse.ops.permuted import (
     BACKENDS,
     _check_permutations,
     _permuted_block_diagonal,
+    _permuted_tanh_network,
     permuted_block_diagonal,
 )
 
@@ -158,13 +159,6 @@ class _PermutedBase(nn.Module):
         check_float_tensor("input", x)
         check_last_dim("input", x, self.in_features)
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.width > self.in_features:
-            x2 = nn.functional.pad(x2, (0, self.width - self.in_features))
-        return x2, lead
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -258,11 +252,7 @@ class PermutedTanhNetwork(_PermutedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        h, lead = self._pad(x)
-        checked = self._perms_known_good()
-        for t in range(self.depth):
-            w_t, p_t = self.weight[t : t + 1], self.perms[t : t + 1]
-            h = self._op(h, w_t, p_t, None, checked) + self.biases[t]
-            if t < self.depth - 1:
-                h = torch.tanh(h)
-        return h[:, : self.out_features].reshape(*lead, self.out_features)
+        return _permuted_tanh_network(
+            x, self.weight, self.perms, self.biases, out_features=self.out_features,
+            backend=self.backend, check_perms=not self._perms_known_good(),
+        )

@@ -341,3 +341,107 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
             _factor_backward(gathered[t], g, gin, weight[t], perms[t], gw[t], ts)
             g, gin = gin, (buf_b if gin is buf_a else buf_a)
         _store_tile_transposed(g, s0, ts, grad_x)
+
+
+# ---------------------------------------------------------------------------------------
+# One factor on the transposed layout, for PermutedTanhNetwork: there a bias and tanh (done
+# in torch) sit between factors, so nothing is gained by keeping a tile across factors, but
+# keeping the activations as (width, batch) spares two transposes per factor.
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _factor_columns_kernel(h, w, p, z, c0, c1):
+    """z[b*k + r, c0:c1] = Σ_c w[b, r, c] · h[p[b*k + c], c0:c1]; h, z: (width, batch)."""
+    nb = w.shape[0]
+    k = w.shape[1]
+    if k == 2:
+        for b in range(nb):
+            a0 = h[p[2 * b]]
+            a1 = h[p[2 * b + 1]]
+            d0 = z[2 * b]
+            d1 = z[2 * b + 1]
+            w00 = w[b, 0, 0]
+            w01 = w[b, 0, 1]
+            w10 = w[b, 1, 0]
+            w11 = w[b, 1, 1]
+            for s in range(c0, c1):
+                u = a0[s]
+                v = a1[s]
+                d0[s] = w00 * u + w01 * v
+                d1[s] = w10 * u + w11 * v
+    else:
+        for b in range(nb):
+            for r in range(k):
+                d = z[b * k + r]
+                a = h[p[b * k]]
+                wc = w[b, r, 0]
+                for s in range(c0, c1):
+                    d[s] = wc * a[s]
+                for c in range(1, k):
+                    a = h[p[b * k + c]]
+                    wc = w[b, r, c]
+                    for s in range(c0, c1):
+                        d[s] += wc * a[s]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
+    """Backward of _factor_columns_kernel on columns [c0, c1): writes gh there, and sets gw
+    (nb, k, k) to Σ over those columns of gz[b*k + r] · h[p[b*k + c]]."""
+    nb = w.shape[0]
+    k = w.shape[1]
+    zero = gw.dtype.type(0)
+    if k == 2:
+        for b in range(nb):
+            i0 = p[2 * b]
+            i1 = p[2 * b + 1]
+            a0 = h[i0]
+            a1 = h[i1]
+            g0 = gz[2 * b]
+            g1 = gz[2 * b + 1]
+            e0 = gh[i0]
+            e1 = gh[i1]
+            w00 = w[b, 0, 0]
+            w01 = w[b, 0, 1]
+            w10 = w[b, 1, 0]
+            w11 = w[b, 1, 1]
+            q00 = zero
+            q01 = zero
+            q10 = zero
+            q11 = zero
+            for s in range(c0, c1):
+                u = a0[s]
+                v = a1[s]
+                y0 = g0[s]
+                y1 = g1[s]
+                q00 += y0 * u
+                q01 += y0 * v
+                q10 += y1 * u
+                q11 += y1 * v
+                e0[s] = w00 * y0 + w10 * y1
+                e1[s] = w01 * y0 + w11 * y1
+            gw[b, 0, 0] = q00
+            gw[b, 0, 1] = q01
+            gw[b, 1, 0] = q10
+            gw[b, 1, 1] = q11
+        return
+    for b in range(nb):
+        for c in range(k):
+            ic = p[b * k + c]
+            a = h[ic]
+            e = gh[ic]
+            y = gz[b * k]
+            wc = w[b, 0, c]
+            for s in range(c0, c1):
+                e[s] = wc * y[s]
+            for r in range(1, k):
+                y = gz[b * k + r]
+                wc = w[b, r, c]
+                for s in range(c0, c1):
+                    e[s] += wc * y[s]
+            for r in range(k):
+                y = gz[b * k + r]
+                acc = zero
+                for s in range(c0, c1):
+                    acc += y[s] * a[s]
+                gw[b, r, c] = acc

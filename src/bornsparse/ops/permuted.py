@@ -253,3 +253,140 @@ def _permuted_block_diagonal(
     lead = x.shape[:-1]
     y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features)
     return y.reshape(*lead, out_features)
+
+
+# ---------------------------------------------------------------------------------------
+# The tanh network of seed 000 (eq. 3-5): h_{t+1} = tanh(b_t + B_t P_t h_t), no tanh after the
+# last factor.
+
+
+def permuted_tanh_network_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    perms: torch.Tensor,
+    biases: torch.Tensor,
+    *,
+    out_features: int | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch tanh network for ``x`` (..., n_in); ``biases`` (depth, width)."""
+    depth, nblocks, k, _ = weight.shape
+    width = nblocks * k
+    h = x
+    if h.shape[-1] < width:
+        h = torch.nn.functional.pad(h, (0, width - h.shape[-1]))
+    for t in range(depth):
+        g = h.index_select(-1, perms[t]).unflatten(-1, (nblocks, k))  # (..., nb, k)
+        h = torch.einsum("...bc,brc->...br", g, weight[t]).flatten(-2) + biases[t]
+        if t < depth - 1:
+            h = torch.tanh(h)
+    return h if out_features is None else h[..., :out_features]
+
+
+def _column_ranges(batch: int) -> list[tuple[int, int]]:
+    """Split batch columns among torch's threads, in multiples of 16 (one cache line)."""
+    threads = max(1, min(torch.get_num_threads(), -(-batch // 16)))
+    step = -(-batch // threads)
+    step = -(-step // 16) * 16
+    return [(c, min(c + step, batch)) for c in range(0, batch, step)]
+
+
+class _FactorColumnsFn(torch.autograd.Function):
+    """One factor on the transposed layout: h (width, batch) -> z (width, batch)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor):
+        from bornsparse.ops._permuted_numba import _factor_columns_kernel
+
+        h = h.detach().contiguous()
+        w = weight_t.detach().contiguous()
+        p = perm_t.contiguous()
+        z = torch.empty_like(h)
+        ranges = _column_ranges(h.shape[1])
+        args = (h.numpy(), w.numpy(), p.numpy(), z.numpy())
+        _run_threads(lambda i: _factor_columns_kernel(*args, *ranges[i]), len(ranges))
+        ctx.save_for_backward(h, weight_t, perm_t)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z: torch.Tensor):
+        from bornsparse.ops._permuted_numba import _factor_columns_backward_kernel
+
+        h, weight_t, perm_t = ctx.saved_tensors
+        w = weight_t.detach().contiguous()
+        p = perm_t.contiguous()
+        grad_z = grad_z.contiguous()
+        grad_h = torch.empty_like(h)
+        ranges = _column_ranges(h.shape[1])
+        partial = torch.zeros(max(1, len(ranges)), *w.shape, dtype=w.dtype)
+        args = (h.numpy(), w.numpy(), p.numpy(), grad_z.numpy(), grad_h.numpy())
+        parts = partial.numpy()
+        _run_threads(
+            lambda i: _factor_columns_backward_kernel(*args, parts[i], *ranges[i]), len(ranges)
+        )
+        return grad_h, partial.sum(0), None
+
+
+def permuted_tanh_network(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    perms: torch.Tensor,
+    biases: torch.Tensor,
+    *,
+    out_features: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The tanh network h_θ(x) (seed 000, eq. 3-5) for ``x`` (..., n_in); returns
+    (..., out_features). ``weight``/``perms`` as for ``permuted_block_diagonal``, ``biases``
+    (depth, width). The numba path keeps activations as (width, batch), so the per-factor
+    kernel gathers contiguous rows and only the ends are transposed; bias and tanh run in
+    torch. Double backward: use ``backend="reference"``.
+    """
+    return _permuted_tanh_network(
+        x, weight, perms, biases, out_features=out_features, backend=backend, check_perms=True
+    )
+
+
+def _permuted_tanh_network(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    perms: torch.Tensor,
+    biases: torch.Tensor,
+    *,
+    out_features: int | None,
+    backend: str,
+    check_perms: bool,
+) -> torch.Tensor:
+    width, out_features = _check_operands(x, weight, perms, out_features, backend)
+    check_float_tensor("biases", biases)
+    if tuple(biases.shape) != (weight.shape[0], width):
+        raise ValueError(
+            f"biases must have shape (depth, width) = {(weight.shape[0], width)}, "
+            f"got {tuple(biases.shape)}"
+        )
+    if biases.dtype != x.dtype or biases.device != x.device:
+        raise TypeError(
+            f"biases must match x's dtype and device, got {biases.dtype} on {biases.device}"
+        )
+    if check_perms:
+        _check_permutations(perms)
+    suits_numba = x.device.type == "cpu" and x.dtype in NUMBA_DTYPES
+    if backend == "numba" and not suits_numba:
+        raise ValueError(
+            f"backend='numba' needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
+        )
+    if backend == "reference" or not suits_numba:
+        return permuted_tanh_network_reference(
+            x, weight, perms, biases, out_features=out_features
+        )
+    lead = x.shape[:-1]
+    h = x.reshape(-1, x.shape[-1])
+    if h.shape[1] < width:
+        h = torch.nn.functional.pad(h, (0, width - h.shape[1]))
+    h = h.T.contiguous()  # (width, batch)
+    depth = weight.shape[0]
+    for t in range(depth):
+        h = _FactorColumnsFn.apply(h, weight[t], perms[t]) + biases[t].unsqueeze(1)
+        if t < depth - 1:
+            h = torch.tanh(h)
+    return h[:out_features].T.reshape(*lead, out_features)
