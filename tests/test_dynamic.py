@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from bornsparse.sparsity import SET, RigL, allocate_nnz
-from bornsparse.sparsity.dynamic import dense_gradient
+from bornsparse.sparsity.dynamic import _sample_outside, dense_gradient
 from bornsparse.sparsity.swap import dense_targets, indices_to_flat, sparse_targets
 
 
@@ -279,6 +279,38 @@ def test_works_on_an_already_sparse_model(digits):
     record = []
     run(model, opt, rigl, x, y, 20, record=record)
     assert rigl.updates == 7 and len(record) == 7
+
+
+@pytest.mark.parametrize("total,taken_n,k", [(50, 5, 10), (50, 40, 10), (7, 3, 4), (1000, 1, 1)])
+def test_set_sampling_is_distinct_outside_and_uniform(total, taken_n, k):
+    # both branches: rejection while the layer is at most half full, explicit list beyond
+    g = torch.Generator().manual_seed(0)
+    taken = torch.sort(torch.randperm(total, generator=g)[:taken_n]).values
+    hits = torch.zeros(total)
+    for _ in range(300):
+        got = _sample_outside(total, taken, k, g)
+        assert got.numel() == k == torch.unique(got).numel()
+        assert not torch.isin(got, taken).any() and int(got.min()) >= 0 and int(got.max()) < total
+        hits[got] += 1
+    free = torch.ones(total, dtype=torch.bool)
+    free[taken] = False
+    # every free position drawn about 300·k/free times (loose: 5 standard deviations)
+    expect = 300 * k / int(free.sum())
+    assert (hits[free] - expect).abs().max() <= 5 * expect**0.5 + 1
+
+
+def test_gradient_accumulation_sums_the_captured_passes(digits):
+    x, y, *_ = digits
+    model, opt, rigl = make(RigL, density=0.2, total_steps=10, delta=1)
+    F.cross_entropy(model(x[:16]), y[:16]).backward()
+    F.cross_entropy(model(x[16:40]), y[16:40]).backward()
+    for name, layer in sparse_targets(model):
+        pairs = rigl._captures[name].pairs
+        assert len(pairs) == 2
+        g = dense_gradient(layer, pairs)
+        torch.testing.assert_close(g, dense_gradient(layer, pairs[:1])
+                                   + dense_gradient(layer, pairs[1:]))
+        torch.testing.assert_close(g[layer.indices[0], layer.indices[1]], layer.values.grad)
 
 
 # ----------------------------------------------------------------------------- training

@@ -292,6 +292,19 @@ def test_distribution_fixes_per_layer_counts(digits):
         assert int(per_row.max() - per_row.min()) <= 1
 
 
+def test_accepts_a_dataloader(digits):
+    x, y, *_ = digits
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:200], y[:200]),
+                                         batch_size=64)
+    # FORCE cycles through the loader (4 batches) for 10 rounds; SNIP reads it once
+    m1, r1 = prune_at_init(mlp(), "force", 0.05, data=loader, rounds=10)
+    m2, r2 = prune_at_init(mlp(), "snip", 0.05, data=loader)
+    m3, r3 = prune_at_init(mlp(), "snip", 0.05, data=batches(x[:200], y[:200], 64))
+    assert r1.nnz == r2.nnz == r3.nnz
+    for (_, a), (_, b) in zip(sparse_targets(m2), sparse_targets(m3), strict=True):
+        assert torch.equal(a.indices, b.indices)
+
+
 @pytest.mark.parametrize("method", ["synflow", "force"])
 def test_no_layer_collapse_at_density_1e_3(method, digits):
     x, y, *_ = digits
