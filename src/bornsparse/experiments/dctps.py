@@ -156,7 +156,13 @@ def run_sweep(
     wanted = set(keys)
     done = {r["key"]: r for r in read_jsonl(results_path) if r.get("key") in wanted}
     todo = [c for c, k in zip(configs, keys, strict=True) if k not in done]
-    todo.sort(key=_cost_order)
+    # seed by seed, model by model, longest runs first inside: a sweep stopped early leaves
+    # whole tables for the first seeds rather than every method but the cheap ones
+    model_rank = {}
+    for c in configs:
+        model_rank.setdefault(repr((c["model"], c["model_kwargs"])), len(model_rank))
+    todo.sort(key=lambda c: (c["seed"], model_rank[repr((c["model"], c["model_kwargs"]))],
+                             _cost_order(c)))
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), disable=not progress,
                desc="dctps runs", unit="run", file=sys.stderr)
 
