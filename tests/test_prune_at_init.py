@@ -344,6 +344,10 @@ def test_rejects_bad_arguments(digits):
         prune_at_init(mlp(), "force", 0.1)
     with pytest.raises(ValueError, match="input_shape or data"):
         prune_at_init(mlp(), "synflow", 0.1)
+    with pytest.raises(ValueError, match=r"input_shape\[1\] must be a positive integer"):
+        prune_at_init(mlp(), "synflow", 0.1, input_shape=(1, 0, 8))
+    _, report = prune_at_init(mlp(), "synflow", 0.1, input_shape=64, rounds=2)
+    assert report.nnz == round(0.1 * report.total)
     with pytest.raises(ValueError, match="kind must be one of"):
         prune_at_init(mlp(), "snip", 0.1, data=data, kind="dense")
     with pytest.raises(TypeError, match="data must be"):

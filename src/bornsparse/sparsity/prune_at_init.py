@@ -163,7 +163,13 @@ def prune_at_init(
                 raise ValueError("synflow needs input_shape or data to know the input shape")
             x0, _ = next(iter(S.as_batches(data)))
             input_shape = tuple(x0.shape[1:])
-        input_shape = tuple(check_positive_int("input_shape entry", d) for d in input_shape)
+        if isinstance(input_shape, int):
+            input_shape = (input_shape,)
+        if not isinstance(input_shape, Sequence) or not input_shape:
+            raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}")
+        input_shape = tuple(
+            check_positive_int(f"input_shape[{i}]", d) for i, d in enumerate(input_shape)
+        )
     elif data is not None:
         S.as_batches(data)  # validates early
 
