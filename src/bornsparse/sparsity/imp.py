@@ -107,6 +107,7 @@ class IMP:
         self.round = 0
         self.iteration = 0
         self._rewind: dict | None = None
+        self._converted = False
         self._offsets = DCTOffset(self.targets) if self.kind == "dctps" else None
         if rewind_iteration == 0:
             self._snapshot()
@@ -145,8 +146,6 @@ class IMP:
             self._snapshot()
 
     # ------------------------------------------------------------------ pruning
-
-    _converted = False
 
     def _keep_counts(self, r: int) -> int:
         total = sum(m.numel() for m in self.masks)
