@@ -118,6 +118,11 @@ def test_to_sparse_keeps_the_function(net, kind, digits):
     layers = sparse_targets(model)
     assert [n for n, _ in layers] == list(counts)
     assert [l.nnz for _, l in layers] == list(counts.values())
+    for _, layer in layers:
+        rows, cols = layer.dense_shape
+        flat = layer.indices[0] * cols + layer.indices[1]
+        assert torch.equal(flat, torch.unique(flat))  # unique, row-major sorted
+        assert int(layer.indices[0].max()) < rows and int(layer.indices[1].max()) < cols
     assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in model.modules())
     assert not any(m._forward_hooks for m in model.modules())
     with torch.no_grad():
