@@ -6,6 +6,8 @@ a small multiple of the float32 reference's own error against float64.
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -266,3 +268,25 @@ def test_tanh_network_numba_gradcheck_and_bias_validation():
         permuted_tanh_network(x, weight, perms, biases[:, :7])
     with pytest.raises(TypeError, match="biases must match x's dtype"):
         permuted_tanh_network(x, weight, perms, biases.float())
+
+
+def _forward_in_child(args):
+    x, weight, perms = args
+    torch.set_num_threads(2)
+    return permuted_block_diagonal(x, weight, perms, backend="numba")
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
+def test_thread_pool_survives_fork():
+    # a forked child inherits the pool object without its threads; the op must not hang there
+    weight, perms = make_operands(2, 8, 2, seed=3)
+    x = torch.randn(2 * FORWARD_TILE + 3, 16, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = permuted_block_diagonal(x, weight, perms, backend="numba")  # starts the pool
+    finally:
+        torch.set_num_threads(before)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_forward_in_child, ((x, weight, perms),)).get(timeout=120)
+    torch.testing.assert_close(got, expected)

@@ -16,11 +16,13 @@ Layout and conventions (shared by the reference and every fast path):
 Layers, top to bottom: ``permuted_block_diagonal_reference`` (plain PyTorch, any device,
 autograd of any order), the numba kernels in ``_permuted_numba.py``, the autograd Function
 ``PermutedBlockDiagonalFn`` (forward and first-order backward through the kernels) and the
-functional ``permuted_block_diagonal`` that validates and dispatches.
+functional ``permuted_block_diagonal`` that validates and dispatches. The tanh network of
+eq. 3-5 follows the same pattern at the end of the file (``permuted_tanh_network``).
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -31,9 +33,9 @@ from bornsparse._checks import check_float_tensor, check_positive_int
 BACKENDS = ("auto", "reference", "numba")
 NUMBA_DTYPES = (torch.float32, torch.float64)
 
-# Samples per batch tile of the fused kernels. Forward: two (width, tile) buffers per thread,
-# 1 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also keeps the tile's depth
-# activations, so it uses a smaller tile (see docs/design/permuted.md for the measurements).
+# Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
+# thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
+# depth activations and measured fastest at 32 (docs/design/permuted.md).
 FORWARD_TILE = 64
 BACKWARD_TILE = 32
 
@@ -72,6 +74,7 @@ def permuted_block_diagonal_dense_reference(
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_WORKERS = 0
+_POOL_PID = 0
 
 
 def _run_threads(fn, nthreads: int) -> None:
@@ -79,13 +82,16 @@ def _run_threads(fn, nthreads: int) -> None:
 
     The kernels release the GIL, so the threads run in parallel.
     """
-    global _POOL, _POOL_WORKERS
+    global _POOL, _POOL_WORKERS, _POOL_PID
     if nthreads == 1:
         fn(0)
         return
-    if _POOL is None or _POOL_WORKERS < nthreads - 1:
+    # a forked child (e.g. a DataLoader worker) inherits the pool object but not its threads
+    if _POOL is None or _POOL_WORKERS < nthreads - 1 or _POOL_PID != os.getpid():
+        if _POOL is not None and _POOL_PID == os.getpid():
+            _POOL.shutdown(wait=False)
         _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="bornsparse")
-        _POOL_WORKERS = nthreads - 1
+        _POOL_WORKERS, _POOL_PID = nthreads - 1, os.getpid()
     futures = [_POOL.submit(fn, th) for th in range(1, nthreads)]
     fn(0)
     for f in futures:
