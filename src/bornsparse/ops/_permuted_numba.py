@@ -306,21 +306,89 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
         _store_tile_transposed(src, s0, ts, out)
 
 
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _gather_rows(src, p, gathered, ts):
+    """gathered[j, :ts] = src[p[j], :ts]."""
+    for j in range(p.shape[0]):
+        a = src[p[j]]
+        q = gathered[j]
+        for s in range(ts):
+            q[s] = a[s]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _factor_backward_from_previous(prev, w_prev, g, gin, w, p, gw, ts):
+    """_factor_backward (k = 2) for a factor whose gathered input was not saved: its input
+    rows are recomputed on demand from ``prev``, the saved gathered input of the factor
+    before it (weights ``w_prev``). Each input row is needed exactly once, so nothing is
+    computed twice; the depth-sized scratch halves."""
+    nb = w.shape[0]
+    zero = gw.dtype.type(0)
+    for b in range(nb):
+        i0 = p[2 * b]
+        i1 = p[2 * b + 1]
+        b0 = i0 // 2
+        r0 = i0 - 2 * b0
+        b1 = i1 // 2
+        r1 = i1 - 2 * b1
+        h0 = prev[2 * b0]
+        h1 = prev[2 * b0 + 1]
+        k0 = prev[2 * b1]
+        k1 = prev[2 * b1 + 1]
+        x0 = w_prev[b0, r0, 0]
+        x1 = w_prev[b0, r0, 1]
+        y0 = w_prev[b1, r1, 0]
+        y1 = w_prev[b1, r1, 1]
+        g0 = g[2 * b]
+        g1 = g[2 * b + 1]
+        e0 = gin[i0]
+        e1 = gin[i1]
+        w00 = w[b, 0, 0]
+        w01 = w[b, 0, 1]
+        w10 = w[b, 1, 0]
+        w11 = w[b, 1, 1]
+        c00 = zero
+        c01 = zero
+        c10 = zero
+        c11 = zero
+        for s in range(ts):
+            u = x0 * h0[s] + x1 * h1[s]
+            v = y0 * k0[s] + y1 * k1[s]
+            q0 = g0[s]
+            q1 = g1[s]
+            c00 += q0 * u
+            c01 += q0 * v
+            c10 += q1 * u
+            c11 += q1 * v
+            e0[s] = w00 * q0 + w10 * q1
+            e1[s] = w01 * q0 + w11 * q1
+        gw[b, 0, 0] += c00
+        gw[b, 0, 1] += c01
+        gw[b, 1, 0] += c10
+        gw[b, 1, 1] += c11
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nthreads):
     """Backward of tiles th, th + nthreads, ...: writes their rows of grad_x, sets gw (the
     weight gradient summed over those tiles).
 
-    The forward of each tile is recomputed, saving every factor's gathered input into a
-    (depth, width, tile) scratch; then the factors are walked backwards. (Checkpointing every
-    √depth factors keeps the scratch in L2 but costs one more forward pass; measured slower
-    here, see docs/design/permuted.md.)
+    The forward of each tile is recomputed, saving factors' gathered inputs into a per-thread
+    scratch; then the factors are walked backwards. For k = 2 only every other factor's input
+    is saved ((depth + 1) // 2 slabs of (width, tile)) and the forward runs in fused pairs;
+    the unsaved inputs are rebuilt on demand in backward (_factor_backward_from_previous).
+    Other block sizes save every factor's input. (Checkpointing every √depth factors keeps
+    the scratch in L2 but costs one more forward pass; measured slower, see
+    docs/design/permuted.md.)
     """
     batch = x.shape[0]
     depth = weight.shape[0]
     width = perms.shape[1]
+    k = weight.shape[2]
+    paired = k == 2
     ntiles = (batch + tile - 1) // tile
-    gathered = np.empty((depth, width, tile), dtype=x.dtype)
+    nsaved = (depth + 1) // 2 if paired else depth
+    gathered = np.empty((nsaved, width, tile), dtype=x.dtype)
     buf_in = np.zeros((width, tile), dtype=x.dtype)  # padded rows stay zero across tiles
     g_out = np.zeros((width, tile), dtype=x.dtype)  # likewise for the output gradient
     buf_a = np.empty((width, tile), dtype=x.dtype)
@@ -331,14 +399,28 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
         ts = min(tile, batch - s0)
         _load_tile_transposed(x, s0, ts, buf_in)
         src, dst = buf_in, buf_a
-        for t in range(depth):
-            # the last factor's output is not needed, only its gathered input
-            _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t], t < depth - 1)
-            src, dst = dst, (buf_b if dst is buf_a else buf_a)
+        if paired:
+            for t in range(0, depth, 2):
+                _gather_rows(src, perms[t], gathered[t // 2], ts)
+                if t + 2 < depth:  # the next pair needs this pair's output
+                    _apply_factor_pair2(src, dst, weight[t], perms[t], weight[t + 1],
+                                        perms[t + 1], ts, width)
+                    src, dst = dst, (buf_b if dst is buf_a else buf_a)
+        else:
+            for t in range(depth):
+                # the last factor's output is not needed, only its gathered input
+                _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
+                                     t < depth - 1)
+                src, dst = dst, (buf_b if dst is buf_a else buf_a)
         _load_tile_transposed(grad_out, s0, ts, g_out)
         g, gin = g_out, buf_a
         for t in range(depth - 1, -1, -1):
-            _factor_backward(gathered[t], g, gin, weight[t], perms[t], gw[t], ts)
+            if paired and t % 2 == 1:
+                _factor_backward_from_previous(gathered[t // 2], weight[t - 1], g, gin,
+                                               weight[t], perms[t], gw[t], ts)
+            else:
+                _factor_backward(gathered[t // 2 if paired else t], g, gin, weight[t],
+                                 perms[t], gw[t], ts)
             g, gin = gin, (buf_b if gin is buf_a else buf_a)
         _store_tile_transposed(g, s0, ts, grad_x)
 

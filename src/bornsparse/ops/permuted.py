@@ -35,9 +35,10 @@ NUMBA_DTYPES = (torch.float32, torch.float64)
 
 # Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
 # thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
-# depth activations and measured fastest at 32 (docs/design/permuted.md).
+# saved activations (depth / 2 slabs for k = 2) and measured fastest at 64 as well
+# (docs/design/permuted.md).
 FORWARD_TILE = 64
-BACKWARD_TILE = 32
+BACKWARD_TILE = 64
 
 
 def permuted_block_diagonal_reference(
