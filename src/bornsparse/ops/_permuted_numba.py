@@ -5,12 +5,13 @@ Why the kernels look the way they do:
 * The batch is split into tiles of ``tile`` samples and each tile is held *transposed*,
   ``(width, tile)``, so the gather ``h[perms[t, j]]`` fetches one contiguous row of ``tile``
   numbers and the innermost loops run over the batch tile, which LLVM vectorises.
-* All ``depth`` factors are applied to one tile before the next tile is touched; two
-  ``(width, tile)`` buffers (1 MiB at width 2048, tile 64, float32) stay in L2, so after the
-  first factor nothing goes back to main memory.
-* Backward recomputes the forward of each tile (keeping that tile's ``depth`` activations in
-  a per-thread scratch buffer) instead of saving ``depth · batch · width`` activations between
-  forward and backward: only ``x`` is saved, and the scratch does not grow with the batch.
+* All ``depth`` factors are applied to one tile before the next tile is touched; three
+  ``(width, tile)`` buffers (1.5 MiB at width 2048, tile 64, float32) stay in L2, so after the
+  first factor nothing goes back to main memory. For k = 2 factors run in fused pairs.
+* Backward recomputes the forward of each tile (keeping that tile's activations, every other
+  factor's for k = 2, in a per-thread scratch buffer) instead of saving
+  ``depth · batch · width`` activations between forward and backward: only ``x`` is saved,
+  and the scratch does not grow with the batch.
 * Threads take whole tiles (tiles dealt round-robin), so each thread owns its buffers and its
   partial weight gradient; the partials are summed afterwards, which keeps the result
   deterministic for a given thread count. The kernels release the GIL (``nogil``) and the
