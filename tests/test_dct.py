@@ -120,3 +120,48 @@ def test_numba_twiddle_matches_torch_reference(monkeypatch, n, dtype):
         xg = x[:2].clone().requires_grad_()
         assert torch.autograd.gradcheck(dct, (xg,))
         assert torch.autograd.gradcheck(idct, (xg,))
+
+
+@pytest.mark.parametrize("b,n,m", [(1, 1, 1), (3, 5, 3), (4, 3, 7), (2, 8, 8), (6, 100, 37),
+                                   (2, 37, 100)])
+@pytest.mark.parametrize("use_y,use_bias", [(True, True), (False, False), (True, False)])
+def test_fused_dct_affine_matches_reference(monkeypatch, b, n, m, use_y, use_bias):
+    import bornsparse.ops.dct as D
+
+    monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
+    g = torch.Generator().manual_seed(n * m)
+    ts = [torch.randn(s, dtype=torch.float64, generator=g) for s in [(b, n), (), (b, m), (m,)]]
+    a = [t.clone().requires_grad_() for t in ts]
+    r = [t.clone().requires_grad_() for t in ts]
+
+    def pick(v):
+        return (v[0], m, v[1], v[2] if use_y else None, v[3] if use_bias else None)
+
+    out = D.dct_project_affine(*pick(a))
+    ref = D.dct_project_affine_reference(*pick(r))
+    torch.testing.assert_close(out, ref)
+    # and the reference is x @ D (zero-padded DCT, truncated) as in scipy
+    q = max(n, m)
+    dmat = torch.from_numpy(scipy.fft.dct(np.eye(q), norm="ortho")[:n, :m])
+    want = ts[1] * ts[0] @ dmat + (ts[2] if use_y else 0) + (ts[3] if use_bias else 0)
+    torch.testing.assert_close(ref, want)
+    gy = torch.randn(b, m, dtype=torch.float64, generator=g)
+    out.backward(gy)
+    ref.backward(gy)
+    for p, q_ in zip(a, r, strict=True):
+        if q_.grad is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, q_.grad)
+
+
+def test_fused_dct_affine_gradcheck(monkeypatch):
+    import bornsparse.ops.dct as D
+
+    monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
+    for n, m in [(3, 5), (5, 3), (4, 4)]:
+        args = [torch.randn(s, dtype=torch.float64, requires_grad=True)
+                for s in [(2, n), (), (2, m), (m,)]]
+        assert torch.autograd.gradcheck(
+            lambda x, al, y, bi, m=m: D.dct_project_affine(x, m, al, y, bi), args
+        )

@@ -323,3 +323,22 @@ def test_bad_alpha():
         DCTPlusSparseLinear(4, 4, nnz=1, alpha="1")
     with pytest.raises(TypeError, match="train_alpha must be a bool"):
         DCTPlusSparseLinear(4, 4, nnz=1, train_alpha=1)
+
+
+@pytest.mark.parametrize("n_in,n_out", SHAPES)
+def test_fused_and_plain_dct_paths_agree_in_the_layer(monkeypatch, n_in, n_out):
+    import bornsparse.ops.dct as D
+
+    layer = DCTPlusSparseLinear(n_in, n_out, density=0.5, alpha=0.8, init="normal",
+                                dtype=torch.float64, seed=2)
+    x = torch.randn(2, 3, n_in, dtype=torch.float64)
+    results = []
+    for threshold in (0, 1 << 62):
+        monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", threshold)
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        y.square().sum().backward()
+        results.append([y, xx.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bornsparse.nn.sparse_linear import SparseLinear, check_choice
-from bornsparse.ops.dct import dct, dct_matrix
+from bornsparse.ops.dct import dct, dct_matrix, dct_project_affine
 
 
 def dct_project(x: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -58,9 +58,11 @@ class DCTPlusSparseLinear(SparseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        y = self._sparse_part(x)
-        y = torch.addcmul(y, dct_project(x, self.out_features), self.alpha)
-        return y if self.bias is None else y + self.bias
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = self._sparse_part(x2)
+        out = dct_project_affine(x2, self.out_features, self.alpha, y, self.bias)
+        return out.reshape(*lead, self.out_features)
 
     def dct_dense(self) -> torch.Tensor:
         """The fixed offset Dᵀ as an (out_features, in_features) matrix, without α."""

@@ -43,3 +43,61 @@ def _untake_twiddle_kernel(coef: np.ndarray, w_inv: np.ndarray, spec: np.ndarray
             c = -coef[b, n - j] if j > 0 else coef[b, 0] * 0
             spec[b, j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
             spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _affine_take_kernel(
+    spec: np.ndarray, w: np.ndarray, n: int, alpha: float, y: np.ndarray, bias: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """out[b, k] = y[b, k] + α·X[b, k] + bias[k] for k < m = out.shape[1].
+
+    X is the length-n DCT whose reordered rfft is spec (B, n//2 + 1, 2); ``bias`` has
+    length 0 for none. Fuses the twiddle, the output gather, the truncation to m, α, the
+    bias and the sum with the sparse part: one pass instead of five.
+    """
+    m = out.shape[1]
+    half = spec.shape[1]
+    has_bias = bias.shape[0] > 0
+    for b in numba.prange(out.shape[0]):
+        for k in range(half):
+            a = spec[b, k, 0]
+            c = spec[b, k, 1]
+            if k < m:
+                v = alpha * (a * w[k, 0] - c * w[k, 1]) + y[b, k]
+                out[b, k] = v + bias[k] if has_bias else v
+            j = n - k
+            if 0 < k and j >= half and j < m:
+                v = y[b, j] - alpha * (a * w[k, 1] + c * w[k, 0])
+                out[b, j] = v + bias[j] if has_bias else v
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _padded_untake_kernel(g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.ndarray) -> None:
+    """As _untake_twiddle_kernel for coefficients g (B, m) zero-padded to length n >= m."""
+    m = g.shape[1]
+    for b in numba.prange(g.shape[0]):
+        for j in range(spec.shape[1]):
+            a = g[b, j] if j < m else g[b, 0] * 0
+            c = -g[b, n - j] if (j > 0 and n - j < m) else g[b, 0] * 0
+            spec[b, j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
+            spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _gather_scale_dot_kernel(
+    v: np.ndarray, unorder: np.ndarray, x: np.ndarray, alpha: float, gx: np.ndarray,
+    dots: np.ndarray,
+) -> None:
+    """u = v[:, unorder][:, :d]; gx = α·u; dots[b] = ⟨u[b], x[b]⟩ (d = x.shape[1]).
+
+    The backward of α·T(x): u = Tᵀ(grad) gives both grad_x = α·u and grad_α = Σ ⟨u, x⟩.
+    """
+    d = x.shape[1]
+    for b in numba.prange(x.shape[0]):
+        acc = dots[b] * 0
+        for i in range(d):
+            u = v[b, unorder[i]]
+            gx[b, i] = alpha * u
+            acc += u * x[b, i]
+        dots[b] = acc

@@ -196,3 +196,102 @@ def dct_matrix(
     scale = torch.full((cols,), math.sqrt(2.0 / q), dtype=work, device=device)
     scale[0] = math.sqrt(1.0 / q)
     return (m * scale).to(dtype)
+
+
+def dct_project_affine_reference(
+    x: torch.Tensor,
+    out_features: int,
+    alpha: torch.Tensor,
+    y: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y + α·T(x) + bias in plain torch; T(x) = dct(x zero-padded to q)[..., :out_features]."""
+    n = x.shape[-1]
+    q = max(n, out_features)
+    xp = torch.nn.functional.pad(x, (0, q - n)) if q > n else x
+    out = dct(xp)[..., :out_features] * alpha
+    if y is not None:
+        out = out + y
+    return out if bias is None else out + bias
+
+
+class _DCTAffineFn(torch.autograd.Function):
+    """CPU float32/64 fused y + α·T(x) + bias; backward via u = Tᵀ(grad) (see kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, y, bias, m):
+        from bornsparse.ops import _dct_numba as k
+
+        b, n = x.shape
+        q = max(n, m)
+        xp = torch.nn.functional.pad(x.detach(), (0, q - n)) if q > n else x.detach()
+        t = _tables(q, x.dtype, x.device)
+        spec = torch.fft.rfft(xp.index_select(-1, t["reorder"]), dim=-1)
+        out = torch.empty(b, m, dtype=x.dtype)
+        yy = y.detach().contiguous() if y is not None else x.new_zeros(b, m)
+        bb = bias.detach().contiguous() if bias is not None else x.new_empty(0)
+        k._affine_take_kernel(
+            torch.view_as_real(spec).numpy(), t["w_real"].numpy(), q, float(alpha),
+            yy.numpy(), bb.numpy(), out.numpy(),
+        )
+        ctx.save_for_backward(x)
+        ctx.alpha, ctx.m, ctx.alpha_shape = float(alpha), m, alpha.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        from bornsparse.ops import _dct_numba as k
+
+        (x,) = ctx.saved_tensors
+        g = g.contiguous()
+        b, n = x.shape
+        q = max(n, ctx.m)
+        grad_x = grad_alpha = grad_y = grad_bias = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            t = _tables(q, x.dtype, x.device)
+            cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+            spec = torch.empty(b, q // 2 + 1, dtype=cdtype)
+            k._padded_untake_kernel(
+                g.numpy(), q, torch.view_as_real(t["w_inv"]).numpy(),
+                torch.view_as_real(spec).numpy(),
+            )
+            v = torch.fft.irfft(spec, n=q, dim=-1)
+            gx = torch.empty(b, n, dtype=x.dtype)
+            dots = torch.zeros(b, dtype=x.dtype)
+            k._gather_scale_dot_kernel(
+                v.numpy(), t["unorder"].numpy(), x.detach().contiguous().numpy(), ctx.alpha,
+                gx.numpy(), dots.numpy(),
+            )
+            grad_x = gx if ctx.needs_input_grad[0] else None
+            grad_alpha = dots.sum().reshape(ctx.alpha_shape) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[2]:
+            grad_y = g
+        if ctx.needs_input_grad[3]:
+            grad_bias = g.sum(0)
+        return grad_x, grad_alpha, grad_y, grad_bias, None
+
+
+def dct_project_affine(
+    x: torch.Tensor,
+    out_features: int,
+    alpha: torch.Tensor,
+    y: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y + α·T(x) + bias for x (batch, in), the DCTpS layer's dense offset plus the rest.
+
+    T(x) is the first ``out_features`` orthonormal DCT-II coefficients of x zero-padded to
+    q = max(in, out_features). ``alpha`` is a 0-d tensor, ``y`` (batch, out_features) or
+    None, ``bias`` (out_features,) or None. On CPU float32/float64 one numba pass fuses the
+    twiddle, truncation, α, bias and the sum; elsewhere it is
+    :func:`dct_project_affine_reference`.
+    """
+    fused = (
+        x.dim() == 2 and _use_numba(x) and alpha.dtype == x.dtype
+        and (y is None or (y.dtype == x.dtype and y.device == x.device))
+        and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
+    )
+    if not fused:
+        return dct_project_affine_reference(x, out_features, alpha, y, bias)
+    return _DCTAffineFn.apply(x.contiguous(), alpha, y, bias, out_features)
