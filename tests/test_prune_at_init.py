@@ -121,6 +121,29 @@ def test_grasp_scores_match_hessian_vector_product(digits):
     torch.testing.assert_close(sc[1], w2.detach() * hg[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grasp_scores_through_the_dct_offset(dtype):
+    # GraSP on DCTpS differentiates twice through α·T(x): compare with dense α·D matrices
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 5)).to(dtype)
+    x, y = torch.randn(30, 12, dtype=dtype), torch.randint(5, (30,))
+    targets = dense_targets(model)
+    hooks = DCTOffset(targets)
+    sc = S.grasp_scores(model, targets, (x, y), temperature=3.0)
+    offsets = [hooks.offsets[n].to_dense().detach() for n, _ in targets]  # α·D (S = 0)
+    hooks.remove()
+    w = [m.weight.detach().clone().requires_grad_() for _, m in targets]
+
+    def loss(a, b):
+        h = torch.tanh(x @ (a + offsets[0]).T + model[0].bias)
+        return F.cross_entropy((h @ (b + offsets[1]).T + model[2].bias) / 3.0, y)
+
+    g = torch.autograd.grad(loss(*w), w)
+    _, hg = torch.autograd.functional.hvp(loss, tuple(w), tuple(t.detach() for t in g))
+    for s_, wi, h in zip(sc, w, hg, strict=True):
+        torch.testing.assert_close(s_, wi.detach() * h)
+
+
 def test_synflow_round_is_path_count_of_linear_net():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU(), nn.Linear(7, 3, bias=False))
