@@ -5,6 +5,10 @@ from bornsparse._lazy import lazy_module
 _TABLE = {
     "permuted_block_diagonal": "permuted",
     "permuted_block_diagonal_reference": "permuted",
+    "permuted_block_diagonal_dense_reference": "permuted",
+    "PermutedBlockDiagonalFn": "permuted",
+    "permuted_tanh_network": "permuted",
+    "permuted_tanh_network_reference": "permuted",
     "dct": "dct",
     "idct": "dct",
     "sparse_matmul": "sparse_matmul",
