@@ -165,3 +165,10 @@ def test_fused_dct_affine_gradcheck(monkeypatch):
         assert torch.autograd.gradcheck(
             lambda x, al, y, bi, m=m: D.dct_project_affine(x, m, al, y, bi), args
         )
+
+
+def test_empty_batch():
+    x = torch.zeros(0, 6, requires_grad=True)
+    assert dct(x).shape == (0, 6) and idct(x).shape == (0, 6)
+    dct(x).sum().backward()
+    assert x.grad.shape == (0, 6)

@@ -342,3 +342,13 @@ def test_fused_and_plain_dct_paths_agree_in_the_layer(monkeypatch, n_in, n_out):
         results.append([y, xx.grad] + [p.grad for p in layer.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_empty_batch_and_inference_mode(cls):
+    layer = cls(30, 20, density=0.1, seed=0)
+    assert layer(torch.zeros(0, 30)).shape == (0, 20)
+    x = torch.randn(5, 30)
+    want = layer(x).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), want)

@@ -86,6 +86,8 @@ def _use_numba(x: torch.Tensor) -> bool:
 def _dct_last(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal DCT-II along the last dim; float32/float64, any device, no autograd."""
     n = x.shape[-1]
+    if x.numel() == 0:  # MKL's FFT rejects an empty batch
+        return torch.empty_like(x)
     t = _tables(n, x.dtype, x.device)
     v = x.index_select(-1, t["reorder"])
     spec = torch.fft.rfft(v, dim=-1)  # (..., n//2 + 1)
@@ -109,6 +111,8 @@ def _dct_twiddle_reference(spec: torch.Tensor, t: dict[str, torch.Tensor]) -> to
 def _idct_last(c: torch.Tensor) -> torch.Tensor:
     """Orthonormal DCT-III (inverse of _dct_last) along the last dim."""
     n = c.shape[-1]
+    if c.numel() == 0:
+        return torch.empty_like(c)
     t = _tables(n, c.dtype, c.device)
     if _use_numba(c):
         from bornsparse.ops._dct_numba import _untake_twiddle_kernel
