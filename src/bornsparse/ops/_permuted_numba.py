@@ -369,6 +369,86 @@ def _factor_backward_from_previous(prev, w_prev, g, gin, w, p, gw, ts):
         gw[b, 1, 1] += c11
 
 
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _pair_backward2(prev, w1, p1, w2, q2, g, gin, gw1, gw2, ts):
+    """Backward of two consecutive k = 2 factors (F2 after F1) in one pass over the tile.
+
+    prev: F1's saved gathered input (row j = input row p1[j]); q2: the inverse of F2's
+    permutation (row i of F1's output is F2's gathered input row q2[i]); g: gradient w.r.t.
+    F2's output. Writes gin (gradient w.r.t. F1's input, every row once) and adds both
+    factors' weight gradients.
+
+    The loop runs over F1's blocks, the mirror of _apply_factor_pair2: F1's two output rows
+    (F2's inputs) are rebuilt in registers from the two saved rows, their gradients are
+    formed on demand from the two g rows of the F2 block that reads each, and F1's input
+    gradient rows are then complete, so they are written once with no read-modify-write.
+    Per pair: the saved rows are read once, g twice and gin written once (4 row passes for
+    two factors, instead of 7 for the two one-factor passes).
+    """
+    nb = w1.shape[0]
+    zero = gw1.dtype.type(0)
+    for b in range(nb):
+        qa = q2[2 * b]
+        qb = q2[2 * b + 1]
+        ba = qa // 2
+        ca = qa - 2 * ba
+        bb = qb // 2
+        cb = qb - 2 * bb
+        a0 = prev[2 * b]
+        a1 = prev[2 * b + 1]
+        ga0 = g[2 * ba]
+        ga1 = g[2 * ba + 1]
+        gb0 = g[2 * bb]
+        gb1 = g[2 * bb + 1]
+        e0 = gin[p1[2 * b]]
+        e1 = gin[p1[2 * b + 1]]
+        x00 = w1[b, 0, 0]
+        x01 = w1[b, 0, 1]
+        x10 = w1[b, 1, 0]
+        x11 = w1[b, 1, 1]
+        ma0 = w2[ba, 0, ca]
+        ma1 = w2[ba, 1, ca]
+        mb0 = w2[bb, 0, cb]
+        mb1 = w2[bb, 1, cb]
+        da0 = zero
+        da1 = zero
+        db0 = zero
+        db1 = zero
+        c00 = zero
+        c01 = zero
+        c10 = zero
+        c11 = zero
+        for s in range(ts):
+            u = a0[s]
+            v = a1[s]
+            h0 = x00 * u + x01 * v
+            h1 = x10 * u + x11 * v
+            y0 = ga0[s]
+            y1 = ga1[s]
+            z0 = gb0[s]
+            z1 = gb1[s]
+            da0 += y0 * h0
+            da1 += y1 * h0
+            db0 += z0 * h1
+            db1 += z1 * h1
+            f0 = ma0 * y0 + ma1 * y1
+            f1 = mb0 * z0 + mb1 * z1
+            c00 += f0 * u
+            c01 += f0 * v
+            c10 += f1 * u
+            c11 += f1 * v
+            e0[s] = x00 * f0 + x10 * f1
+            e1[s] = x01 * f0 + x11 * f1
+        gw2[ba, 0, ca] += da0
+        gw2[ba, 1, ca] += da1
+        gw2[bb, 0, cb] += db0
+        gw2[bb, 1, cb] += db1
+        gw1[b, 0, 0] += c00
+        gw1[b, 0, 1] += c01
+        gw1[b, 1, 0] += c10
+        gw1[b, 1, 1] += c11
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nthreads):
     """Backward of tiles th, th + nthreads, ...: writes their rows of grad_x, sets gw (the
@@ -395,6 +475,13 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
     buf_a = np.empty((width, tile), dtype=x.dtype)
     buf_b = np.empty((width, tile), dtype=x.dtype)
     gw[:] = 0.0
+    # inverse permutations, for the fused pair backward (each factor's output row -> the
+    # position where the next factor reads it)
+    inv = np.empty_like(perms)
+    if paired:
+        for t in range(depth):
+            for j in range(width):
+                inv[t, perms[t, j]] = j
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
@@ -415,13 +502,16 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
                 src, dst = dst, (buf_b if dst is buf_a else buf_a)
         _load_tile_transposed(grad_out, s0, ts, g_out)
         g, gin = g_out, buf_a
-        for t in range(depth - 1, -1, -1):
+        t = depth - 1
+        while t >= 0:
             if paired and t % 2 == 1:
-                _factor_backward_from_previous(gathered[t // 2], weight[t - 1], g, gin,
-                                               weight[t], perms[t], gw[t], ts)
+                _pair_backward2(gathered[t // 2], weight[t - 1], perms[t - 1], weight[t],
+                                inv[t], g, gin, gw[t - 1], gw[t], ts)
+                t -= 2
             else:
                 _factor_backward(gathered[t // 2 if paired else t], g, gin, weight[t],
                                  perms[t], gw[t], ts)
+                t -= 1
             g, gin = gin, (buf_b if gin is buf_a else buf_a)
         _store_tile_transposed(g, s0, ts, grad_x)
 
