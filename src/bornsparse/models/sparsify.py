@@ -2,35 +2,30 @@
 
 The budget density·(Σ dense weights of the chosen layers) is split across them by
 bornsparse.sparsity.allocate_nnz; each layer is rebuilt on a fresh random support (the
-DCTpS recipe: no dense training first) and keeps the original layer's bias values, device
-and dtype. The swap happens in place; the returned :class:`SparsifyReport` lists what was
-stored before and after.
+DCTpS recipe: no dense training first) and keeps the original layer's bias Parameter,
+device and dtype. Finding, filtering, building and swapping the layers is
+bornsparse.sparsity.swap's (shared with pruning at init, IMP and RigL/SET); this module adds
+the budget, the seeds and the report. The swap happens in place; the returned
+:class:`SparsifyReport` lists what was stored before and after.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from bornsparse.nn.dct_plus_sparse import DCTPlusSparseLinear
-from bornsparse.nn.sparse_conv import DCTPlusSparseConv2d, SparseConv2d
-from bornsparse.nn.sparse_linear import SparseLinear
 from bornsparse.sparsity.distributions import allocate_nnz, support_layout
+from bornsparse.sparsity.swap import (
+    LAYER_KINDS,
+    Selector,
+    dense_targets,
+    swap_in_sparse_layers,
+)
 
-METHODS = ("dctps", "sparse")
-_CLASSES = {
-    ("dctps", nn.Linear): DCTPlusSparseLinear,
-    ("dctps", nn.Conv2d): DCTPlusSparseConv2d,
-    ("sparse", nn.Linear): SparseLinear,
-    ("sparse", nn.Conv2d): SparseConv2d,
-}
-
-Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+METHODS = LAYER_KINDS  # "sparse", "dctps": the layer kinds of sparsity.swap
 
 
 @dataclass(frozen=True)
@@ -121,33 +116,6 @@ def _state_bytes(module: nn.Module) -> int:
     return total
 
 
-def _matcher(name: str, sel: Selector) -> Callable[[str, nn.Module], bool] | None:
-    if sel is None:
-        return None
-    if callable(sel):
-        return sel
-    pats = [sel] if isinstance(sel, str) else list(sel)
-    if not all(isinstance(p, str) for p in pats):
-        raise TypeError(f"{name} must be a glob string, a list of them or a callable, got {sel!r}")
-    return lambda n, _m: any(fnmatch.fnmatchcase(n, p) for p in pats)
-
-
-def _build(cls, old: nn.Module, nnz: int, support: str, seed: int) -> nn.Module:
-    w = old.weight
-    common = dict(nnz=nnz, support=support, seed=seed, device=w.device, dtype=w.dtype)
-    if isinstance(old, nn.Linear):
-        new = cls(old.in_features, old.out_features, bias=old.bias is not None, **common)
-    else:
-        new = cls(
-            old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-            old.dilation, old.groups, old.bias is not None, old.padding_mode, **common,
-        )
-    if old.bias is not None:
-        with torch.no_grad():
-            new.bias.copy_(old.bias)
-    return new
-
-
 def sparsify(
     model: nn.Module,
     *,
@@ -176,34 +144,11 @@ def sparsify(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     support = support_layout(distribution)
-    inc, exc = _matcher("include", include), _matcher("exclude", exclude)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
 
-    chosen: dict[int, tuple[str, nn.Module]] = {}
-    places: dict[int, list[tuple[nn.Module, str]]] = {}
-    # pre-order, so the report lists layers in the order a forward pass usually meets them
-    for name, child in model.named_modules(remove_duplicate=False):
-        if type(child) not in (nn.Linear, nn.Conv2d) or not name:
-            continue
-        if inc is not None and not inc(name, child):
-            continue
-        if exc is not None and exc(name, child):
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        chosen.setdefault(id(child), (name, child))
-        places.setdefault(id(child), []).append((model.get_submodule(parent_name), attr))
-    if not chosen:
-        raise ValueError(
-            "sparsify found no nn.Linear or nn.Conv2d layer to replace "
-            f"(include={include!r}, exclude={exclude!r})"
-        )
-    for name, m in chosen.values():
-        if m.weight.device.type == "meta" or isinstance(m.weight, nn.UninitializedParameter):
-            raise ValueError(f"layer {name!r} has no materialised weight; build it first")
-
+    layers = dense_targets(model, include=include, exclude=exclude)
     dense_model_bytes = _state_bytes(model)
-    layers = list(chosen.values())
     counts = allocate_nnz([tuple(m.weight.shape) for _, m in layers], density, distribution)
     gen = torch.Generator()
     if seed is None:
@@ -211,19 +156,20 @@ def sparsify(
     else:
         gen.manual_seed(seed)
     seeds = torch.randint(2**62, (len(layers),), generator=gen).tolist()
+    names = [name for name, _ in layers]
+    new = swap_in_sparse_layers(
+        model, dict(zip(names, counts, strict=True)), kind=method, support=support,
+        seeds=dict(zip(names, seeds, strict=True)),
+    )
     report = SparsifyReport(
         method=method, distribution=distribution, density=float(density),
         dense_model_bytes=dense_model_bytes,
     )
-    for (name, old), nnz, s in zip(layers, counts, seeds, strict=True):
-        kind = nn.Linear if isinstance(old, nn.Linear) else nn.Conv2d
-        new = _build(_CLASSES[(method, kind)], old, nnz, support, s)
-        for parent, attr in places[id(old)]:
-            setattr(parent, attr, new)
+    for name, old in layers:
         report.layers.append(LayerReport(
-            name=name, replaced=type(old).__name__, now=type(new).__name__,
-            shape=tuple(old.weight.shape), nnz=new.nnz, stored_bytes=_state_bytes(new),
-            dense_bytes=_state_bytes(old),
+            name=name, replaced=type(old).__name__, now=type(new[name]).__name__,
+            shape=tuple(old.weight.shape), nnz=new[name].nnz,
+            stored_bytes=_state_bytes(new[name]), dense_bytes=_state_bytes(old),
         ))
     report.sparse_model_bytes = _state_bytes(model)
     return report

@@ -1,25 +1,26 @@
 """Find prunable layers, turn index sets into bornsparse.nn sparse layers, swap them in place.
 
-This is the one place in ``sparsity/`` that knows how a dense ``nn.Linear``/``nn.Conv2d`` maps
-onto the sparse layers of ``bornsparse.nn``. A support is always described on the layer's
-*dense shape* ``(rows, cols)``: ``rows`` = out features / out channels, ``cols`` = in features,
-or the flattened ``(in_channels // groups, kh, kw)`` of a convolution, which is how the sparse
-layers index their ``values``.
-
-NOTE: ``bornsparse.models.sparsify`` performs a similar swap with random supports; models/ may
-not be imported from here (data flows ops → nn → sparsity → models), so the walking and
-swapping live here and sparsify can be folded onto :func:`swap_in_sparse_layers`.
+This is the one place that knows how a dense ``nn.Linear``/``nn.Conv2d`` maps onto the sparse
+layers of ``bornsparse.nn``: sparsity/ (pruning at init, IMP, RigL/SET) and
+``bornsparse.models.sparsify`` all walk, filter, build and swap through it. A support is always
+described on the layer's *dense shape* ``(rows, cols)``: ``rows`` = out features / out channels,
+``cols`` = in features, or the flattened ``(in_channels // groups, kh, kw)`` of a convolution,
+which is how the sparse layers index their ``values``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 LAYER_KINDS = ("sparse", "dctps")
+
+Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+"""Which layers to take: glob pattern(s) on the qualified module name ("features.*"), or a
+callable ``(name, module) -> bool``; None means no filter."""
 
 
 def _sparse_classes() -> dict[str, tuple[type, type]]:
@@ -45,63 +46,78 @@ def check_kind(kind: object) -> str:
     return str(kind)
 
 
-def _matches(name: str, patterns: Sequence[str] | str | None) -> bool:
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def as_matcher(arg: str, sel: object) -> Callable[[str, nn.Module], bool] | None:
+    """Check an include/exclude :data:`Selector` named ``arg``; return it as a predicate."""
+    if sel is None:
+        return None
+    if callable(sel):
+        return sel
+    pats = [sel] if isinstance(sel, str) else list(sel) if isinstance(sel, Iterable) else [sel]
+    if not all(isinstance(p, str) for p in pats):
+        raise TypeError(
+            f"{arg} must be a glob string, a list of them or a callable, got {sel!r}"
+        )
+    return lambda name, _mod: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+def _select(
+    model: nn.Module, accept: Callable[[nn.Module], bool], include: Selector, exclude: Selector
+) -> list[tuple[str, nn.Module]]:
+    """Accepted submodules passing include/exclude, each once, under its first passing name.
+
+    Every name a module is reachable under is tried (weight sharing), pre-order, so the order
+    is the one a forward pass usually meets the layers in. The root is never a target: it has
+    no parent to be swapped in.
+    """
+    inc, exc = as_matcher("include", include), as_matcher("exclude", exclude)
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not name or id(mod) in found or not accept(mod):
+            continue
+        if inc is not None and not inc(name, mod):
+            continue
+        if exc is not None and exc(name, mod):
+            continue
+        found[id(mod)] = (name, mod)
+    return list(found.values())
 
 
 def dense_targets(
-    model: nn.Module,
-    *,
-    include: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
+    model: nn.Module, *, include: Selector = None, exclude: Selector = None
 ) -> list[tuple[str, nn.Module]]:
-    """Dense ``nn.Linear``/``nn.Conv2d`` submodules by qualified name, in ``named_modules`` order.
+    """Dense ``nn.Linear``/``nn.Conv2d`` submodules by qualified name, in pre-order.
 
-    ``include``/``exclude`` are glob patterns on the qualified name (``"features.*"``); with
-    ``include`` given only matching layers are kept. Raises ValueError when nothing is left.
+    ``include``/``exclude``: a :data:`Selector`; with ``include`` given only matching layers
+    are kept. A module reachable under several names is listed once, under its first name
+    that passes the filters. Raises ValueError when nothing is left or a chosen layer's
+    weight is not materialised (meta device, lazy module).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    found = []
-    for name, mod in model.named_modules():
-        # exact types: subclasses of nn.Linear may carry their own weight semantics
-        if type(mod) not in (nn.Linear, nn.Conv2d):
-            continue
-        if include is not None and not _matches(name, include):
-            continue
-        if _matches(name, exclude):
-            continue
-        found.append((name, mod))
+    # exact types: subclasses of nn.Linear may carry their own weight semantics
+    # (nn.MultiheadAttention reads its out_proj weight directly)
+    found = _select(model, lambda m: type(m) in (nn.Linear, nn.Conv2d), include, exclude)
     if not found:
         raise ValueError(
-            f"model has no prunable layers (nn.Linear or nn.Conv2d) with include={include!r}, "
-            f"exclude={exclude!r}"
+            "model has no prunable layers: found no nn.Linear or nn.Conv2d with "
+            f"include={include!r}, exclude={exclude!r}"
         )
+    for name, mod in found:
+        w = mod.weight
+        if isinstance(w, nn.parameter.UninitializedParameter) or w.device.type == "meta":
+            raise ValueError(f"layer {name!r} has no materialised weight; build it first")
     return found
 
 
 def sparse_targets(
-    model: nn.Module,
-    *,
-    include: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
+    model: nn.Module, *, include: Selector = None, exclude: Selector = None
 ) -> list[tuple[str, nn.Module]]:
-    """bornsparse sparse layers (plain and DCT-plus-sparse) by qualified name; may be empty."""
+    """bornsparse sparse layers (plain and DCT-plus-sparse) by qualified name; may be empty.
+
+    Same walk and filters as :func:`dense_targets`.
+    """
     types = sparse_layer_types()
-    out = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, types):
-            continue
-        if include is not None and not _matches(name, include):
-            continue
-        if _matches(name, exclude):
-            continue
-        out.append((name, mod))
-    return out
+    return _select(model, lambda m: isinstance(m, types), include, exclude)
 
 
 def dense_shape(module: nn.Module) -> tuple[int, int]:
@@ -134,49 +150,54 @@ def indices_to_flat(indices: torch.Tensor, cols: int) -> torch.Tensor:
 
 def make_sparse_layer(
     module: nn.Module,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None = None,
     *,
     kind: str = "sparse",
     values: torch.Tensor | None = None,
     bias: bool = True,
     layer_init: bool = False,
     seed: int | None = None,
+    nnz: int | None = None,
+    support: str = "random",
 ) -> nn.Module:
-    """A sparse layer with the shape, bias and dtype of the dense ``module`` on ``indices``.
+    """A sparse layer with the shape, bias, device and dtype of the dense ``module``.
 
-    ``values`` (shape (k,)) default to the dense weight at ``indices`` — the pruning-at-init
-    convention that the kept weights are the initial ones. The bias Parameter is reused, so an
-    optimizer built on the dense model still holds it (``bias=False``: a layer without one).
-    ``layer_init=True`` ignores the dense weight and lets the sparse layer initialise its
-    values its own way (sparse fan-in Kaiming for S, zeros for the S of DCTpS) from ``seed``.
+    The support is ``indices`` ((2, k), in the dense shape), or, with ``indices=None``,
+    ``nnz`` positions the new layer draws itself from ``seed`` (``support``: "random" or
+    "per_row", see the sparse layers). ``values`` (shape (k,)) default to the dense weight at
+    ``indices`` — the pruning-at-init convention that the kept weights are the initial ones.
+    ``layer_init=True`` (implied for a drawn support) ignores the dense weight and lets the
+    sparse layer initialise its values its own way (sparse fan-in Kaiming for S, zeros for
+    the S of DCTpS) from ``seed``. The bias Parameter object is moved over, so an optimizer
+    built on the dense model still holds it (``bias=False``: a layer without one).
     """
     kind = check_kind(kind)
     lin_cls, conv_cls = _sparse_classes()[kind]
-    w = module.weight
-    if values is None and not layer_init:
-        values = weight_matrix(module).detach()[indices[0], indices[1]]
-    has_bias = bias and module.bias is not None
-    common = dict(bias=has_bias, device=w.device, dtype=w.dtype, seed=seed)
     if isinstance(module, nn.Linear):
-        new = lin_cls.from_indices(
-            module.in_features, module.out_features, indices, _copy(values), **common
-        )
+        cls, args, geometry = lin_cls, (module.in_features, module.out_features), {}
     elif isinstance(module, nn.Conv2d):
-        new = conv_cls.from_indices(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            indices,
-            _copy(values),
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            padding_mode=module.padding_mode,
-            **common,
+        cls = conv_cls
+        args = (module.in_channels, module.out_channels, module.kernel_size)
+        geometry = dict(
+            stride=module.stride, padding=module.padding, dilation=module.dilation,
+            groups=module.groups, padding_mode=module.padding_mode,
         )
     else:
         raise TypeError(f"cannot make a sparse layer from {type(module).__name__}")
+    w = module.weight
+    has_bias = bias and module.bias is not None
+    common = dict(bias=has_bias, device=w.device, dtype=w.dtype, seed=seed, support=support,
+                  **geometry)
+    if indices is None:
+        if nnz is None or values is not None:
+            raise ValueError("make_sparse_layer needs indices, or nnz without values")
+        new = cls(*args, nnz=nnz, **common)
+    else:
+        if nnz is not None:
+            raise ValueError("pass either indices or nnz to make_sparse_layer, not both")
+        if values is None and not layer_init:
+            values = weight_matrix(module).detach()[indices[0], indices[1]]
+        new = cls.from_indices(*args, indices, _copy(values), **common)
     if has_bias:
         # the same Parameter object, so an optimizer built on the dense model still holds it
         new.bias = module.bias
@@ -195,25 +216,53 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _places(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """id(submodule) -> every (parent name, attribute) it is reachable at (sharing: several)."""
+    places: dict[int, list[tuple[str, str]]] = {}
+    # not named_children(): it skips a module held twice by the same parent
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            parent_name, _, attr = name.rpartition(".")
+            places.setdefault(id(mod), []).append((parent_name, attr))
+    return places
+
+
 def swap_in_sparse_layers(
     model: nn.Module,
-    supports: dict[str, torch.Tensor],
+    supports: Mapping[str, torch.Tensor | int],
     *,
     kind: str = "sparse",
-    values: dict[str, torch.Tensor] | None = None,
+    values: Mapping[str, torch.Tensor] | None = None,
+    layer_init: bool = False,
+    seeds: Mapping[str, int] | None = None,
+    support: str = "random",
 ) -> dict[str, nn.Module]:
-    """Replace each dense layer named in ``supports`` (name -> (2, k) indices) by a sparse layer.
+    """Replace each dense layer named in ``supports`` by a sparse layer (see make_sparse_layer).
 
-    Layers are swapped one at a time, so at most one dense weight is copied at any moment.
+    ``supports``: name -> (2, k) indices, or an int k: the new layer draws k positions itself
+    (layout ``support``) and initialises its values from ``seeds[name]``. With indices, the
+    values are ``values[name]``, else the dense weight there, else (``layer_init=True``) the
+    sparse layer's own initialisation from ``seeds[name]``. A layer reachable under several
+    names (weight sharing) is replaced at every place by the one new layer. Layers are
+    swapped one at a time, so at most one dense weight is copied at any moment.
     Returns name -> new layer.
     """
     kind = check_kind(kind)
+    places = _places(model)
     new_layers = {}
-    for name, idx in supports.items():
+    for name, sup in supports.items():
         old = model.get_submodule(name)
-        v = None if values is None else values.get(name)
-        new = make_sparse_layer(old, idx, kind=kind, values=v)
-        set_submodule(model, name, new)
+        if id(old) not in places:
+            raise ValueError(f"supports must name submodules of model, got {name!r}")
+        seed = None if seeds is None else seeds.get(name)
+        if isinstance(sup, torch.Tensor):
+            v = None if values is None else values.get(name)
+            new = make_sparse_layer(old, sup, kind=kind, values=v, layer_init=layer_init,
+                                    seed=seed, support=support)
+        else:
+            new = make_sparse_layer(old, kind=kind, nnz=sup, seed=seed, support=support)
+        for parent_name, attr in places[id(old)]:
+            setattr(model.get_submodule(parent_name), attr, new)
         new_layers[name] = new
     return new_layers
 
