@@ -53,12 +53,15 @@ def test_swaps_every_layer_and_reports():
     assert "dense model" in text
 
 
-def test_method_sparse_and_bias_copied():
+def test_method_sparse_and_bias_parameter_moved():
     net = nn.Sequential(nn.Linear(20, 10), nn.Conv2d(1, 2, 1))
-    bias = net[0].bias.detach().clone()
+    biases = [net[0].bias, net[1].bias]
+    values = [b.detach().clone() for b in biases]
     sparsify(net, method="sparse", density=0.5, seed=1)
     assert type(net[0]) is SparseLinear and type(net[1]) is SparseConv2d
-    torch.testing.assert_close(net[0].bias.detach(), bias)
+    # the Parameter objects themselves: an optimizer built on the dense model still holds them
+    assert net[0].bias is biases[0] and net[1].bias is biases[1]
+    torch.testing.assert_close(net[0].bias.detach(), values[0])
 
 
 def test_seed_reproducible_and_dtype_device_kept():
@@ -83,6 +86,11 @@ def test_include_exclude_and_callable():
     net = Net()
     r = sparsify(net, density=0.3, include=lambda n, m: isinstance(m, nn.Linear), seed=0)
     assert [x.name for x in r.layers] == ["head.1", "out"]
+    net = Net()
+    r = sparsify(net, density=0.3, include="features.*",
+                 exclude=lambda n, m: m.bias is None, seed=0)
+    assert [x.name for x in r.layers] == ["features.0"]
+    assert type(net.features[2]) is nn.Conv2d
 
 
 def test_epf_lays_out_equal_per_filter():
@@ -100,6 +108,15 @@ def test_shared_layer_replaced_everywhere_once():
     r = sparsify(net, density=0.5, seed=0)
     assert len(r.layers) == 1 and net[0] is net[2]
     assert isinstance(net[0], DCTPlusSparseLinear)
+
+
+def test_shared_layer_chosen_by_any_alias_and_reported_under_it():
+    shared = nn.Linear(6, 6)
+    net = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared), nn.Linear(6, 2))
+    r = sparsify(net, density=0.5, exclude=["0", "3"], seed=0)
+    assert [x.name for x in r.layers] == ["2.0"]
+    assert net[0] is net[2][0] and isinstance(net[0], DCTPlusSparseLinear)
+    assert type(net[3]) is nn.Linear
 
 
 def test_multihead_attention_projection_left_alone():
