@@ -127,6 +127,49 @@ def test_conversion_follows_distribution_and_rebinds_optimizer():
     assert len(in_opt) == len(list(model.parameters()))
 
 
+def tied_mlp(seed=0):
+    """One nn.Linear reachable under two names ("3" and "5"): weight sharing."""
+    torch.manual_seed(seed)
+    shared = nn.Linear(32, 32)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), shared, nn.ReLU(), shared,
+                         nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("include", [None, "5", lambda name, mod: name == "5"])
+def test_shared_layer_is_replaced_everywhere(include, digits):
+    x, y, *_ = digits
+    model = tied_mlp()
+    dense_shared = model[3]
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    rigl = RigL(model, opt, density=0.2, total_steps=12, delta=3, seed=0, include=include)
+    shared = model[3]
+    assert shared is model[5] and type(shared).__name__ == "SparseLinear"
+    assert not any(m is dense_shared for m in model.modules())
+    # chosen once, under its first name passing the filter; the bias Parameter moved over
+    names = [n for n, l in rigl.layers if l is shared]
+    assert names == (["5"] if include is not None else ["3"])
+    assert shared.bias is dense_shared.bias
+    if include is not None:
+        assert type(model[1]) is nn.Linear and type(model[7]) is nn.Linear
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert sum(p is shared.values for p in held) == 1
+    assert not any(p is dense_shared.weight for p in held)
+    nnz, before = shared.nnz, shared.indices.clone()
+    run(model, opt, rigl, x, y, 2)
+    assert rigl._armed  # step 3 updates
+    # the captured dense gradient sums both uses, as autograd does for the values
+    opt.zero_grad()
+    F.cross_entropy(model(x[:16]), y[:16]).backward()
+    pairs = rigl._captures[names[0]].pairs
+    assert len(pairs) == 2
+    g = dense_gradient(shared, pairs)
+    torch.testing.assert_close(g[shared.indices[0], shared.indices[1]], shared.values.grad)
+    assert rigl.step() is False
+    run(model, opt, rigl, x, y, 9, start=3)
+    assert rigl.updates == 2 and model[3] is model[5] is shared  # t_end = 9: steps 3 and 6
+    assert shared.nnz == nnz and not torch.equal(shared.indices, before)
+
+
 # ----------------------------------------------------------------------------- invariants
 
 

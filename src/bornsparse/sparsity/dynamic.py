@@ -29,20 +29,20 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from bornsparse._checks import check_fraction, check_positive_int
 from bornsparse.sparsity.swap import (
+    Selector,
     check_kind,
+    dense_shape,
     dense_targets,
     indices_to_flat,
-    make_sparse_layer,
     rebind_optimizer,
-    set_submodule,
     sparse_targets,
+    swap_in_sparse_layers,
 )
 
 _SCALAR_STATE = ("step",)
@@ -115,8 +115,8 @@ class _DynamicSparse(ABC):
         alpha: float = 0.3,
         t_end: int | None = None,
         kind: str = "sparse",
-        include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str | None = None,
+        include: Selector = None,
+        exclude: Selector = None,
         seed: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -163,25 +163,28 @@ class _DynamicSparse(ABC):
     # ------------------------------------------------------------------ set-up
 
     def _sparsify(self, model, optimizer, density, distribution, include, exclude) -> None:
-        """Dense layers -> sparse layers on random supports of the distribution's counts."""
+        """Dense layers -> sparse layers on random supports of the distribution's counts.
+
+        Supports and per-layer init seeds are drawn here from ``self._gen``, layer by layer
+        in pre-order (support, then seed); :func:`swap_in_sparse_layers` builds the layers
+        and puts a shared layer's one replacement at every name it is reachable under.
+        """
         from bornsparse.nn._support import sample_support
         from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 
         targets = dense_targets(model, include=include, exclude=exclude)
         counts = allocate_nnz([tuple(m.weight.shape) for _, m in targets], density, distribution)
         per_row = support_layout(distribution) == "per_row"
-        swaps = {}
+        supports, seeds = {}, {}
         for (name, mod), k in zip(targets, counts, strict=True):
-            rows = mod.weight.shape[0]
-            cols = mod.weight.numel() // rows
+            rows, cols = dense_shape(mod)
             idx = sample_support(rows, cols, k, self._gen, per_row=per_row)
-            idx = idx.to(mod.weight.device)
-            layer_seed = int(torch.randint(2**62, (), generator=self._gen))
-            new = make_sparse_layer(mod, idx, kind=self.kind, layer_init=True, seed=layer_seed)
-            set_submodule(model, name, new)
-            swaps[mod.weight] = (new.values, None)
+            supports[name] = idx.to(mod.weight.device)
+            seeds[name] = int(torch.randint(2**62, (), generator=self._gen))
+        new = swap_in_sparse_layers(model, supports, kind=self.kind, layer_init=True,
+                                    seeds=seeds)
         if optimizer is not None:
-            rebind_optimizer(optimizer, swaps)
+            rebind_optimizer(optimizer, {m.weight: (new[n].values, None) for n, m in targets})
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -388,6 +391,12 @@ class RigL(_DynamicSparse):
         delta: steps between topology updates (ΔT, default 100).
         alpha: initial drop fraction (default 0.3), decayed by a cosine to 0 at ``t_end``.
         t_end: last step that may update the topology (default 75% of total_steps).
+        kind: ``"sparse"`` (SparseLinear/SparseConv2d) or ``"dctps"`` (the S of
+            DCT-plus-sparse layers), the layers ``density`` converts to.
+        include, exclude: a :data:`~bornsparse.sparsity.swap.Selector` (glob pattern(s) on
+            qualified layer names, or a callable ``(name, module) -> bool``) choosing the
+            layers converted and updated; a layer shared under several names is chosen when
+            any of them passes, and replaced at all of them.
         seed: random seed of the initial supports (and of SET's growth).
     """
 

@@ -20,7 +20,6 @@ is one copy of the model and optimizer state.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from bornsparse._checks import check_fraction, check_positive_int
 from bornsparse.sparsity import scores as S
 from bornsparse.sparsity.swap import (
     DCTOffset,
+    Selector,
     check_kind,
     dense_shape,
     dense_targets,
@@ -57,6 +57,10 @@ class IMP:
             ``min_per_layer``), ``"layer"`` prunes each layer by the same rate.
         kind: sparse layers made by :meth:`to_sparse`; ``"dctps"`` trains the dense weights as
             the S of DCT-plus-sparse layers (y = α·T(x) + S x + b, α fixed during IMP).
+        min_per_layer: floor on the weights kept per layer in global scope (default 1).
+        include, exclude: a :data:`~bornsparse.sparsity.swap.Selector` (glob pattern(s) on
+            qualified layer names, or a callable ``(name, module) -> bool``) choosing the
+            layers pruned; a layer shared under several names is chosen when any passes.
     """
 
     def __init__(
@@ -71,8 +75,8 @@ class IMP:
         scope: str = "global",
         kind: str = "sparse",
         min_per_layer: int = 1,
-        include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str | None = None,
+        include: Selector = None,
+        exclude: Selector = None,
     ) -> None:
         self.rounds = check_positive_int("rounds", rounds)
         if (prune_rate is None) == (density is None):

@@ -23,6 +23,7 @@ from bornsparse.sparsity import scores as S
 from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 from bornsparse.sparsity.swap import (
     DCTOffset,
+    Selector,
     check_kind,
     dense_shape,
     dense_targets,
@@ -108,8 +109,8 @@ def prune_at_init(
     rounds: int | None = None,
     input_shape: Sequence[int] | None = None,
     min_per_layer: int = 1,
-    include: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
+    include: Selector = None,
+    exclude: Selector = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune a dense model at initialisation into bornsparse sparse layers, in place.
 
@@ -134,7 +135,9 @@ def prune_at_init(
         input_shape: input shape without the batch dimension, for SynFlow without ``data``.
         min_per_layer: floor on the weights kept per layer in global selection (default 1,
             so no layer collapses); the report says how many entries the floor moved.
-        include, exclude: glob patterns on layer names, as in ``sparsify``.
+        include, exclude: a :data:`~bornsparse.sparsity.swap.Selector` (glob pattern(s) on
+            qualified layer names, or a callable ``(name, module) -> bool``), as in
+            ``sparsify``; a layer shared under several names is chosen when any passes.
 
     Returns:
         ``(model, report)``: the same model object with sparse layers, and a
