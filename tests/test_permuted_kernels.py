@@ -77,6 +77,24 @@ def test_dense_reference_numba_agree_forward_backward(case):
     torch.testing.assert_close(out["numba"][2], out["reference"][2], rtol=1e-11, atol=gw_scale)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6, 7])
+def test_block_size_2_fused_pair_backward_every_depth_parity(depth):
+    # k = 2 backward runs in fused factor pairs (odd depth: last factor alone), saving every
+    # other factor's input; padded input rows, dropped output rows and a partial second tile
+    weight, perms = make_operands(depth, 9, 2, seed=depth)
+    g = torch.Generator().manual_seed(100 + depth)
+    x = torch.randn(BACKWARD_TILE + 5, 11, generator=g, dtype=torch.float64)
+    gy = torch.randn(BACKWARD_TILE + 5, 13, generator=g, dtype=torch.float64)
+    out = {}
+    for backend in ("reference", "numba"):
+        xr = x.clone().requires_grad_()
+        wr = weight.clone().requires_grad_()
+        permuted_block_diagonal(xr, wr, perms, out_features=13, backend=backend).backward(gy)
+        out[backend] = (xr.grad, wr.grad)
+    for a, b in zip(out["numba"], out["reference"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("k,nblocks,depth,n_in,n_out,batch", [
     (2, 6, 4, 12, 12, 70),
     (4, 5, 3, 13, 7, 40),

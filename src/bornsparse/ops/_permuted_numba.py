@@ -11,7 +11,8 @@ Why the kernels look the way they do:
 * Backward recomputes the forward of each tile (keeping that tile's activations, every other
   factor's for k = 2, in a per-thread scratch buffer) instead of saving
   ``depth · batch · width`` activations between forward and backward: only ``x`` is saved,
-  and the scratch does not grow with the batch.
+  and the scratch does not grow with the batch. For k = 2 backward also runs in fused
+  pairs: one pass over the tile per two factors.
 * Threads take whole tiles (tiles dealt round-robin), so each thread owns its buffers and its
   partial weight gradient; the partials are summed afterwards, which keeps the result
   deterministic for a given thread count. The kernels release the GIL (``nogil``) and the
@@ -318,58 +319,6 @@ def _gather_rows(src, p, gathered, ts):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _factor_backward_from_previous(prev, w_prev, g, gin, w, p, gw, ts):
-    """_factor_backward (k = 2) for a factor whose gathered input was not saved: its input
-    rows are recomputed on demand from ``prev``, the saved gathered input of the factor
-    before it (weights ``w_prev``). Each input row is needed exactly once, so nothing is
-    computed twice; the depth-sized scratch halves."""
-    nb = w.shape[0]
-    zero = gw.dtype.type(0)
-    for b in range(nb):
-        i0 = p[2 * b]
-        i1 = p[2 * b + 1]
-        b0 = i0 // 2
-        r0 = i0 - 2 * b0
-        b1 = i1 // 2
-        r1 = i1 - 2 * b1
-        h0 = prev[2 * b0]
-        h1 = prev[2 * b0 + 1]
-        k0 = prev[2 * b1]
-        k1 = prev[2 * b1 + 1]
-        x0 = w_prev[b0, r0, 0]
-        x1 = w_prev[b0, r0, 1]
-        y0 = w_prev[b1, r1, 0]
-        y1 = w_prev[b1, r1, 1]
-        g0 = g[2 * b]
-        g1 = g[2 * b + 1]
-        e0 = gin[i0]
-        e1 = gin[i1]
-        w00 = w[b, 0, 0]
-        w01 = w[b, 0, 1]
-        w10 = w[b, 1, 0]
-        w11 = w[b, 1, 1]
-        c00 = zero
-        c01 = zero
-        c10 = zero
-        c11 = zero
-        for s in range(ts):
-            u = x0 * h0[s] + x1 * h1[s]
-            v = y0 * k0[s] + y1 * k1[s]
-            q0 = g0[s]
-            q1 = g1[s]
-            c00 += q0 * u
-            c01 += q0 * v
-            c10 += q1 * u
-            c11 += q1 * v
-            e0[s] = w00 * q0 + w10 * q1
-            e1[s] = w01 * q0 + w11 * q1
-        gw[b, 0, 0] += c00
-        gw[b, 0, 1] += c01
-        gw[b, 1, 0] += c10
-        gw[b, 1, 1] += c11
-
-
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _pair_backward2(prev, w1, p1, w2, q2, g, gin, gw1, gw2, ts):
     """Backward of two consecutive k = 2 factors (F2 after F1) in one pass over the tile.
 
@@ -456,11 +405,11 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
 
     The forward of each tile is recomputed, saving factors' gathered inputs into a per-thread
     scratch; then the factors are walked backwards. For k = 2 only every other factor's input
-    is saved ((depth + 1) // 2 slabs of (width, tile)) and the forward runs in fused pairs;
-    the unsaved inputs are rebuilt on demand in backward (_factor_backward_from_previous).
-    Other block sizes save every factor's input. (Checkpointing every √depth factors keeps
-    the scratch in L2 but costs one more forward pass; measured slower, see
-    docs/design/permuted.md.)
+    is saved ((depth + 1) // 2 slabs of (width, tile)), the forward runs in fused pairs and
+    so does the backward (_pair_backward2 rebuilds the unsaved inputs on demand); with odd
+    depth the last factor is done alone. Other block sizes save every factor's input.
+    (Checkpointing every √depth factors keeps the scratch in L2 but costs one more forward
+    pass; measured slower, see docs/design/permuted.md.)
     """
     batch = x.shape[0]
     depth = weight.shape[0]
