@@ -172,3 +172,89 @@ def test_empty_batch():
     assert dct(x).shape == (0, 6) and idct(x).shape == (0, 6)
     dct(x).sum().backward()
     assert x.grad.shape == (0, 6)
+
+
+def _sparse_case(b, n, m, nnz, seed):
+    from bornsparse.ops.sparse_matmul import build_plan, sort_support
+
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.randperm(n * m, generator=g)[:nnz]
+    idx, _ = sort_support(torch.stack((lin // n, lin % n)), (m, n))
+    ts = [torch.randn(s, dtype=torch.float64, generator=g) for s in [(b, n), (), (nnz,), (m,)]]
+    return ts, idx, build_plan(idx, (m, n))
+
+
+# (b, n, m): batch 1, odd sizes, n < m and n > m, batches spanning several blocks
+@pytest.mark.parametrize("b,n,m", [(1, 1, 1), (3, 5, 3), (37, 7, 12), (20, 12, 7),
+                                   (17, 100, 37), (33, 37, 100)])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("grads", ["all", "values_only", "x_only"])
+def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bias, grads):
+    import bornsparse.ops.dct as D
+
+    monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
+    monkeypatch.setattr(D, "_BLOCK_BYTES", 0)  # blocks of 16 samples: several per batch
+    ts, idx, plan = _sparse_case(b, n, m, max(1, n * m // 3), seed=b + n + m)
+    want_grad = {"all": [True] * 4, "values_only": [False, False, True, False],
+                 "x_only": [True, False, False, False]}[grads]
+    a = [t.clone().requires_grad_(w) for t, w in zip(ts, want_grad, strict=True)]
+    r = [t.clone().requires_grad_(w) for t, w in zip(ts, want_grad, strict=True)]
+    out = D.dct_sparse_affine(a[0], m, a[1], a[2], plan, a[3] if use_bias else None)
+    ref = D.dct_sparse_affine_reference(r[0], m, r[1], r[2], idx, r[3] if use_bias else None)
+    torch.testing.assert_close(out, ref)
+    # the reference is α·x@D + x Sᵀ + bias with D from scipy
+    q = max(n, m)
+    dmat = torch.from_numpy(scipy.fft.dct(np.eye(q), norm="ortho")[:n, :m])
+    s = torch.zeros(m, n, dtype=torch.float64)
+    s[idx[0], idx[1]] = ts[2]
+    want = ts[1] * ts[0] @ dmat + ts[0] @ s.T + (ts[3] if use_bias else 0)
+    torch.testing.assert_close(ref, want)
+    gy = torch.randn(b, m, dtype=torch.float64)
+    out.backward(gy)
+    ref.backward(gy)
+    for p, q_ in zip(a, r, strict=True):
+        if q_.grad is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, q_.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
+    # large enough that the default thresholds take the fused path, several default blocks
+    import bornsparse.ops.dct as D
+
+    b, n, m = 150, 300, 257
+    ts, idx, plan = _sparse_case(b, n, m, 500, seed=1)
+    ts = [t.to(dtype).requires_grad_() for t in ts]
+    out = D.dct_sparse_affine(ts[0], m, ts[1], ts[2], plan, ts[3])
+    x, al, v, bi = (t.detach().double() for t in ts)
+    ref = D.dct_sparse_affine_reference(x, m, al, v, idx, bi)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out.double(), ref, **tol)
+    out.sum().backward()
+    assert all(t.grad is not None for t in ts)
+
+
+def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
+    import bornsparse.ops.dct as D
+
+    monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
+    monkeypatch.setattr(D, "_BLOCK_BYTES", 0)
+    for b, n, m in [(2, 3, 5), (17, 5, 3), (1, 4, 4)]:
+        ts, idx, plan = _sparse_case(b, n, m, max(1, n * m // 2), seed=n)
+        args = [t.clone().requires_grad_() for t in ts]
+        assert torch.autograd.gradcheck(
+            lambda x, al, v, bi, m=m, plan=plan: D.dct_sparse_affine(x, m, al, v, plan, bi),
+            args,
+        )
+
+
+def test_fused_dct_sparse_affine_rejects_mismatched_plan():
+    import bornsparse.ops.dct as D
+
+    ts, _, plan = _sparse_case(2, 5, 3, 4, seed=0)
+    with pytest.raises(ValueError, match="plan and values must describe a"):
+        D.dct_sparse_affine(ts[0], 4, ts[1], ts[2], plan, None)
+    with pytest.raises(ValueError, match="plan and values must describe a"):
+        D.dct_sparse_affine(ts[0], 3, ts[1], ts[2][:3], plan, None)

@@ -352,3 +352,28 @@ def test_empty_batch_and_inference_mode(cls):
     want = layer(x).detach()
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), want)
+
+
+@pytest.mark.parametrize("n_in,n_out,batch", [(7, 12, 1), (12, 7, 37), (30, 30, 20)])
+def test_fused_layer_path_matches_reference(monkeypatch, n_in, n_out, batch):
+    # small sizes normally skip the fused CPU path (ops/dct.py); force it, in several blocks
+    import bornsparse.ops.dct as D
+
+    monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
+    monkeypatch.setattr(D, "_BLOCK_BYTES", 0)
+    a, b = (DCTPlusSparseLinear(n_in, n_out, density=0.3, init="normal", alpha=0.6,
+                                dtype=torch.float64, seed=5) for _ in range(2))
+    b.backend = "reference"
+    with torch.no_grad():
+        for m in (a, b):
+            m.bias.copy_(torch.linspace(-1, 1, n_out, dtype=torch.float64))
+    x = torch.randn(batch, 2, n_in, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa), b(xb)
+    torch.testing.assert_close(ya, yb)
+    gy = torch.randn_like(ya)
+    ya.backward(gy)
+    yb.backward(gy)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)

@@ -101,3 +101,123 @@ def _gather_scale_dot_kernel(
             gx[b, i] = alpha * u
             acc += u * x[b, i]
         dots[b] = acc
+
+
+# ---- DCT plus sparse, fused (ops/dct.py: dct_sparse_affine) ------------------------------
+# The sparse kernels (_sparse_numba) want activations transposed, (features, batch). A
+# separate transpose costs as much as the FFT, so each transpose rides along a pass that
+# reads or writes the same array anyway. These passes walk tiles of _TILE samples: within a
+# tile one feature of every sample is one contiguous run of the transposed array (a cache
+# line for float32), and the tile's rows of the batch-major arrays stay in L2.
+_TILE = 16
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _tile_to_t(src: np.ndarray, dst_t: np.ndarray, b0: int, b1: int) -> None:
+    """dst_t[i, b] = src[b, i] for the samples b0:b1, in _TILE x _TILE blocks (both in L1)."""
+    d = src.shape[1]
+    for i0 in range(0, d, _TILE):
+        i1 = min(d, i0 + _TILE)
+        for i in range(i0, i1):
+            for b in range(b0, b1):
+                dst_t[i, b] = src[b, i]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _tile_add_t(dst: np.ndarray, src_t: np.ndarray, b0: int, b1: int) -> None:
+    """dst[b, i] += src_t[i, b] for the samples b0:b1, in _TILE x _TILE blocks."""
+    d = dst.shape[1]
+    for i0 in range(0, d, _TILE):
+        i1 = min(d, i0 + _TILE)
+        for b in range(b0, b1):
+            for i in range(i0, i1):
+                dst[b, i] += src_t[i, b]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _reorder_transpose_kernel(
+    x: np.ndarray, reorder: np.ndarray, v: np.ndarray, x_t: np.ndarray
+) -> None:
+    """v[b, i] = xp[b, reorder[i]] with xp = x zero-padded to q = v.shape[1]; x_t = xᵀ.
+
+    x: (B, n); reorder: (q,) Makhoul's permutation for length q; v: (B, q); x_t: (n, B).
+    """
+    nb, n = x.shape
+    q = v.shape[1]
+    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+        b0 = ti * _TILE
+        b1 = min(nb, b0 + _TILE)
+        for b in range(b0, b1):
+            for i in range(q):
+                s = reorder[i]
+                v[b, i] = x[b, s] if s < n else 0
+        _tile_to_t(x, x_t, b0, b1)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _affine_take_t_kernel(
+    spec: np.ndarray, w: np.ndarray, n: int, alpha: float, y_t: np.ndarray, bias: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """As _affine_take_kernel, but the sparse part comes transposed: y_t (m, B)."""
+    nb, m = out.shape
+    half = spec.shape[1]
+    has_bias = bias.shape[0] > 0
+    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+        b0 = ti * _TILE
+        b1 = min(nb, b0 + _TILE)
+        for b in range(b0, b1):
+            for k in range(half):
+                a = spec[b, k, 0]
+                c = spec[b, k, 1]
+                if k < m:
+                    v = alpha * (a * w[k, 0] - c * w[k, 1])
+                    out[b, k] = v + bias[k] if has_bias else v
+                j = n - k
+                if 0 < k and j >= half and j < m:
+                    v = -alpha * (a * w[k, 1] + c * w[k, 0])
+                    out[b, j] = v + bias[j] if has_bias else v
+        _tile_add_t(out, y_t, b0, b1)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _padded_untake_t_kernel(
+    g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.ndarray, g_t: np.ndarray
+) -> None:
+    """_padded_untake_kernel, and g_t = gᵀ (m, B) when g_t has rows (else skipped)."""
+    nb, m = g.shape
+    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+        b0 = ti * _TILE
+        b1 = min(nb, b0 + _TILE)
+        for b in range(b0, b1):
+            for j in range(spec.shape[1]):
+                a = g[b, j] if j < m else 0
+                c = -g[b, n - j] if (j > 0 and n - j < m) else 0
+                spec[b, j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
+                spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
+        if g_t.shape[0] > 0:
+            _tile_to_t(g, g_t, b0, b1)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _gather_scale_dot_t_kernel(
+    v: np.ndarray, unorder: np.ndarray, x: np.ndarray, alpha: float, gs_t: np.ndarray,
+    gx: np.ndarray, dots: np.ndarray,
+) -> None:
+    """_gather_scale_dot_kernel, plus gx += gs_tᵀ when gs_t (d, B) has rows (else skipped).
+
+    gs_t is the sparse part's input gradient Sᵀ gᵀ, so gx is the layer's whole grad_x.
+    """
+    nb, d = x.shape
+    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+        b0 = ti * _TILE
+        b1 = min(nb, b0 + _TILE)
+        for b in range(b0, b1):
+            acc = dots[b] * 0
+            for i in range(d):
+                u = v[b, unorder[i]]
+                gx[b, i] = alpha * u
+                acc += u * x[b, i]
+            dots[b] = acc
+        if gs_t.shape[0] > 0:
+            _tile_add_t(gx, gs_t, b0, b1)

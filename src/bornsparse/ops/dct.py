@@ -18,6 +18,13 @@ import math
 import torch
 
 from bornsparse._checks import check_float_tensor, check_positive_int
+from bornsparse.ops.sparse_matmul import (
+    _PARALLEL_MIN_WORK,
+    SparsePlan,
+    _numba_spmm_t,
+    sparse_matmul,
+    sparse_matmul_reference,
+)
 
 # torch.fft has no half-precision CPU kernels; compute those in float32 and cast back
 _COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -299,3 +306,145 @@ def dct_project_affine(
     if not fused:
         return dct_project_affine_reference(x, out_features, alpha, y, bias)
     return _DCTAffineFn.apply(x.contiguous(), alpha, y, bias, out_features)
+
+
+def dct_sparse_affine_reference(
+    x: torch.Tensor,
+    out_features: int,
+    alpha: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """α·T(x) + x Sᵀ + bias in plain torch, S (out_features, in) given by values/indices."""
+    y = sparse_matmul_reference(x, values, indices, (out_features, x.shape[-1]))
+    return dct_project_affine_reference(x, out_features, alpha, y, bias)
+
+
+def dct_sparse_affine(
+    x: torch.Tensor,
+    out_features: int,
+    alpha: torch.Tensor,
+    values: torch.Tensor,
+    plan: SparsePlan,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """α·T(x) + x Sᵀ + bias for x (batch, in): the whole DCTpS layer in one autograd node.
+
+    ``plan`` (from :func:`~bornsparse.ops.sparse_matmul.build_plan`) describes S's support,
+    shape (out_features, in); ``values`` (nnz,) its entries; ``alpha`` a 0-d tensor; ``bias``
+    (out_features,) or None. On CPU float32/float64 the activations' transposes that the
+    sparse kernels need ride along the DCT's own passes (see ops/_dct_numba.py); elsewhere,
+    or for small inputs, it is :func:`sparse_matmul` plus :func:`dct_project_affine`.
+    """
+    if plan.shape != (out_features, x.shape[-1]) or values.shape != (plan.nnz,):
+        raise ValueError(
+            f"plan and values must describe a ({out_features}, {x.shape[-1]}) weight, got "
+            f"plan shape {plan.shape}, nnz {plan.nnz}, values {tuple(values.shape)}"
+        )
+    fused = (
+        x.dim() == 2 and _use_numba(x) and alpha.dtype == x.dtype
+        and values.dtype == x.dtype and values.device == x.device
+        and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
+    )
+    if not fused:
+        indices = torch.stack((plan.rows, plan.cols))
+        y = sparse_matmul(x, values, indices, plan.shape, plan=plan)
+        return dct_project_affine(x, out_features, alpha, y, bias)
+    return _DCTSparseAffineFn.apply(x.contiguous(), alpha, values, bias, plan, out_features)
+
+
+# Samples per block of _DCTSparseAffineFn: each pass of the layer is memory-bound on CPU, so
+# the layer runs block by block with every intermediate (about six blocks' worth) kept in
+# L2 instead of streaming whole-batch arrays through memory; smaller blocks pay Python's
+# per-call overhead more often. Measured, see docs/results/dctps_layers.md.
+_BLOCK_BYTES = 1 << 20
+
+
+def _blocks(b: int, width: int, itemsize: int) -> list[tuple[int, int]]:
+    step = max(16, (_BLOCK_BYTES // (width * itemsize)) // 16 * 16)
+    return [(i, min(b, i + step)) for i in range(0, b, step)]
+
+
+class _DCTSparseAffineFn(torch.autograd.Function):
+    """CPU fused α·T(x) + x Sᵀ + bias, block by block over samples (see _BLOCK_BYTES)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, values, bias, plan, m):
+        from bornsparse.ops import _dct_numba as k
+
+        b, n = x.shape
+        q = max(n, m)
+        t = _tables(q, x.dtype, x.device)
+        reorder, w = t["reorder"].numpy(), t["w_real"].numpy()
+        xd = x.detach()
+        vals = values.detach().contiguous()
+        bb = (bias.detach().contiguous() if bias is not None else x.new_empty(0)).numpy()
+        out = torch.empty(b, m, dtype=x.dtype)
+        x_ts = []
+        for b0, b1 in _blocks(b, q, x.element_size()):
+            v = torch.empty(b1 - b0, q, dtype=x.dtype)
+            x_t = torch.empty(n, b1 - b0, dtype=x.dtype)
+            k._reorder_transpose_kernel(xd[b0:b1].numpy(), reorder, v.numpy(), x_t.numpy())
+            spec = torch.fft.rfft(v, dim=-1)
+            y_t = _numba_spmm_t(plan.rowptr, plan.cols, vals, x_t, m)
+            k._affine_take_t_kernel(
+                torch.view_as_real(spec).numpy(), w, q, float(alpha), y_t.numpy(), bb,
+                out[b0:b1].numpy(),
+            )
+            x_ts.append(x_t)
+        ctx.save_for_backward(xd, vals, *x_ts)
+        ctx.plan, ctx.alpha, ctx.m, ctx.alpha_shape = plan, float(alpha), m, alpha.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        from bornsparse.ops import _dct_numba as k
+        from bornsparse.ops import _sparse_numba as ks
+
+        x, vals, *x_ts = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_a, need_v, need_b = ctx.needs_input_grad[:4]
+        g = g.contiguous()
+        b, n = x.shape
+        m = ctx.m
+        q = max(n, m)
+        t = _tables(q, x.dtype, x.device)
+        cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+        gx = torch.empty(b, n, dtype=x.dtype) if need_x else x.new_empty(b, 0)
+        dots = torch.zeros(b, dtype=x.dtype)
+        grad_v = torch.zeros(plan.nnz, dtype=x.dtype) if need_v else None
+        vals_csc = vals[plan.csc_perm] if need_x else None
+        for (b0, b1), x_t in zip(_blocks(b, q, x.element_size()), x_ts, strict=True):
+            gb = g[b0:b1]
+            g_t = torch.empty(m if (need_x or need_v) else 0, b1 - b0, dtype=x.dtype)
+            if need_x or need_a:
+                spec = torch.empty(b1 - b0, q // 2 + 1, dtype=cdtype)
+                k._padded_untake_t_kernel(
+                    gb.numpy(), q, torch.view_as_real(t["w_inv"]).numpy(),
+                    torch.view_as_real(spec).numpy(), g_t.numpy(),
+                )
+                v = torch.fft.irfft(spec, n=q, dim=-1)
+                if need_x:
+                    gs_t = _numba_spmm_t(plan.colptr, plan.csc_rows, vals_csc, g_t, n)
+                    gxb = gx[b0:b1]
+                else:
+                    gs_t, gxb = x.new_empty(0, b1 - b0), x.new_empty(b1 - b0, n)
+                k._gather_scale_dot_t_kernel(
+                    v.numpy(), t["unorder"].numpy(), x[b0:b1].numpy(), ctx.alpha,
+                    gs_t.numpy(), gxb.numpy(), dots[b0:b1].numpy(),
+                )
+            elif need_v:
+                g_t = gb.t().contiguous()
+            if need_v:
+                # accumulates into grad_v across blocks
+                fn = ks._sampled_dot_kernel if plan.nnz * (b1 - b0) >= _PARALLEL_MIN_WORK else (
+                    ks._sampled_dot_serial_kernel
+                )
+                fn(plan.rows.numpy(), plan.cols.numpy(), g_t.numpy(), x_t.numpy(),
+                   grad_v.numpy())
+        grad_x = gx if need_x else None
+        grad_alpha = dots.sum().reshape(ctx.alpha_shape) if need_a else None
+        grad_bias = g.sum(0) if need_b else None
+        return grad_x, grad_alpha, grad_v, grad_bias, None, None
