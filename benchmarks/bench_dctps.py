@@ -1,6 +1,12 @@
 """DCTPlusSparseLinear against dense nn.Linear: forward + backward, ratios from one run.
 
     .venv/bin/python benchmarks/bench_dctps.py --threads 2
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_dctps.py --threads 2
+
+On a machine shared with other processes, run multi-threaded timings with
+OMP_WAIT_POLICY=PASSIVE: torch's (and MKL's) OpenMP threads otherwise spin after each
+parallel region and take the cores numba's threads are waiting for (measured 5x slower,
+docs/results/dctps_layers.md). The setting is recorded in the output.
 
 Times every candidate round-robin (benchmarks/common.py) after a warm-up that keeps
 numba's compilation out, and prints one JSON line per candidate with its time and its
@@ -11,6 +17,7 @@ density 1e-4 (support drawn in O(nnz)).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -35,8 +42,10 @@ def main() -> None:
     x = torch.randn(b, n, requires_grad=True)
     dense = torch.nn.Linear(n, n)
     dctps = DCTPlusSparseLinear(n, n, density=args.density, seed=0)
-    candidates = {"dense nn.Linear": dense, "DCTPlusSparseLinear (numba)": dctps}
-    for backend in ("torch_sparse", "reference"):
+    # "auto" is the fused single-node path (ops/dct.py: dct_sparse_affine); "numba" the
+    # sparse product and the DCT as separate autograd nodes, kept for comparison
+    candidates = {"dense nn.Linear": dense, "DCTPlusSparseLinear (auto: fused)": dctps}
+    for backend in ("numba", "torch_sparse", "reference"):
         m = DCTPlusSparseLinear(n, n, density=args.density, seed=0)
         m.backend = backend
         candidates[f"DCTPlusSparseLinear ({backend})"] = m
@@ -51,7 +60,7 @@ def main() -> None:
 
     times = time_interleaved({k: step(m) for k, m in candidates.items()}, repeats=args.repeats)
     ref = times["dense nn.Linear"]
-    tag = machine_tag()
+    tag = {**machine_tag(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
     for name, t in times.items():
         print_json_line({
             "bench": "dctps_linear_fwd_bwd", "candidate": name, "features": n, "batch": b,
