@@ -73,7 +73,9 @@ def delta_table(group: dict[tuple, list[dict]]) -> tuple[str, dict[str, Any]]:
                       for r in recs if r.get("accuracy") is not None
                       and r["config"]["seed"] in dense_acc]
             if deltas:
-                cells.append(_pm(*_mean_std(deltas)) + ("*" if errs else ""))
+                # a sweep stopped early: say how many seeds a cell rests on
+                n = "" if len(deltas) == len(dense_acc) else f" (n={len(deltas)})"
+                cells.append(_pm(*_mean_std(deltas)) + n + ("*" if errs else ""))
             elif errs:
                 notes.setdefault("errors", []).append(f"{_label(m)} at P = {p:g}: {errs[0]}")
                 cells.append("n/a†")
