@@ -140,7 +140,8 @@ def _reorder_transpose_kernel(
 ) -> None:
     """v[b, i] = xp[b, reorder[i]] with xp = x zero-padded to q = v.shape[1]; x_t = xᵀ.
 
-    x: (B, n); reorder: (q,) Makhoul's permutation for length q; v: (B, q); x_t: (n, B).
+    x: (B, n); v: (B, q); x_t: (n, B). ``reorder`` (Makhoul's permutation for length q,
+    ops/dct.py) is only documentation here: the loops below compute it in closed form.
     """
     nb, n = x.shape
     q = v.shape[1]
@@ -148,9 +149,18 @@ def _reorder_transpose_kernel(
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
-            for i in range(q):
-                s = reorder[i]
-                v[b, i] = x[b, s] if s < n else 0
+            # reorder written out, v[p] = xp[2p], v[q-1-p] = xp[2p+1], so that the loops
+            # are branch-free strided copies LLVM vectorises, not a table gather
+            xb = x[b]
+            vb = v[b]
+            for p in range((n + 1) // 2):
+                vb[p] = xb[2 * p]
+            for p in range((n + 1) // 2, (q + 1) // 2):
+                vb[p] = 0
+            for p in range(n // 2):
+                vb[q - 1 - p] = xb[2 * p + 1]
+            for p in range(n // 2, q // 2):
+                vb[q - 1 - p] = 0
         _tile_to_t(x, x_t, b0, b1)
 
 
@@ -167,6 +177,18 @@ def _affine_take_t_kernel(
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
+            if m == n:
+                # no truncation: the two halves as branch-free (vectorisable) loops
+                ob = out[b]
+                sb = spec[b]
+                for k in range(half):
+                    ob[k] = alpha * (sb[k, 0] * w[k, 0] - sb[k, 1] * w[k, 1])
+                for k in range(1, n - half + 1):
+                    ob[n - k] = -alpha * (sb[k, 0] * w[k, 1] + sb[k, 1] * w[k, 0])
+                if has_bias:
+                    for k in range(m):
+                        ob[k] += bias[k]
+                continue
             for k in range(half):
                 a = spec[b, k, 0]
                 c = spec[b, k, 1]
@@ -190,6 +212,18 @@ def _padded_untake_t_kernel(
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
+            if m == n:
+                # no padding: branch-free loop
+                gb = g[b]
+                sb = spec[b]
+                sb[0, 0] = gb[0] * w_inv[0, 0]
+                sb[0, 1] = gb[0] * w_inv[0, 1]
+                for j in range(1, spec.shape[1]):
+                    a = gb[j]
+                    c = -gb[n - j]
+                    sb[j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
+                    sb[j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
+                continue
             for j in range(spec.shape[1]):
                 a = g[b, j] if j < m else 0
                 c = -g[b, n - j] if (j > 0 and n - j < m) else 0
@@ -207,17 +241,27 @@ def _gather_scale_dot_t_kernel(
     """_gather_scale_dot_kernel, plus gx += gs_tᵀ when gs_t (d, B) has rows (else skipped).
 
     gs_t is the sparse part's input gradient Sᵀ gᵀ, so gx is the layer's whole grad_x.
+    ``unorder`` (length q = v.shape[1]) is only documentation: the loops compute it.
     """
     nb, d = x.shape
+    q = v.shape[1]
     for ti in numba.prange((nb + _TILE - 1) // _TILE):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
+            # unorder in closed form (u[2p] = v[p], u[2p+1] = v[q-1-p]): strided, no gather
+            vb = v[b]
+            xb = x[b]
+            gb = gx[b]
             acc = dots[b] * 0
-            for i in range(d):
-                u = v[b, unorder[i]]
-                gx[b, i] = alpha * u
-                acc += u * x[b, i]
+            for p in range((d + 1) // 2):
+                u = vb[p]
+                gb[2 * p] = alpha * u
+                acc += u * xb[2 * p]
+            for p in range(d // 2):
+                u = vb[q - 1 - p]
+                gb[2 * p + 1] = alpha * u
+                acc += u * xb[2 * p + 1]
             dots[b] = acc
         if gs_t.shape[0] > 0:
             _tile_add_t(gx, gs_t, b0, b1)

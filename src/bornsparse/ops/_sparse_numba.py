@@ -76,3 +76,47 @@ def _sampled_dot_serial_kernel(rows, cols, gy_t, x_t, out):
         for j in range(batch):
             acc += g[j] * xr[j]
         out[e] = acc
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _spmm_t_sampled_dot_kernel(
+    colptr: np.ndarray, csc_rows: np.ndarray, vals_csc: np.ndarray, gy_t: np.ndarray,
+    x_t: np.ndarray, gx_t: np.ndarray, gv_csc: np.ndarray,
+) -> None:
+    """Both backward products in one sweep over the compressed columns:
+
+    gx_t[c, :] = Σ_{e in col c} vals_csc[e] · gy_t[csc_rows[e], :]   (grad_xᵀ = Sᵀ gyᵀ) and
+    gv_csc[e] += ⟨gy_t[csc_rows[e]], x_t[c]⟩                      (grad of the values),
+    entries in column-major order. Each row of gy_t is loaded once for both; threads split
+    the columns, so writes never collide.
+    """
+    batch = x_t.shape[1]
+    for c in numba.prange(colptr.shape[0] - 1):
+        o = gx_t[c]
+        o[:] = 0
+        xc = x_t[c]
+        for e in range(colptr[c], colptr[c + 1]):
+            v = vals_csc[e]
+            g = gy_t[csc_rows[e]]
+            acc = gv_csc[e]
+            for j in range(batch):
+                o[j] += v * g[j]
+                acc += g[j] * xc[j]
+            gv_csc[e] = acc
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _spmm_t_sampled_dot_serial_kernel(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc):
+    batch = x_t.shape[1]
+    for c in range(colptr.shape[0] - 1):
+        o = gx_t[c]
+        o[:] = 0
+        xc = x_t[c]
+        for e in range(colptr[c], colptr[c + 1]):
+            v = vals_csc[e]
+            g = gy_t[csc_rows[e]]
+            acc = gv_csc[e]
+            for j in range(batch):
+                o[j] += v * g[j]
+                acc += g[j] * xc[j]
+            gv_csc[e] = acc

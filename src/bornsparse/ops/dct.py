@@ -358,7 +358,7 @@ def dct_sparse_affine(
 # the layer runs block by block with every intermediate (about six blocks' worth) kept in
 # L2 instead of streaming whole-batch arrays through memory; smaller blocks pay Python's
 # per-call overhead more often. Measured, see docs/results/dctps_layers.md.
-_BLOCK_BYTES = 1 << 20
+_BLOCK_BYTES = 1 << 21
 
 
 def _blocks(b: int, width: int, itemsize: int) -> list[tuple[int, int]]:
@@ -416,6 +416,7 @@ class _DCTSparseAffineFn(torch.autograd.Function):
         dots = torch.zeros(b, dtype=x.dtype)
         grad_v = torch.zeros(plan.nnz, dtype=x.dtype) if need_v else None
         vals_csc = vals[plan.csc_perm] if need_x else None
+        grad_v_csc = torch.zeros(plan.nnz, dtype=x.dtype) if need_x and need_v else None
         for (b0, b1), x_t in zip(_blocks(b, q, x.element_size()), x_ts, strict=True):
             gb = g[b0:b1]
             g_t = torch.empty(m if (need_x or need_v) else 0, b1 - b0, dtype=x.dtype)
@@ -426,7 +427,16 @@ class _DCTSparseAffineFn(torch.autograd.Function):
                     torch.view_as_real(spec).numpy(), g_t.numpy(),
                 )
                 v = torch.fft.irfft(spec, n=q, dim=-1)
-                if need_x:
+                if need_x and need_v:
+                    # one sweep for grad_x's sparse part and grad_v (in column order)
+                    gs_t = torch.empty(n, b1 - b0, dtype=x.dtype)
+                    fn = ks._spmm_t_sampled_dot_kernel if (
+                        plan.nnz * (b1 - b0) >= _PARALLEL_MIN_WORK
+                    ) else ks._spmm_t_sampled_dot_serial_kernel
+                    fn(plan.colptr.numpy(), plan.csc_rows.numpy(), vals_csc.numpy(),
+                       g_t.numpy(), x_t.numpy(), gs_t.numpy(), grad_v_csc.numpy())
+                    gxb = gx[b0:b1]
+                elif need_x:
                     gs_t = _numba_spmm_t(plan.colptr, plan.csc_rows, vals_csc, g_t, n)
                     gxb = gx[b0:b1]
                 else:
@@ -437,13 +447,15 @@ class _DCTSparseAffineFn(torch.autograd.Function):
                 )
             elif need_v:
                 g_t = gb.t().contiguous()
-            if need_v:
+            if need_v and not need_x:
                 # accumulates into grad_v across blocks
                 fn = ks._sampled_dot_kernel if plan.nnz * (b1 - b0) >= _PARALLEL_MIN_WORK else (
                     ks._sampled_dot_serial_kernel
                 )
                 fn(plan.rows.numpy(), plan.cols.numpy(), g_t.numpy(), x_t.numpy(),
                    grad_v.numpy())
+        if need_x and need_v:
+            grad_v[plan.csc_perm] = grad_v_csc
         grad_x = gx if need_x else None
         grad_alpha = dots.sum().reshape(ctx.alpha_shape) if need_a else None
         grad_bias = g.sum(0) if need_b else None
