@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import types
 
 import torch
 
+import common
 from bornsparse.nn.dct_plus_sparse import DCTPlusSparseLinear
 from bornsparse.nn.sparse_linear import SparseLinear
 from common import machine_tag, print_json_line, set_threads, time_interleaved
@@ -34,7 +36,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--density", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="cpu: process CPU time, steadier than wall time on a shared machine; only "
+        "meaningful with --threads 1 (CPU time sums over threads)",
+    )
     args = p.parse_args()
+    if args.clock == "cpu":
+        # time_interleaved reads time.perf_counter through its module's global `time`
+        common.time = types.SimpleNamespace(perf_counter=time.process_time)
     set_threads(args.threads)
     torch.manual_seed(0)
     n, b = args.features, args.batch
@@ -60,7 +70,8 @@ def main() -> None:
 
     times = time_interleaved({k: step(m) for k, m in candidates.items()}, repeats=args.repeats)
     ref = times["dense nn.Linear"]
-    tag = {**machine_tag(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+    tag = {**machine_tag(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+           "clock": args.clock}
     for name, t in times.items():
         print_json_line({
             "bench": "dctps_linear_fwd_bwd", "candidate": name, "features": n, "batch": b,
