@@ -30,6 +30,9 @@ class DCTPlusSparseLinear(SparseLinear):
     Arguments as :class:`SparseLinear`; ``alpha`` is α's start value, a Parameter when
     ``train_alpha`` else a buffer. ``init`` for S: "zeros" (default, the paper's), "normal"
     (N(0, 1/f), f = nnz/out) or "kaiming" (N(0, 2/f)). Stored: values, indices, α, bias.
+    On CPU with backend "auto" the whole layer is one fused autograd node
+    (:func:`~bornsparse.ops.dct.dct_sparse_affine`); backend "numba" runs the sparse
+    product and the DCT as separate nodes.
     """
 
     def __init__(
