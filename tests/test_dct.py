@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bornsparse.ops.dct import dct, dct_matrix, idct
+from bornsparse.ops.discrete_cosine import dct, dct_matrix, idct
 
 LENGTHS = [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 64, 100, 127]
 
@@ -107,7 +107,7 @@ def test_bad_input():
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 100, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_numba_twiddle_matches_torch_reference(monkeypatch, n, dtype):
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     x = torch.randn(7, n, dtype=dtype)
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 1 << 62)
@@ -126,7 +126,7 @@ def test_numba_twiddle_matches_torch_reference(monkeypatch, n, dtype):
                                    (2, 37, 100)])
 @pytest.mark.parametrize("use_y,use_bias", [(True, True), (False, False), (True, False)])
 def test_fused_dct_affine_matches_reference(monkeypatch, b, n, m, use_y, use_bias):
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     g = torch.Generator().manual_seed(n * m)
@@ -156,7 +156,7 @@ def test_fused_dct_affine_matches_reference(monkeypatch, b, n, m, use_y, use_bia
 
 
 def test_fused_dct_affine_gradcheck(monkeypatch):
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     for n, m in [(3, 5), (5, 3), (4, 4)]:
@@ -175,7 +175,7 @@ def test_empty_batch():
 
 
 def _sparse_case(b, n, m, nnz, seed):
-    from bornsparse.ops.sparse_matmul import build_plan, sort_support
+    from bornsparse.ops.sparse_product import build_plan, sort_support
 
     g = torch.Generator().manual_seed(seed)
     lin = torch.randperm(n * m, generator=g)[:nnz]
@@ -190,7 +190,7 @@ def _sparse_case(b, n, m, nnz, seed):
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("grads", ["all", "values_only", "x_only"])
 def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bias, grads):
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     monkeypatch.setattr(D, "_BLOCK_BYTES", 0)  # blocks of 16 samples: several per batch
@@ -222,7 +222,7 @@ def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bia
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
     # large enough that the default thresholds take the fused path, several default blocks
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     b, n, m = 150, 300, 257
     ts, idx, plan = _sparse_case(b, n, m, 500, seed=1)
@@ -237,7 +237,7 @@ def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
 
 
 def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     monkeypatch.setattr(D, "_BLOCK_BYTES", 0)
@@ -251,7 +251,7 @@ def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
 
 
 def test_fused_dct_sparse_affine_rejects_mismatched_plan():
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     ts, _, plan = _sparse_case(2, 5, 3, 4, seed=0)
     with pytest.raises(ValueError, match="plan and values must describe a"):

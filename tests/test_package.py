@@ -52,3 +52,15 @@ def test_demo_runs_and_writes_table(tmp_path, capsys):
 def test_demo_rejects_bad_size(tmp_path):
     with pytest.raises(ValueError, match="--n-half must be a positive integer, got 0"):
         main(["demo", "--out", str(tmp_path), "--n-half", "0"])
+
+
+def test_name_equal_to_its_submodule_stays_the_function():
+    from bornsparse.models import sparsify
+    from bornsparse.sparsity import prune_at_init
+
+    for _ in range(2):  # the second lookup is the one a submodule binding would shadow
+        from bornsparse.models import sparsify as again
+        from bornsparse.sparsity import prune_at_init as again2
+        assert callable(again) and callable(again2)
+    assert callable(sparsify) and callable(prune_at_init)
+    assert bornsparse.sparsify is sparsify

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from bornsparse.sparsity import scores as S
-from bornsparse.sparsity.prune_at_init import prune_at_init  # see the NOTE below
+from bornsparse.sparsity.pruning_at_init import prune_at_init  # see the NOTE below
 from bornsparse.sparsity.swap import (
     DCTOffset,
     dense_targets,

@@ -5,8 +5,8 @@ import torch
 from torch.nn import functional as F
 
 from bornsparse.nn import DCTPlusSparseConv2d, SparseConv2d
-from bornsparse.ops.dct import dct
-from bornsparse.ops.sparse_matmul import check_indices
+from bornsparse.ops.discrete_cosine import dct
+from bornsparse.ops.sparse_product import check_indices
 
 CONVS = [SparseConv2d, DCTPlusSparseConv2d]
 CONFIGS = [

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from bornsparse.nn import DCTPlusSparseLinear, SparseLinear
 from bornsparse.nn._support import sample_support
-from bornsparse.ops.sparse_matmul import check_indices
+from bornsparse.ops.sparse_product import check_indices
 
 LAYERS = [SparseLinear, DCTPlusSparseLinear]
 SHAPES = [(1, 1), (5, 3), (3, 5), (8, 8), (7, 13), (13, 7)]
@@ -327,7 +327,7 @@ def test_bad_alpha():
 
 @pytest.mark.parametrize("n_in,n_out", SHAPES)
 def test_fused_and_plain_dct_paths_agree_in_the_layer(monkeypatch, n_in, n_out):
-    import bornsparse.ops.dct as D
+    import bornsparse.ops.discrete_cosine as D
 
     layer = DCTPlusSparseLinear(n_in, n_out, density=0.5, alpha=0.8, init="normal",
                                 dtype=torch.float64, seed=2)
@@ -356,8 +356,9 @@ def test_empty_batch_and_inference_mode(cls):
 
 @pytest.mark.parametrize("n_in,n_out,batch", [(7, 12, 1), (12, 7, 37), (30, 30, 20)])
 def test_fused_layer_path_matches_reference(monkeypatch, n_in, n_out, batch):
-    # small sizes normally skip the fused CPU path (ops/dct.py); force it, in several blocks
-    import bornsparse.ops.dct as D
+    # small sizes normally skip the fused CPU path (ops/discrete_cosine.py);
+    # force it, in several blocks
+    import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     monkeypatch.setattr(D, "_BLOCK_BYTES", 0)

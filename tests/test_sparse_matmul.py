@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bornsparse.ops.sparse_matmul import (
+from bornsparse.ops.sparse_product import (
     BACKENDS,
     build_plan,
     check_indices,
@@ -150,7 +150,7 @@ def test_bad_input():
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62])
 def test_parallel_and_serial_numba_kernels_agree(monkeypatch, min_work):
-    import bornsparse.ops.sparse_matmul as sm
+    import bornsparse.ops.sparse_product as sm
 
     monkeypatch.setattr(sm, "_PARALLEL_MIN_WORK", min_work)
     for rows, cols, nnz, batch in [(1, 1, 1, 1), (17, 9, 40, 5), (64, 80, 900, 33)]:

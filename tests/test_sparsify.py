@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from bornsparse.models.sparsify import SparsifyReport, sparsify
+from bornsparse.models.sparsify_model import SparsifyReport, sparsify
 from bornsparse.nn import DCTPlusSparseConv2d, DCTPlusSparseLinear, SparseConv2d, SparseLinear
 from bornsparse.sparsity import allocate_nnz
 

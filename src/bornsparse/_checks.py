@@ -16,7 +16,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_positive_int(name: str, value: object) -> int:
     """Return ``value`` as an int, or raise if it is not an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({kind})")
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)

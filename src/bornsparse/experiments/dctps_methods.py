@@ -280,7 +280,7 @@ def dense(ctx: RunContext, density: float | None) -> nn.Module:
 
 def _random(distribution: str, kind: str, *, train_alpha: bool = True):
     def method(ctx: RunContext, density: float) -> nn.Module:
-        from bornsparse.models.sparsify import sparsify
+        from bornsparse.models.sparsify_model import sparsify
 
         model = ctx.build_dense()
         report = sparsify(model, method=kind, density=density, distribution=distribution,
@@ -317,7 +317,7 @@ def _freeze_alpha(model: nn.Module) -> None:
 
 def _pai(name: str):
     def method(ctx: RunContext, density: float) -> nn.Module:
-        from bornsparse.sparsity.prune_at_init import prune_at_init
+        from bornsparse.sparsity.pruning_at_init import prune_at_init
 
         model = ctx.build_dense()
         calls = []
@@ -415,27 +415,27 @@ class Method:
 METHODS: dict[str, Method] = {
     "dense": Method(dense, "Dense", sparse=False),
     "random_uniform": Method(_random("uniform", "sparse"), "Random (Uniform)",
-                             needs=("bornsparse.models.sparsify",
+                             needs=("bornsparse.models.sparsify_model",
                                     "bornsparse.sparsity.distributions")),
     "random_epl": Method(_random("epl", "sparse"), "Random (EPL)",
-                         needs=("bornsparse.models.sparsify",
+                         needs=("bornsparse.models.sparsify_model",
                                 "bornsparse.sparsity.distributions")),
-    "snip": Method(_pai("snip"), "SNIP", needs=("bornsparse.sparsity.prune_at_init",)),
-    "grasp": Method(_pai("grasp"), "GraSP", needs=("bornsparse.sparsity.prune_at_init",)),
-    "force": Method(_pai("force"), "FORCE", needs=("bornsparse.sparsity.prune_at_init",)),
-    "synflow": Method(_pai("synflow"), "SynFlow", needs=("bornsparse.sparsity.prune_at_init",)),
+    "snip": Method(_pai("snip"), "SNIP", needs=("bornsparse.sparsity.pruning_at_init",)),
+    "grasp": Method(_pai("grasp"), "GraSP", needs=("bornsparse.sparsity.pruning_at_init",)),
+    "force": Method(_pai("force"), "FORCE", needs=("bornsparse.sparsity.pruning_at_init",)),
+    "synflow": Method(_pai("synflow"), "SynFlow", needs=("bornsparse.sparsity.pruning_at_init",)),
     "imp": Method(imp, "IMP", needs=("bornsparse.sparsity.imp",)),
     "rigl": Method(_dynamic("sparse"), "RigL (ERK)",
                    needs=("bornsparse.sparsity.dynamic", "bornsparse.sparsity.distributions")),
     "dctps": Method(_random("epl", "dctps"), "DCTpS",
-                    needs=("bornsparse.models.sparsify", "bornsparse.sparsity.distributions",
+                    needs=("bornsparse.models.sparsify_model", "bornsparse.sparsity.distributions",
                            "bornsparse.nn.dct_plus_sparse")),
     "dctps_rigl": Method(_dynamic("dctps"), "DCTpS + RigL",
                          needs=("bornsparse.sparsity.dynamic",
                                 "bornsparse.sparsity.distributions",
                                 "bornsparse.nn.dct_plus_sparse")),
     "dctps_fixed_alpha": Method(_random("epl", "dctps", train_alpha=False), "DCTpS (α = 1 fixed)",
-                                needs=("bornsparse.models.sparsify",
+                                needs=("bornsparse.models.sparsify_model",
                                        "bornsparse.sparsity.distributions",
                                        "bornsparse.nn.dct_plus_sparse")),
 }

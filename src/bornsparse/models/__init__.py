@@ -3,8 +3,8 @@
 from bornsparse._lazy import lazy_module
 
 _TABLE = {
-    "sparsify": "sparsify",
-    "SparsifyReport": "sparsify",
+    "sparsify": "sparsify_model",
+    "SparsifyReport": "sparsify_model",
     "build_model": "zoo",
     "MODELS": "zoo",
 }

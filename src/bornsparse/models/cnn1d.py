@@ -29,7 +29,7 @@ class CNN1D(nn.Module):
 
     NOTE: the convolutions are ``nn.Conv2d`` with kernel (1, k) applied to the signal viewed as
     (N, 1, 1, L), the same function as ``nn.Conv1d`` with kernel k, so that layer-swapping tools
-    (``bornsparse.models.sparsify`` handles nn.Linear and nn.Conv2d) see every layer.
+    (``bornsparse.models.sparsify_model`` handles nn.Linear and nn.Conv2d) see every layer.
     """
 
     def __init__(

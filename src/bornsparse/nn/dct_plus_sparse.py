@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bornsparse.nn.sparse_linear import SparseLinear, check_choice
-from bornsparse.ops.dct import dct, dct_matrix, dct_project_affine, dct_sparse_affine
+from bornsparse.ops.discrete_cosine import dct, dct_matrix, dct_project_affine, dct_sparse_affine
 
 
 def dct_project(x: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -31,7 +31,7 @@ class DCTPlusSparseLinear(SparseLinear):
     ``train_alpha`` else a buffer. ``init`` for S: "zeros" (default, the paper's), "normal"
     (N(0, 1/f), f = nnz/out) or "kaiming" (N(0, 2/f)). Stored: values, indices, α, bias.
     On CPU with backend "auto" the whole layer is one fused autograd node
-    (:func:`~bornsparse.ops.dct.dct_sparse_affine`); backend "numba" runs the sparse
+    (:func:`~bornsparse.ops.discrete_cosine.dct_sparse_affine`); backend "numba" runs the sparse
     product and the DCT as separate nodes.
     """
 
@@ -64,7 +64,7 @@ class DCTPlusSparseLinear(SparseLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._backend == "auto" and x2.device.type == "cpu":
-            # one autograd node for the whole layer: saves four transposes (ops/dct.py)
+            # one autograd node for the whole layer: saves four transposes (ops/discrete_cosine.py)
             out = dct_sparse_affine(
                 x2, self.out_features, self.alpha, self.values, self.plan(), self.bias
             )

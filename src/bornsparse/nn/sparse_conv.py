@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from bornsparse._checks import check_float_tensor, check_positive_int
 from bornsparse.nn.dct_plus_sparse import register_alpha
 from bornsparse.nn.sparse_linear import SparseWeightBase, _copy_given_values, check_choice
-from bornsparse.ops.dct import dct_matrix
+from bornsparse.ops.discrete_cosine import dct_matrix
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from bornsparse._checks import check_float_tensor, check_fraction, check_positive_int
 from bornsparse.nn._support import sample_support
-from bornsparse.ops.sparse_matmul import (
+from bornsparse.ops.sparse_product import (
     BACKENDS,
     SparsePlan,
     build_plan,
@@ -132,7 +132,7 @@ class SparseWeightBase(nn.Module):
 
     @property
     def backend(self) -> str:
-        """Kernel choice for the sparse product; see bornsparse.ops.sparse_matmul.BACKENDS."""
+        """Kernel choice for the sparse product; see bornsparse.ops.sparse_product.BACKENDS."""
         return self._backend
 
     @backend.setter

@@ -9,10 +9,13 @@ _TABLE = {
     "PermutedBlockDiagonalFn": "permuted",
     "permuted_tanh_network": "permuted",
     "permuted_tanh_network_reference": "permuted",
-    "dct": "dct",
-    "idct": "dct",
-    "sparse_matmul": "sparse_matmul",
-    "sparse_matmul_reference": "sparse_matmul",
+    "dct": "discrete_cosine",
+    "idct": "discrete_cosine",
+    "sparse_matmul": "sparse_product",
+    "sparse_matmul_reference": "sparse_product",
+    "dct_matrix": "discrete_cosine",
+    "dct_sparse_affine": "discrete_cosine",
+    "dct_sparse_affine_reference": "discrete_cosine",
 }
 __all__ = sorted(_TABLE)
 __getattr__, __dir__ = lazy_module(__name__, _TABLE)

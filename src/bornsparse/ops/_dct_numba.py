@@ -1,4 +1,4 @@
-"""Numba kernels fusing the DCT's twiddle with its output reordering; see ops/dct.py.
+"""Numba kernels fusing the DCT's twiddle with its output reordering; see ops/discrete_cosine.py.
 
 In plain torch the twiddle is a broadcast complex multiply, then a conjugation and a gather:
 three passes over the spectrum, each as slow as the FFT itself on CPU. Here each is one
@@ -103,7 +103,7 @@ def _gather_scale_dot_kernel(
         dots[b] = acc
 
 
-# ---- DCT plus sparse, fused (ops/dct.py: dct_sparse_affine) ------------------------------
+# ---- DCT plus sparse, fused (ops/discrete_cosine.py: dct_sparse_affine) ----------------------
 # The sparse kernels (_sparse_numba) want activations transposed, (features, batch). A
 # separate transpose costs as much as the FFT, so each transpose rides along a pass that
 # reads or writes the same array anyway. These passes walk tiles of _TILE samples: within a
@@ -141,7 +141,7 @@ def _reorder_transpose_kernel(
     """v[b, i] = xp[b, reorder[i]] with xp = x zero-padded to q = v.shape[1]; x_t = xᵀ.
 
     x: (B, n); v: (B, q); x_t: (n, B). ``reorder`` (Makhoul's permutation for length q,
-    ops/dct.py) is only documentation here: the loops below compute it in closed form.
+    ops/discrete_cosine.py) is only documentation here: the loops below compute it in closed form.
     """
     nb, n = x.shape
     q = v.shape[1]

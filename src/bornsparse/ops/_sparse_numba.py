@@ -1,4 +1,4 @@
-"""Numba kernels for y = x Sᵀ with S in compressed-row form; see ops/sparse_matmul.py.
+"""Numba kernels for y = x Sᵀ with S in compressed-row form; see ops/sparse_product.py.
 
 Every kernel works on *transposed* activations, shape (features, batch), C-contiguous: one
 nonzero then touches two contiguous rows of length batch, which LLVM turns into packed

@@ -5,9 +5,11 @@ from bornsparse._lazy import lazy_module
 _TABLE = {
     "allocate_nnz": "distributions",
     "DISTRIBUTIONS": "distributions",
+    "support_layout": "distributions",
     "RigL": "dynamic",
     "SET": "dynamic",
-    "prune_at_init": "prune_at_init",
+    "prune_at_init": "pruning_at_init",
+    "PruneReport": "pruning_at_init",
     "IMP": "imp",
 }
 __all__ = sorted(_TABLE)

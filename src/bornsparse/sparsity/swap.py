@@ -2,10 +2,10 @@
 
 This is the one place that knows how a dense ``nn.Linear``/``nn.Conv2d`` maps onto the sparse
 layers of ``bornsparse.nn``: sparsity/ (pruning at init, IMP, RigL/SET) and
-``bornsparse.models.sparsify`` all walk, filter, build and swap through it. A support is always
-described on the layer's *dense shape* ``(rows, cols)``: ``rows`` = out features / out channels,
-``cols`` = in features, or the flattened ``(in_channels // groups, kh, kw)`` of a convolution,
-which is how the sparse layers index their ``values``.
+``bornsparse.models.sparsify_model`` all walk, filter, build and swap through it. A support
+is always described on the layer's *dense shape* ``(rows, cols)``: ``rows`` = out features /
+out channels, ``cols`` = in features, or the flattened ``(in_channels // groups, kh, kw)`` of
+a convolution, which is how the sparse layers index their ``values``.
 """
 
 from __future__ import annotations

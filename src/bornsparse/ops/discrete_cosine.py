@@ -18,7 +18,7 @@ import math
 import torch
 
 from bornsparse._checks import check_float_tensor, check_positive_int
-from bornsparse.ops.sparse_matmul import (
+from bornsparse.ops.sparse_product import (
     _PARALLEL_MIN_WORK,
     SparsePlan,
     _numba_spmm_t,
@@ -331,7 +331,7 @@ def dct_sparse_affine(
 ) -> torch.Tensor:
     """α·T(x) + x Sᵀ + bias for x (batch, in): the whole DCTpS layer in one autograd node.
 
-    ``plan`` (from :func:`~bornsparse.ops.sparse_matmul.build_plan`) describes S's support,
+    ``plan`` (from :func:`~bornsparse.ops.sparse_product.build_plan`) describes S's support,
     shape (out_features, in); ``values`` (nnz,) its entries; ``alpha`` a 0-d tensor; ``bias``
     (out_features,) or None. On CPU float32/float64 the activations' transposes that the
     sparse kernels need ride along the DCT's own passes (see ops/_dct_numba.py); elsewhere,
