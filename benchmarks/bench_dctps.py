@@ -52,7 +52,7 @@ def main() -> None:
     x = torch.randn(b, n, requires_grad=True)
     dense = torch.nn.Linear(n, n)
     dctps = DCTPlusSparseLinear(n, n, density=args.density, seed=0)
-    # "auto" is the fused single-node path (ops/dct.py: dct_sparse_affine); "numba" the
+    # "auto" is the fused single-node path (ops/discrete_cosine.py: dct_sparse_affine); "numba" the
     # sparse product and the DCT as separate autograd nodes, kept for comparison
     candidates = {"dense nn.Linear": dense, "DCTPlusSparseLinear (auto: fused)": dctps}
     for backend in ("numba", "torch_sparse", "reference"):
