@@ -43,7 +43,8 @@ def test_version_and_help(capsys):
 
 
 def test_demo_runs_and_writes_table(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--n-half", "6", "--steps", "24"]) == 0
+    argv = ["demo", "--out", str(tmp_path), "--n-half", "6", "--steps", "24", "--only-table"]
+    assert main(argv) == 0
     table = (tmp_path / "demo_operators.md").read_text()
     assert "G(θ) permuted block-diag" in table and "low rank" in table and "dense" in table
     assert "| permutation |" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """``bornsparse demo``: the main job, a quick tour that prints tables and writes figures.
 
-Part one is a small operator-learning run (seed 000, §5 at reduced size): the permuted
-block-diagonal operator G(θ) against a dense layer and against a low-rank layer with as
-many parameters as G, each trained to imitate a random permutation and a low-rank matrix.
+1. A small operator-learning table (seed 000, §5 at reduced size): the permuted
+   block-diagonal operator G(θ) against a dense layer and against a low-rank layer with as
+   many parameters as G, each trained to imitate a random permutation and a low-rank matrix.
+2. ``bornsparse reproduce operators --quick``: Figures 1-4 at n = 256.
+3. ``bornsparse reproduce dctps --quick``: the DCTpS comparison on MNIST-1D, one seed.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="out", help="folder for tables and figures (default: out)")
+    parser.add_argument("--out", default="out",
+                        help="folder for tables and figures (default: out)")
     parser.add_argument("--n-half", type=int, default=128,
                         help="input = output size of the operator table (default: 128)")
     parser.add_argument("--steps", type=int, default=1500,
                         help="Adam steps per model in the operator table (default: 1500)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of targets and models (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of targets and models (default: 0)")
+    parser.add_argument("--only-table", action="store_true",
+                        help="print the operator table only, skip the two quick reproductions")
 
 
 def _baseline_models(n_half: int, width: int, depth: int, seed: int):
@@ -30,7 +36,9 @@ def _baseline_models(n_half: int, width: int, depth: int, seed: int):
     g = PermutedBlockDiagonal(n_half, n_half, width=width, depth=depth, seed=seed)
     g_params = sum(p.numel() for p in g.parameters())
     rank = max(1, round(g_params / (2 * n_half)))
-    low_rank = nn.Sequential(nn.Linear(n_half, rank, bias=False), nn.Linear(rank, n_half, bias=False))
+    low_rank = nn.Sequential(
+        nn.Linear(n_half, rank, bias=False), nn.Linear(rank, n_half, bias=False)
+    )
     dense = nn.Linear(n_half, n_half, bias=False)
     return {"G(θ) permuted block-diag": g, f"low rank r={rank}": low_rank, "dense": dense}
 
@@ -108,4 +116,28 @@ def main(args: argparse.Namespace) -> int:
     table = format_table(rows)
     print(table)
     (out / "demo_operators.md").write_text(table + "\n")
+    if args.only_table:
+        return 0
+    steps = [
+        ("operators", ["--quick", "--out", str(out / "operators")]),
+        ("dctps", ["--quick", "--out", str(out / "dctps")]),
+    ]
+    for i, (name, argv) in enumerate(steps, start=2):
+        print(f"\n[{i}] bornsparse reproduce {name} {' '.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        status = _run_experiment(name, argv)
+        print(f"[{i}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+        if status:
+            return status
+    print(f"\nTables and figures are in {out}/")
     return 0
+
+
+def _run_experiment(name: str, argv: list[str]) -> int:
+    """Run an experiment module as its CLI subcommand would, without importing the CLI."""
+    import importlib
+
+    module = importlib.import_module(f"bornsparse.experiments.{name}")
+    parser = argparse.ArgumentParser(prog=f"bornsparse reproduce {name}")
+    module.add_arguments(parser)
+    return int(module.main(parser.parse_args(argv)) or 0)
