@@ -164,5 +164,5 @@ def test_bad_input():
         sparsify(Net(), density=0.1, include=[1])
     with pytest.raises(TypeError, match="seed must be an int"):
         sparsify(Net(), density=0.1, seed=1.5)
-    with pytest.raises(ValueError, match="no materialised weight"):
-        sparsify(nn.Sequential(nn.Linear(4, 4, device="meta")), density=0.5)
+    with pytest.raises(ValueError, match="device must be a real device"):
+        sparsify(nn.Sequential(nn.Linear(4, 4, device="meta")), density=0.5, device="meta")

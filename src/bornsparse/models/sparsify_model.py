@@ -21,7 +21,10 @@ from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 from bornsparse.sparsity.swap import (
     LAYER_KINDS,
     Selector,
+    default_device,
     dense_targets,
+    has_meta,
+    materialize_meta,
     swap_in_sparse_layers,
 )
 
@@ -125,6 +128,7 @@ def sparsify(
     include: Selector = None,
     exclude: Selector = None,
     seed: int | None = None,
+    device: torch.device | str | None = None,
 ) -> SparsifyReport:
     """Replace ``model``'s nn.Linear and nn.Conv2d layers in place; return a report.
 
@@ -134,6 +138,16 @@ def sparsify(
     entries per output row). ``include``/``exclude``: glob patterns on qualified module
     names (e.g. "features.*"), or a callable (name, module) -> bool. ``seed`` fixes every
     layer's support and values.
+
+    Born sparse: ``model`` may be built on the meta device (``with torch.device("meta"):``),
+    so no dense weight is ever allocated; the sparse layers are built on ``device`` from the
+    shapes alone (their values come from their own init either way), a meta bias is drawn
+    like nn.Linear's default (U(±1/√fan_in)), and every other module still on meta
+    (BatchNorm, layers left dense) gets ``to_empty(device)`` + ``reset_parameters()``
+    (ValueError naming a meta module without one); with ``seed`` these draws are fixed too.
+    ``device`` (default: the model's non-meta device, else the CPU) is where the swapped-in
+    layers and the materialised modules live. For an already dense model, results for a seed
+    are the same as without meta support.
 
     NOTE: only exact nn.Linear / nn.Conv2d instances are swapped, not subclasses (e.g.
     nn.MultiheadAttention's out_projection reads its .weight directly). A layer reachable
@@ -147,7 +161,13 @@ def sparsify(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
 
-    layers = dense_targets(model, include=include, exclude=exclude)
+    meta = has_meta(model)
+    # a dense model keeps each layer's own device unless one is asked for
+    keep_devices = device is None and not meta
+    device = torch.device(default_device(model) if device is None else device)
+    if device.type == "meta":
+        raise ValueError(f"device must be a real device, not the meta device, got {device}")
+    layers = dense_targets(model, include=include, exclude=exclude, allow_meta=meta)
     dense_model_bytes = _state_bytes(model)
     counts = allocate_nnz([tuple(m.weight.shape) for _, m in layers], density, distribution)
     gen = torch.Generator()
@@ -160,7 +180,12 @@ def sparsify(
     new = swap_in_sparse_layers(
         model, dict(zip(names, counts, strict=True)), kind=method, support=support,
         seeds=dict(zip(names, seeds, strict=True)),
+        device=None if keep_devices else device,
     )
+    if meta:
+        # drawn after the layer seeds, so the dense path's stream is untouched
+        rest_seed = int(torch.randint(2**62, (), generator=gen))
+        materialize_meta(model, device, seed=rest_seed if seed is not None else None)
     report = SparsifyReport(
         method=method, distribution=distribution, density=float(density),
         dense_model_bytes=dense_model_bytes,

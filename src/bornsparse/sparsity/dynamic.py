@@ -37,9 +37,12 @@ from bornsparse._checks import check_fraction, check_positive_int
 from bornsparse.sparsity.swap import (
     Selector,
     check_kind,
+    default_device,
     dense_shape,
     dense_targets,
+    has_meta,
     indices_to_flat,
+    materialize_meta,
     rebind_optimizer,
     sparse_targets,
     swap_in_sparse_layers,
@@ -118,6 +121,7 @@ class _DynamicSparse(ABC):
         include: Selector = None,
         exclude: Selector = None,
         seed: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -142,7 +146,24 @@ class _DynamicSparse(ABC):
         self.model = model
         if density is not None:
             density = check_fraction("density", density)
-            self._sparsify(model, optimizer, density, distribution, include, exclude)
+            meta = has_meta(model)
+            if meta and optimizer is not None:
+                raise ValueError(
+                    "optimizer must be None for a model on the meta device (its parameters do "
+                    "not exist yet): build the optimizer from model.parameters() after this "
+                    "conversion and set it as .optimizer"
+                )
+            dev = None if device is None and not meta else torch.device(
+                default_device(model) if device is None else device)
+            if dev is not None and dev.type == "meta":
+                raise ValueError(f"device must be a real device, not the meta device, got {dev}")
+            self._sparsify(model, optimizer, density, distribution, include, exclude, dev)
+            if meta:
+                # drawn after every support and layer seed: the dense path's stream is unchanged
+                materialize_meta(model, dev,
+                                 seed=int(torch.randint(2**62, (), generator=self._gen)))
+        elif device is not None:
+            raise ValueError("device is only used with density (it places converted layers)")
         self.layers = sparse_targets(model, include=include, exclude=exclude)
         if not self.layers:
             raise ValueError(
@@ -162,7 +183,8 @@ class _DynamicSparse(ABC):
 
     # ------------------------------------------------------------------ set-up
 
-    def _sparsify(self, model, optimizer, density, distribution, include, exclude) -> None:
+    def _sparsify(self, model, optimizer, density, distribution, include, exclude,
+                  device) -> None:
         """Dense layers -> sparse layers on random supports of the distribution's counts.
 
         Supports and per-layer init seeds are drawn here from ``self._gen``, layer by layer
@@ -172,17 +194,18 @@ class _DynamicSparse(ABC):
         from bornsparse.nn._support import sample_support
         from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 
-        targets = dense_targets(model, include=include, exclude=exclude)
+        targets = dense_targets(model, include=include, exclude=exclude,
+                                allow_meta=device is not None)
         counts = allocate_nnz([tuple(m.weight.shape) for _, m in targets], density, distribution)
         per_row = support_layout(distribution) == "per_row"
         supports, seeds = {}, {}
         for (name, mod), k in zip(targets, counts, strict=True):
             rows, cols = dense_shape(mod)
             idx = sample_support(rows, cols, k, self._gen, per_row=per_row)
-            supports[name] = idx.to(mod.weight.device)
+            supports[name] = idx.to(mod.weight.device if device is None else device)
             seeds[name] = int(torch.randint(2**62, (), generator=self._gen))
         new = swap_in_sparse_layers(model, supports, kind=self.kind, layer_init=True,
-                                    seeds=seeds)
+                                    seeds=seeds, device=device)
         if optimizer is not None:
             rebind_optimizer(optimizer, {m.weight: (new[n].values, None) for n, m in targets})
 
@@ -398,6 +421,14 @@ class RigL(_DynamicSparse):
             layers converted and updated; a layer shared under several names is chosen when
             any of them passes, and replaced at all of them.
         seed: random seed of the initial supports (and of SET's growth).
+        device: with ``density``, where the converted layers live (default: each dense
+            layer's device). Born sparse: the model may be built on the meta device (no dense
+            weight ever allocated); the sparse layers are then built on ``device`` (default:
+            the model's non-meta device, else the CPU), meta biases drawn like nn.Linear's
+            default, and the remaining meta modules (BatchNorm, ...) get ``to_empty`` +
+            ``reset_parameters()``, all from ``seed``. The meta model's parameters do not
+            exist before, so ``optimizer`` must then be None: build it from
+            ``model.parameters()`` afterwards and set ``.optimizer``.
     """
 
     grows_by_gradient = True

@@ -11,6 +11,7 @@ a convolution, which is how the sparse layers index their ``values``.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -83,14 +84,19 @@ def _select(
 
 
 def dense_targets(
-    model: nn.Module, *, include: Selector = None, exclude: Selector = None
+    model: nn.Module,
+    *,
+    include: Selector = None,
+    exclude: Selector = None,
+    allow_meta: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """Dense ``nn.Linear``/``nn.Conv2d`` submodules by qualified name, in pre-order.
 
     ``include``/``exclude``: a :data:`Selector`; with ``include`` given only matching layers
     are kept. A module reachable under several names is listed once, under its first name
     that passes the filters. Raises ValueError when nothing is left or a chosen layer's
-    weight is not materialised (meta device, lazy module).
+    weight is not materialised (lazy module; meta device unless ``allow_meta``: callers that
+    build the sparse layers from shapes alone accept meta weights).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -104,7 +110,9 @@ def dense_targets(
         )
     for name, mod in found:
         w = mod.weight
-        if isinstance(w, nn.parameter.UninitializedParameter) or w.device.type == "meta":
+        if isinstance(w, nn.parameter.UninitializedParameter) or (
+            w.device.type == "meta" and not allow_meta
+        ):
             raise ValueError(f"layer {name!r} has no materialised weight; build it first")
     return found
 
@@ -159,6 +167,7 @@ def make_sparse_layer(
     seed: int | None = None,
     nnz: int | None = None,
     support: str = "random",
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """A sparse layer with the shape, bias, device and dtype of the dense ``module``.
 
@@ -170,6 +179,11 @@ def make_sparse_layer(
     sparse layer initialise its values its own way (sparse fan-in Kaiming for S, zeros for
     the S of DCTpS) from ``seed``. The bias Parameter object is moved over, so an optimizer
     built on the dense model still holds it (``bias=False``: a layer without one).
+
+    ``device``: where the new layer lives (default: the dense weight's). A ``module`` on the
+    meta device (shapes only, nothing allocated) needs ``device`` and a self-initialised layer
+    (``nnz``, or ``layer_init=True``); its meta bias is drawn afresh on ``device`` like
+    nn.Linear/nn.Conv2d's default, U(±1/√fan_in) with the dense fan-in, from ``seed``.
     """
     kind = check_kind(kind)
     lin_cls, conv_cls = _sparse_classes()[kind]
@@ -185,8 +199,20 @@ def make_sparse_layer(
     else:
         raise TypeError(f"cannot make a sparse layer from {type(module).__name__}")
     w = module.weight
+    on_meta = w.device.type == "meta"
+    device = w.device if device is None else torch.device(device)
+    if device.type == "meta":
+        raise ValueError(
+            "make_sparse_layer needs a real device for a layer on the meta device, got "
+            f"device={device}"
+        )
+    if on_meta and values is None and indices is not None and not layer_init:
+        raise ValueError(
+            "a meta-device layer has no dense weight to copy values from: pass values, or "
+            "layer_init=True"
+        )
     has_bias = bias and module.bias is not None
-    common = dict(bias=has_bias, device=w.device, dtype=w.dtype, seed=seed, support=support,
+    common = dict(bias=has_bias, device=device, dtype=w.dtype, seed=seed, support=support,
                   **geometry)
     if indices is None:
         if nnz is None or values is not None:
@@ -197,16 +223,96 @@ def make_sparse_layer(
             raise ValueError("pass either indices or nnz to make_sparse_layer, not both")
         if values is None and not layer_init:
             values = weight_matrix(module).detach()[indices[0], indices[1]]
-        new = cls.from_indices(*args, indices, _copy(values), **common)
+        new = cls.from_indices(*args, indices.to(device), _copy(values, device), **common)
     if has_bias:
-        # the same Parameter object, so an optimizer built on the dense model still holds it
-        new.bias = module.bias
+        b = module.bias
+        if b.device.type == "meta":
+            new.bias = nn.Parameter(_default_bias(b, dense_shape(module)[1], seed, device),
+                                    requires_grad=b.requires_grad)
+        elif b.device == device:
+            # the same Parameter object, so an optimizer built on the dense model still holds it
+            new.bias = b
+        else:
+            new.bias = nn.Parameter(b.detach().to(device), requires_grad=b.requires_grad)
     new.train(module.training)
     return new
 
 
-def _copy(values: torch.Tensor | None) -> torch.Tensor | None:
-    return None if values is None else values.detach().clone()
+def _default_bias(
+    bias: torch.Tensor, fan_in: int, seed: int | None, device: torch.device
+) -> torch.Tensor:
+    """nn.Linear/nn.Conv2d's default bias init, U(-1/√fan_in, 1/√fan_in), drawn from ``seed``.
+
+    Drawn on a CPU generator (seeded apart from the layer's own draws) and moved, so a seed
+    gives the same bias on every device.
+    """
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed((int(seed) ^ 0xB1A5) % 2**63)
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    b = torch.empty(bias.shape, dtype=bias.dtype).uniform_(-bound, bound, generator=gen)
+    return b.to(device)
+
+
+def default_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first non-meta parameter or buffer, else the CPU."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def has_meta(model: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``model`` is on the meta device."""
+    return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+
+
+def materialize_meta(
+    model: nn.Module, device: torch.device | str, *, seed: int | None = None
+) -> list[str]:
+    """Give every module still holding meta parameters/buffers real, freshly initialised ones.
+
+    Each such module gets ``to_empty(device=..., recurse=False)`` then its own
+    ``reset_parameters()`` (BatchNorm: weight 1, bias 0, running stats reset; nn.Linear: its
+    default init from the global RNG). Children come before their parent, so a parent's
+    reset (which may re-initialise its children, e.g. nn.MultiheadAttention) has the last
+    word, as in an ordinary construction. Raises ValueError naming a meta module without
+    ``reset_parameters`` (its values could not be recreated honestly). ``seed``: the global
+    RNG (which reset_parameters draws from) is seeded with it for these draws and restored
+    afterwards; None: drawn from the global RNG as it is. Returns the names.
+    """
+    device = torch.device(device)
+    todo = []
+    for name, mod in model.named_modules():
+        own = (*mod.parameters(recurse=False), *mod.buffers(recurse=False))
+        if any(t.device.type == "meta" for t in own):
+            if not callable(getattr(mod, "reset_parameters", None)):
+                raise ValueError(
+                    f"module {name or '<root>'!r} ({type(mod).__name__}) has meta-device "
+                    "parameters or buffers and no reset_parameters() to initialise them; "
+                    "build it on a real device"
+                )
+            todo.append((name, mod))
+    if seed is None:
+        _reset_all(todo, device)
+    else:
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            _reset_all(todo, device)
+    return [name for name, _ in todo]
+
+
+def _reset_all(todo: list[tuple[str, nn.Module]], device: torch.device) -> None:
+    for _name, mod in reversed(todo):
+        mod.to_empty(device=device, recurse=False)
+        mod.reset_parameters()
+
+
+def _copy(values: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if values is None else values.detach().to(device, copy=True)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -236,6 +342,7 @@ def swap_in_sparse_layers(
     layer_init: bool = False,
     seeds: Mapping[str, int] | None = None,
     support: str = "random",
+    device: torch.device | str | None = None,
 ) -> dict[str, nn.Module]:
     """Replace each dense layer named in ``supports`` by a sparse layer (see make_sparse_layer).
 
@@ -245,6 +352,8 @@ def swap_in_sparse_layers(
     sparse layer's own initialisation from ``seeds[name]``. A layer reachable under several
     names (weight sharing) is replaced at every place by the one new layer. Layers are
     swapped one at a time, so at most one dense weight is copied at any moment.
+    ``device``: where the new layers live (default: each dense weight's); needed for layers
+    on the meta device, which are built from their shapes alone (see make_sparse_layer).
     Returns name -> new layer.
     """
     kind = check_kind(kind)
@@ -258,9 +367,10 @@ def swap_in_sparse_layers(
         if isinstance(sup, torch.Tensor):
             v = None if values is None else values.get(name)
             new = make_sparse_layer(old, sup, kind=kind, values=v, layer_init=layer_init,
-                                    seed=seed, support=support)
+                                    seed=seed, support=support, device=device)
         else:
-            new = make_sparse_layer(old, kind=kind, nnz=sup, seed=seed, support=support)
+            new = make_sparse_layer(old, kind=kind, nnz=sup, seed=seed, support=support,
+                                    device=device)
         for parent_name, attr in places[id(old)]:
             setattr(model.get_submodule(parent_name), attr, new)
         new_layers[name] = new
