@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from bornsparse.models.sparsify_model import SparsifyReport, sparsify
 from bornsparse.nn import DCTPlusSparseConv2d, DCTPlusSparseLinear, SparseConv2d, SparseLinear
@@ -166,3 +168,141 @@ def test_bad_input():
         sparsify(Net(), density=0.1, seed=1.5)
     with pytest.raises(ValueError, match="device must be a real device"):
         sparsify(nn.Sequential(nn.Linear(4, 4, device="meta")), density=0.5, device="meta")
+
+
+# ---------------------------------------------------------------------------------------
+# Born sparse: models built on the meta device, never materialised dense
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op produces on a real (non-meta) device."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def meta_mlp():
+    with torch.device("meta"):
+        return nn.Sequential(nn.Flatten(), nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+
+
+def meta_convnet():
+    with torch.device("meta"):
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Flatten(), nn.Linear(16 * 8 * 8, 40), nn.ReLU(), nn.Linear(40, 10),
+        )
+
+
+def _dense_numels(model):
+    return [m.weight.numel() for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("method", ["sparse", "dctps"])
+@pytest.mark.parametrize("build, x_shape", [(meta_mlp, (3, 300)), (meta_convnet, (3, 3, 8, 8))])
+def test_meta_model_is_built_sparse_without_dense_weights(method, build, x_shape):
+    model = build()
+    numels = _dense_numels(model)
+    shapes = [m.weight.shape for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    with _LargestAllocation() as seen:
+        report = sparsify(model, method=method, density=0.1, seed=0)
+    # nothing as large as the largest dense weight was ever allocated: only O(nnz) tensors
+    assert seen.largest < max(numels)
+    assert seen.largest <= 2 * report.total_nnz  # the (2, nnz) indices of one layer
+    assert not [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    counts = allocate_nnz([tuple(s) for s in shapes], 0.1, "epl")
+    assert [r.nnz for r in report.layers] == counts
+    assert report.total_nnz == round(0.1 * sum(numels))
+    sparse = [m for m in model.modules() if hasattr(m, "values")]
+    assert [m.values.numel() for m in sparse] == counts
+    assert [tuple(m.indices.shape) for m in sparse] == [(2, k) for k in counts]
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # materialised by its own reset_parameters
+            assert torch.equal(m.weight, torch.ones(16)) and int(m.num_batches_tracked) == 0
+            assert torch.equal(m.running_var, torch.ones(16))
+    y = model(torch.randn(x_shape))
+    assert y.shape == (3, 10) and bool(torch.isfinite(y).all())
+    y.sum().backward()
+    for r, m in zip(report.layers, [m for m in model.modules() if hasattr(m, "values")],
+                    strict=True):
+        if m.bias is not None:  # nn.Linear's default bias init, with the dense fan-in
+            bound = 1 / math.sqrt(math.prod(r.shape[1:]))
+            b = m.bias.detach().abs()
+            assert float(b.max()) <= bound and float(b.min()) > 0
+
+
+@pytest.mark.parametrize("method", ["sparse", "dctps"])
+def test_meta_model_is_reproducible_and_matches_the_dense_paths_supports(method):
+    def run(model):
+        sparsify(model, method=method, density=0.2, distribution="erk", seed=11)
+        return model.state_dict()
+
+    a, b = run(meta_convnet()), run(meta_convnet())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    dense = meta_convnet().to_empty(device="cpu")
+    for m in dense.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    d = run(dense)
+    # the layers' supports and values come from the seed alone, dense weight or not
+    for k in a:
+        if k.endswith(("values", "indices", "alpha")):
+            assert torch.equal(a[k], d[k]), k
+
+
+def test_meta_device_argument_and_errors():
+    model = meta_mlp()
+    sparsify(model, method="sparse", density=0.1, seed=0, device="cpu")
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+
+    class Scaled(nn.Module):  # own meta parameter, no reset_parameters: cannot be recreated
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    with torch.device("meta"):
+        bad = nn.Sequential(Scaled())
+    with pytest.raises(ValueError, match=r"module '0' \(Scaled\) has meta-device"):
+        sparsify(bad, density=0.5, seed=0)
+    with pytest.raises(ValueError, match="device must be a real device"):
+        sparsify(meta_mlp(), density=0.5, device="meta")
+
+
+def test_meta_layers_left_dense_are_materialised_from_the_seed():
+    def run():
+        model = meta_mlp()
+        sparsify(model, density=0.1, seed=4, exclude="3")
+        return model
+
+    a, b = run(), run()
+    assert type(a[3]) is nn.Linear and a[3].weight.device.type == "cpu"
+    assert torch.equal(a[3].weight, b[3].weight)
+    assert float(a[3].weight.detach().abs().max()) <= 1 / math.sqrt(200)
+
+
+def test_huge_meta_linear_is_stored_as_its_nonzeros():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(65536, 65536))  # 16 GiB dense in float32
+    report = sparsify(model, method="sparse", density=1e-4, seed=0)
+    layer = model[0]
+    assert isinstance(layer, SparseLinear) and layer.nnz == round(1e-4 * 65536**2)
+    bias_bytes = 65536 * 4
+    # 4 B per value + two int64 indices per entry
+    assert report.stored_bytes - bias_bytes == layer.nnz * 20
+    assert report.dense_bytes == (65536**2 + 65536) * 4
+    y = model(torch.ones(1, 65536))
+    assert bool(torch.isfinite(y).all())
