@@ -411,3 +411,47 @@ def test_step_without_optimizer_or_gradient_raises(digits):
         model(x[:8])
     with pytest.raises(RuntimeError, match="found no gradient"):
         rigl.step()
+
+
+def meta_convnet_bn():
+    with torch.device("meta"):
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64, 10),
+        )
+
+
+@pytest.mark.parametrize("cls", [RigL, SET])
+@pytest.mark.parametrize("kind", ["sparse", "dctps"])
+def test_meta_model_is_converted_born_sparse_and_trains(cls, kind, digits):
+    x, y, _, _ = digits
+    with pytest.raises(ValueError, match="optimizer must be None for a model on the meta"):
+        cls(meta_convnet_bn(), torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1),
+            density=0.2, total_steps=20, kind=kind)
+    model = meta_convnet_bn()
+    sched = cls(model, None, density=0.2, total_steps=20, delta=4, seed=3, kind=kind)
+    assert not [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    assert torch.equal(model[1].weight, torch.ones(8))  # BatchNorm's own reset_parameters
+    # the supports and values come from the seed alone: as for the same net built dense
+    dense = meta_convnet_bn().to_empty(device="cpu")
+    for m in dense.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    cls(dense, None, density=0.2, total_steps=20, delta=4, seed=3, kind=kind)
+    for (_, a), (_, b) in zip(sparse_targets(model), sparse_targets(dense), strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+    nnz = [layer.nnz for _, layer in sparse_targets(model)]
+    assert sum(nnz) == sum(allocate_nnz([(8, 9), (16, 72), (10, 64)], 0.2, "erk"))
+    # the optimizer is built from the converted model and bound afterwards
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched.optimizer = opt
+    run(model, opt, sched, x, y, 12)
+    assert sched.updates > 0
+    assert [layer.nnz for _, layer in sparse_targets(model)] == nnz
+    assert bool(torch.isfinite(model(x[:4])).all())
+
+
+def test_device_needs_density():
+    with pytest.raises(ValueError, match="device is only used with density"):
+        RigL(make(RigL)[0], None, total_steps=10, device="cpu")

@@ -9,8 +9,11 @@ from torch import nn
 from bornsparse.nn import DCTPlusSparseConv2d, DCTPlusSparseLinear, SparseConv2d, SparseLinear
 from bornsparse.sparsity.swap import (
     as_matcher,
+    default_device,
     dense_targets,
+    has_meta,
     make_sparse_layer,
+    materialize_meta,
     sparse_targets,
     swap_in_sparse_layers,
     weight_matrix,
@@ -198,3 +201,56 @@ def test_swap_indices_values_and_layer_init():
     ]
     assert torch.equal(runs[0].values, runs[1].values)
     assert not torch.equal(runs[0].values.detach(), w2[idx[0], idx[1]])
+
+
+def test_meta_layers_are_built_from_their_shapes_on_a_device():
+    with torch.device("meta"):
+        lin, conv = nn.Linear(12, 5), nn.Conv2d(4, 6, 3, groups=2)
+    with pytest.raises(ValueError, match="needs a real device"):
+        make_sparse_layer(lin, nnz=7, seed=0)
+    idx = torch.tensor([[0, 4], [3, 11]])
+    with pytest.raises(ValueError, match="no dense weight to copy values from"):
+        make_sparse_layer(lin, idx, device="cpu")
+    a = make_sparse_layer(lin, nnz=7, seed=0, device="cpu")
+    b = make_sparse_layer(lin, nnz=7, seed=0, device="cpu")
+    assert isinstance(a, SparseLinear) and a.values.device.type == "cpu" and a.nnz == 7
+    assert torch.equal(a.bias, b.bias) and float(a.bias.detach().abs().max()) <= 1 / 12**0.5
+    c = make_sparse_layer(conv, idx, kind="dctps", layer_init=True, seed=1, device="cpu")
+    assert isinstance(c, DCTPlusSparseConv2d) and torch.equal(c.indices, idx)
+    assert float(c.bias.detach().abs().max()) <= 1 / (2 * 9) ** 0.5  # dense fan-in 2·3·3
+    assert dense_targets(nn.Sequential(lin), allow_meta=True)[0][1] is lin
+
+
+class _Gated(nn.Module):
+    """Own parameter plus a child whose bias its reset_parameters overrides."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(4))
+        self.proj = nn.Linear(4, 4)
+
+    def reset_parameters(self):
+        nn.init.normal_(self.gate)
+        nn.init.zeros_(self.proj.bias)
+
+
+def test_materialize_meta_resets_children_before_parents_from_the_seed():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Gated())
+    assert has_meta(model) and default_device(model) == torch.device("cpu")
+    names = materialize_meta(model, "cpu", seed=5)
+    assert not has_meta(model) and set(names) == {"0", "1", "2", "2.proj"}
+    # the parent's reset has the last word, as in an ordinary construction
+    assert torch.equal(model[2].proj.bias, torch.zeros(4))
+    assert torch.equal(model[1].running_var, torch.ones(4))
+    with torch.device("meta"):
+        again = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Gated())
+    materialize_meta(again, "cpu", seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
+    state = torch.random.get_rng_state()
+    with torch.device("meta"):
+        third = nn.Sequential(nn.Linear(3, 4))
+    materialize_meta(third, "cpu", seed=6)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is restored
+    assert default_device(model) == torch.device("cpu")
