@@ -250,3 +250,27 @@ def test_delta_table_pairs_seeds_and_reports_mean_and_std():
     assert notes["seeds"] == 2
     text = markdown_report(recs)
     assert "Dense test accuracy 85.0% ± 7.1" in text
+
+
+def test_born_sparse_methods_never_hold_the_dense_model_at_init():
+    dense_weight_bytes = 4 * (64 * 24 + 24 * 10)  # digits (64 inputs) -> 24 -> 10
+    peaks = {}
+    for name in ("random_epl", "dctps", "rigl", "snip"):
+        ctx = _ctx()
+        run_method(name, ctx, 0.05)
+        peaks[name] = ctx.memory.peaks["init"]
+    # born sparse: values, indices, biases (and α) only; pruning at init scores the dense net
+    for name in ("random_epl", "dctps", "rigl"):
+        assert 0 < peaks[name] < dense_weight_bytes / 2, (name, peaks)
+    assert peaks["snip"] >= dense_weight_bytes
+
+
+@pytest.mark.parametrize("name", ["random_uniform", "dctps_rigl"])
+def test_born_sparse_methods_are_reproducible_per_seed(name):
+    a, acc_a = run_method(name, _ctx(seed=2), 0.1)
+    b, acc_b = run_method(name, _ctx(seed=2), 0.1)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert acc_a == acc_b
+    c, _ = run_method(name, _ctx(seed=3), 0.1)
+    assert not all(torch.equal(sa[k], v) for k, v in c.state_dict().items())

@@ -11,8 +11,10 @@ Python process holds (found with ``gc.get_objects()``), minus those alive before
 rewind copy, pruning scores and masks held while scoring, sparse-matmul plans; it does not
 see tensors that live only inside autograd graphs (activations saved for backward), which
 are the same for every method at a given batch size (hidden representations are dense for
-all of them). Samples are taken at fixed moments: ``init`` when the dense model is built
-(every method builds it: ``sparsify`` and RigL convert a materialised dense model), inside
+all of them). Samples are taken at fixed moments: ``init`` when the model is built (a
+materialised dense one for the dense baseline, pruning at init and IMP; on the meta device,
+so nothing dense is ever allocated, for the born-sparse methods: random, DCTpS, RigL/SET,
+which ``sparsify``/``RigL(density=...)`` build from shapes alone), inside
 the first two scoring passes of SNIP/GraSP/FORCE, and when the network to be trained is
 ready; ``training`` after the first optimizer step of each training run (parameters,
 gradients and optimizer state alive; every later step looks alike), after each IMP prune,
@@ -156,6 +158,25 @@ class RunContext:
         self.memory.sample("init")
         return model
 
+    def build_meta(self) -> tuple[nn.Module, torch.device]:
+        """The model on the meta device (shapes only) and the device to materialise it on.
+
+        For the born-sparse methods: ``sparsify``/``RigL(density=...)`` build the sparse
+        layers there from the shapes, so no dense weight is ever allocated. The global RNG is
+        seeded as in :meth:`build_dense`; those calls take ``seed=self.seed``, so a run is
+        reproducible per seed.
+        """
+        from bornsparse.models import build_model
+
+        kwargs = dict(self.model_kwargs)
+        device = torch.device(kwargs.pop("device", None) or "cpu")
+        torch.manual_seed(self.seed)
+        with torch.device("meta"):
+            model = build_model(self.model_name, num_classes=self.splits.num_classes,
+                                input_shape=self.splits.input_shape, device="meta", **kwargs)
+        self.memory.sample("init")
+        return model, device
+
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam or SGD (momentum, weight decay) on the trainable parameters of ``model``."""
         cfg = self.train_cfg
@@ -282,9 +303,9 @@ def _random(distribution: str, kind: str, *, train_alpha: bool = True):
     def method(ctx: RunContext, density: float) -> nn.Module:
         from bornsparse.models.sparsify_model import sparsify
 
-        model = ctx.build_dense()
+        model, device = ctx.build_meta()
         report = sparsify(model, method=kind, density=density, distribution=distribution,
-                          seed=ctx.seed)
+                          seed=ctx.seed, device=device)
         ctx.info["nnz"] = _report_nnz(report, model)
         if not train_alpha:
             _freeze_alpha(model)
@@ -369,7 +390,7 @@ def _dynamic(kind: str, cls_name: str = "RigL"):
     def method(ctx: RunContext, density: float) -> nn.Module:
         from bornsparse import sparsity
 
-        model = ctx.build_dense()
+        model, device = ctx.build_meta()
         total = ctx.total_steps
         t_end = max(1, int(0.75 * total))
         # about 15 topology updates before t_end, as RigL's ΔT = 100 gives on its CIFAR runs
@@ -377,7 +398,7 @@ def _dynamic(kind: str, cls_name: str = "RigL"):
         delta = max(1, t_end // 15)
         dyn = getattr(sparsity, cls_name)(
             model, None, total_steps=total, density=density, distribution="erk",
-            delta=delta, t_end=t_end, kind=kind, seed=ctx.seed,
+            delta=delta, t_end=t_end, kind=kind, seed=ctx.seed, device=device,
         )
         ctx.info["nnz"] = _report_nnz(None, model)
         ctx.info["rigl_delta"] = delta
