@@ -6,7 +6,7 @@
 On a machine shared with other processes, run multi-threaded timings with
 OMP_WAIT_POLICY=PASSIVE: torch's (and MKL's) OpenMP threads otherwise spin after each
 parallel region and take the cores numba's threads are waiting for (measured 5x slower,
-docs/results/dctps_layers.md). The setting is recorded in the output.
+docs/results.md). The setting is recorded in the output.
 
 Times every candidate round-robin (benchmarks/common.py) after a warm-up that keeps
 numba's compilation out, and prints one JSON line per candidate with its time and its

@@ -4,7 +4,7 @@ Every built-in target is a square ``(m, m)`` float tensor with ``m = n / 2`` (th
 width is ``n``). Each is scaled so that a row has squared norm about 1; with x ~ N(0, I)
 the zero map therefore scores an MSE of about 1 and the curves of all tasks share one
 scale. Where the paper's wording on a variance is ambiguous, the reading taken is stated
-on the generator below and in docs/design/operators.md.
+on the generator below and in docs/design.md.
 
 Degrees of freedom (``target_dof``) label the curves of Figures 1-4.
 """

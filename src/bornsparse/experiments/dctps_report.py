@@ -195,7 +195,7 @@ def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | No
         for e in notes.get("errors", []):
             parts.append(f"† {e}\n")
         parts.append("Measured costs (stored = state_dict tensors; memory = live tensor bytes, "
-                     "see docs/design/dctps.md):\n\n" + cost_table(group))
+                     "see docs/design.md):\n\n" + cost_table(group))
         spectra = spectra_table(group)
         if spectra:
             parts.append("Input-output Jacobian at initialisation. " + spectra)

@@ -44,7 +44,7 @@ PAPER_SCHEDULE: tuple[Phase, ...] = (Phase(7000, 1e-2, 3.0), Phase(3000, 1e-2, 0
 PAPER_FINAL_WINDOW = 1000
 PAPER_WIDTH = 2048
 # The paper gives no batch size. 64 keeps the gradient noise small next to the MSE floors
-# the paper reports while a full-scale step stays cheap; see docs/design/operators.md.
+# the paper reports while a full-scale step stays cheap; see docs/design.md.
 DEFAULT_BATCH_SIZE = 64
 TASK_CHOICES = ("lowrank", "band", "sparse", "permutation", "dense")
 NETWORKS = ("linear", "tanh")

@@ -409,7 +409,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
     so does the backward (_pair_backward2 rebuilds the unsaved inputs on demand); with odd
     depth the last factor is done alone. Other block sizes save every factor's input.
     (Checkpointing every √depth factors keeps the scratch in L2 but costs one more forward
-    pass; measured slower, see docs/design/permuted.md.)
+    pass; measured slower, see docs/design.md.)
     """
     batch = x.shape[0]
     depth = weight.shape[0]

@@ -357,7 +357,7 @@ def dct_sparse_affine(
 # Samples per block of _DCTSparseAffineFn: each pass of the layer is memory-bound on CPU, so
 # the layer runs block by block with every intermediate (about six blocks' worth) kept in
 # L2 instead of streaming whole-batch arrays through memory; smaller blocks pay Python's
-# per-call overhead more often. Measured, see docs/results/dctps_layers.md.
+# per-call overhead more often. Measured, see docs/results.md.
 _BLOCK_BYTES = 1 << 21
 
 

@@ -36,7 +36,7 @@ NUMBA_DTYPES = (torch.float32, torch.float64)
 # Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
 # thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
 # saved activations (depth / 2 slabs for k = 2) and measured fastest at 64 as well
-# (docs/design/permuted.md).
+# (docs/design.md).
 FORWARD_TILE = 64
 BACKWARD_TILE = 64
 

@@ -13,7 +13,7 @@ Conventions shared by every backend:
 Backends: ``"reference"`` (plain PyTorch index_add, any device, differentiable twice),
 ``"numba"`` (CPU kernels in ``_sparse_numba``), ``"torch_sparse"`` (torch.sparse CSR
 matmuls and sampled_addmm). ``"auto"`` picks numba for CPU float32/float64 — it measured
-faster than torch.sparse, see docs/results/dctps_layers.md — and the reference elsewhere.
+faster than torch.sparse, see docs/results.md — and the reference elsewhere.
 """
 
 from __future__ import annotations
