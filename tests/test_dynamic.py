@@ -5,51 +5,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 from bornsparse.sparsity import SET, RigL, allocate_nnz
 from bornsparse.sparsity.dynamic import _sample_outside, dense_gradient
 from bornsparse.sparsity.swap import dense_targets, indices_to_flat, sparse_targets
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # these models are tiny: with the cores shared, more threads only add contention (numba's
-    # parallel kernels measured 70x slower per step with 2 threads on a loaded machine)
-    import numba
-
-    n, nb = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    numba.set_num_threads(nb)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64),
-                         nn.ReLU(), nn.Linear(64, 10))
+from tiny_models import convnet as _convnet
+from tiny_models import mlp
 
 
 def convnet(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (8, 4, 4)
-        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),         # (16, 2, 2)
-        nn.Flatten(), nn.Linear(64, 10),
-    )
+    return _convnet(seed, second_stride=2)
 
 
 def make(cls, net=mlp, *, density=0.1, total_steps=60, delta=5, seed=0, lr=0.01, **kw):

@@ -19,16 +19,6 @@ from bornsparse.models.resnet_cifar import CifarResNet, ZeroPadShortcut
 CIFAR = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # intra-op threads spin against each other on a loaded 2-core machine (batch-2 convs
-    # of ResNet-110 took seconds instead of 0.1 s); these tiny batches need no parallelism
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

@@ -30,15 +30,6 @@ TINY = ["reproduce", "operators", "--width", "16", "--steps-scale", "0.002", "--
         "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: threads only contend (badly so on a shared 2-core machine under xdist)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _lines(path) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if ln.strip()]
 

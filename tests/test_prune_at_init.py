@@ -5,60 +5,19 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
+from bornsparse.sparsity import prune_at_init
 from bornsparse.sparsity import scores as S
-from bornsparse.sparsity.pruning_at_init import prune_at_init  # see the NOTE below
 from bornsparse.sparsity.swap import (
     DCTOffset,
     dense_targets,
     sparse_targets,
     swap_in_sparse_layers,
 )
+from tiny_models import convnet, mlp
 
-# NOTE: imported from the submodule: `from bornsparse.sparsity import prune_at_init` gives the
-# module, because the lazy table maps the function to a submodule of the same name.
 METHODS = ["snip", "grasp", "synflow", "force"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # these models are tiny: with the cores shared, more threads only add contention (numba's
-    # parallel kernels measured 70x slower per step with 2 threads on a loaded machine)
-    import numba
-
-    n, nb = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    numba.set_num_threads(nb)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64),
-                         nn.ReLU(), nn.Linear(64, 10))
-
-
-def convnet(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (8, 4, 4)
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),                   # (16, 4, 4)
-        nn.Flatten(), nn.Linear(256, 10),
-    )
 
 
 def batches(x, y, size=128):
