@@ -48,19 +48,20 @@ def test_haar_init_2x2_has_uniform_angle_and_both_determinants():
     assert stats.kstest(angle.numpy(), "uniform").pvalue > 1e-3
 
 
-def test_orthogonality_penalty_matches_formula_and_has_gradient():
-    layer = PermutedBlockDiagonal(6, 6, width=8, depth=3, block_size=2, seed=2,
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_orthogonality_penalty_matches_formula_and_has_gradient(k):
+    layer = PermutedBlockDiagonal(6, 6, width=4 * k, depth=3, block_size=k, seed=2,
                                   dtype=torch.float64)
     with torch.no_grad():
         layer.weight.add_(0.1 * torch.randn_like(layer.weight))
-    w = layer.weight.detach().reshape(-1, 2, 2)
-    expected = sum(
-        2 * torch.linalg.matrix_norm(torch.eye(2, dtype=torch.float64) - b.T @ b) ** 2 for b in w
-    ) / w.shape[0]
+    w = layer.weight.detach().reshape(-1, k, k).requires_grad_(True)
+    eye = torch.eye(k, dtype=torch.float64)
+    expected = sum(2 * torch.linalg.matrix_norm(eye - b.T @ b) ** 2 for b in w) / w.shape[0]
     pen = layer.orthogonality_penalty()
     torch.testing.assert_close(pen, expected)
     pen.backward()
-    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    expected.backward()
+    torch.testing.assert_close(layer.weight.grad.reshape(-1, k, k), w.grad)
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

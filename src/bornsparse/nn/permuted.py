@@ -127,6 +127,13 @@ class _PermutedBase(nn.Module):
     def orthogonality_penalty(self) -> torch.Tensor:
         """Mean over all blocks of 2‖I − BᵀB‖²_F (eq. 2); differentiable, a scalar."""
         w = self.weight
+        if self.block_size == 2:
+            # Closed form of BᵀB for B = [[a, b], [c, d]]: elementwise ops over all blocks
+            # at once are ~10x faster than a batched 2×2 matmul and its backward, and this
+            # penalty runs every training step of the §5 experiments.
+            a, b, c, d = w.flatten(-2).unbind(-1)
+            p, q, r = a * a + c * c - 1.0, a * b + c * d, b * b + d * d - 1.0
+            return 2.0 * (p * p + 2.0 * q * q + r * r).mean()
         gram = w.transpose(-1, -2) @ w
         eye = torch.eye(self.block_size, dtype=w.dtype, device=w.device)
         return 2.0 * ((gram - eye) ** 2).sum(dim=(-1, -2)).mean()
