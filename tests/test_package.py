@@ -50,9 +50,17 @@ def test_demo_runs_and_writes_table(tmp_path, capsys):
     assert "| permutation |" in capsys.readouterr().out
 
 
-def test_demo_rejects_bad_size(tmp_path):
-    with pytest.raises(ValueError, match="--n-half must be a positive integer, got 0"):
-        main(["demo", "--out", str(tmp_path), "--n-half", "0"])
+def test_demo_rejects_bad_size(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--n-half", "0"]) == 2
+    assert "--n-half must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo_operators.md").exists()
+
+
+def test_demo_rejects_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["demo", "--out", str(blocker / "sub"), "--only-table"]) == 2
+    assert "bornsparse demo: error:" in capsys.readouterr().err
 
 
 def test_name_equal_to_its_submodule_stays_the_function():

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -106,10 +107,14 @@ def main(args: argparse.Namespace) -> int:
 
     from bornsparse._checks import check_positive_int
 
-    check_positive_int("--n-half", args.n_half)
-    check_positive_int("--steps", args.steps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_positive_int("--n-half", args.n_half)
+        check_positive_int("--steps", args.steps)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"bornsparse demo: error: {err}", file=sys.stderr)
+        return 2
     print(f"[1] operator learning at n/2 = {args.n_half}, {args.steps} steps "
           "(§5 schedule compressed proportionally)")
     rows = operator_table(args.n_half, args.steps, args.seed)
