@@ -306,3 +306,17 @@ def test_huge_meta_linear_is_stored_as_its_nonzeros():
     assert report.dense_bytes == (65536**2 + 65536) * 4
     y = model(torch.ones(1, 65536))
     assert bool(torch.isfinite(y).all())
+
+
+@pytest.mark.parametrize("method", ["dctps", "sparse"])
+def test_fixup_resnet_born_sparse_from_meta(method):
+    from bornsparse.models import build_model
+
+    with torch.device("meta"):
+        model = build_model("fixup_resnet20", num_classes=10, input_shape=(3, 32, 32))
+    sparsify(model, method=method, density=0.01, seed=0, device="cpu")
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    for block in model.blocks:  # FixUp's scalars, reset by the blocks themselves
+        assert block.scale.item() == 1.0 and block.bias1a.item() == 0.0
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()

@@ -46,6 +46,14 @@ class FixupBasicBlock(nn.Module):
         else:
             self.shortcut = nn.Identity()
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Scalar biases to 0 and the multiplier to 1. The convs' FixUp init depends on the
+        network's branch count, so FixupResNet.reset_parameters applies it."""
+        for p in (self.bias1a, self.bias1b, self.bias2a, self.bias2b):
+            p.zero_()
+        self.scale.fill_(1.0)
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch alone; exactly zero at initialisation (conv2 starts at zero)."""
         out = self.conv1(x + self.bias1a)
@@ -102,20 +110,26 @@ class FixupResNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Apply the FixUp initialisation to the blocks and the classifier."""
+        """Apply the FixUp initialisation to the blocks and the classifier.
+
+        NOTE: convs and the classifier already swapped for sparse layers (``sparsify`` of a
+        model built on the meta device materialises the rest through this method) keep
+        their own initialisation; only dense ``nn.Conv2d``/``nn.Linear`` get FixUp's.
+        """
         num_branches = len(self.blocks)
         for block in self.blocks:
-            w = block.conv1.weight
-            fan_out = w.shape[0] * w.shape[2] * w.shape[3]
-            nn.init.normal_(w, 0.0, math.sqrt(2.0 / fan_out) * num_branches ** -0.5)
-            nn.init.zeros_(block.conv2.weight)
-            for p in (block.bias1a, block.bias1b, block.bias2a, block.bias2b):
-                p.zero_()
-            block.scale.fill_(1.0)
+            block.reset_parameters()
+            if type(block.conv1) is nn.Conv2d:
+                w = block.conv1.weight
+                fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+                nn.init.normal_(w, 0.0, math.sqrt(2.0 / fan_out) * num_branches ** -0.5)
+            if type(block.conv2) is nn.Conv2d:
+                nn.init.zeros_(block.conv2.weight)
         self.bias1.zero_()
         self.bias2.zero_()
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
+        if type(self.fc) is nn.Linear:
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_batch(f"fixup_resnet{self.depth}", x, self.input_shape)
