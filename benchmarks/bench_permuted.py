@@ -60,7 +60,7 @@ def _forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2, help="torch and numba threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--repeats", type=int, default=9, help="timed rounds per case (default 9)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--features", type=int, default=1024)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         help="also time the plain-PyTorch reference backend (slow)",
     )
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, numba_threads=False)
     torch.manual_seed(0)
     n = args.features
     dense = torch.nn.Linear(n, n)

@@ -17,8 +17,16 @@ from collections.abc import Callable
 import torch
 
 
-def set_threads(n: int) -> None:
+def set_threads(n: int, *, numba_threads: bool = True) -> None:
+    """torch's thread count, and numba's unless ``numba_threads`` is False.
+
+    Setting numba's starts its own OpenMP runtime (a second libgomp), whose threads measured
+    to slow torch's neighbouring work; benchmarks of kernels that never use numba's
+    threading (the permuted operator runs on torch's team) leave it unstarted.
+    """
     torch.set_num_threads(n)
+    if not numba_threads:
+        return
     try:
         import numba
 

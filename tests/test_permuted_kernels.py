@@ -295,14 +295,16 @@ def _forward_in_child(args):
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
-def test_thread_pool_survives_fork():
-    # a forked child inherits the pool object without its threads; the op must not hang there
+def test_kernels_survive_fork():
+    # a forked child inherits libgomp's team (and any pool object) without their threads; the
+    # op must not hang there
     weight, perms = make_operands(2, 8, 2, seed=3)
     x = torch.randn(2 * FORWARD_TILE + 3, 16, dtype=torch.float64)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        expected = permuted_block_diagonal(x, weight, perms, backend="numba")  # starts the pool
+        # starts the thread team
+        expected = permuted_block_diagonal(x, weight, perms, backend="numba")
     finally:
         torch.set_num_threads(before)
     with multiprocessing.get_context("fork").Pool(1) as pool:

@@ -13,12 +13,13 @@ Why the kernels look the way they do:
   ``depth · batch · width`` activations between forward and backward: only ``x`` is saved,
   and the scratch does not grow with the batch. For k = 2 backward also runs in fused
   pairs: one pass over the tile per two factors.
-* Threads take whole tiles (tiles dealt round-robin), so each thread owns its buffers and its
-  partial weight gradient; the partials are summed afterwards, which keeps the result
-  deterministic for a given thread count. The kernels release the GIL (``nogil``) and the
-  caller runs one per thread from a plain Python thread pool: numba's ``parallel=True``
-  measured no faster here, tripled the compile time and, with torch's OpenMP threads also
-  spinning, waited at its barrier for a scheduler time slice whenever cores were busy.
+* Work is split into chunks of whole tiles (chunk c: tiles c, c + nchunks, ...), each with
+  its own buffers and partial weight gradient; the partials are summed afterwards in chunk
+  order, so results depend on the chunk count (torch's thread count) only. The chunks run as
+  a parallel region of torch's own OpenMP team (``ops/_parallel.py``, through the cfunc
+  bodies at the end of this file): numba's ``parallel=True`` runs on a second copy of libgomp
+  whose threads, and torch's, spin while the other works, and a Python thread pool fights
+  torch's spinning threads the same way (2 threads ran slower than 1; docs/design.md).
 * ``fastmath={"contract", "reassoc"}``: contraction lets LLVM emit FMAs and reassociation lets
   it vectorise the weight-gradient sums over the batch tile. Neither flag assumes away NaN,
   infinity or signed zeros; both only change rounding (summation order over the batch, which
@@ -31,6 +32,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+
+from bornsparse.ops._parallel import _as_voidptr, claim_chunk
 
 _FASTMATH = {"contract", "reassoc"}
 
@@ -567,3 +571,111 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
                 for s in range(c0, c1):
                     acc += y[s] * a[s]
                 gw[b, r, c] = acc
+
+
+# ---------------------------------------------------------------------------------------
+# Parallel-region bodies for ops/_parallel.py: each unpacks an int64 header (slot 0 the chunk
+# counter, slot 1 the chunk count, slot 2 the dtype: 0 float32, 1 float64, then sizes and
+# data pointers) and runs the kernel above on every chunk its thread claims. Chunk c of the
+# batch kernels is "tiles c, c + nchunks, ...", exactly the old per-thread split, so results
+# are the same whichever thread runs which chunk.
+
+
+@numba.cfunc(types.void(types.voidptr), cache=True)
+def _forward_body(header):
+    a = numba.carray(header, (15,), np.int64)
+    nchunks, is64, batch, n_in, depth, nb, k, width, n_out, tile = (
+        a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        p = numba.carray(_as_voidptr(a[13]), (depth, width), np.int64)
+        if is64:
+            _forward_thread_kernel(
+                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float64),
+                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float64), p,
+                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float64), tile, c, nchunks)
+        else:
+            _forward_thread_kernel(
+                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float32),
+                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float32), p,
+                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float32), tile, c, nchunks)
+
+
+@numba.cfunc(types.void(types.voidptr), cache=True)
+def _backward_body(header):
+    a = numba.carray(header, (17,), np.int64)
+    nchunks, is64, batch, n_in, depth, nb, k, width, n_out, tile = (
+        a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        p = numba.carray(_as_voidptr(a[13]), (depth, width), np.int64)
+        if is64:
+            _backward_thread_kernel(
+                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float64),
+                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float64), p,
+                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float64),
+                numba.carray(_as_voidptr(a[15]), (batch, n_in), np.float64),
+                numba.carray(_as_voidptr(a[16]), (nchunks, depth, nb, k, k), np.float64)[c],
+                tile, c, nchunks)
+        else:
+            _backward_thread_kernel(
+                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float32),
+                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float32), p,
+                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float32),
+                numba.carray(_as_voidptr(a[15]), (batch, n_in), np.float32),
+                numba.carray(_as_voidptr(a[16]), (nchunks, depth, nb, k, k), np.float32)[c],
+                tile, c, nchunks)
+
+
+@numba.cfunc(types.void(types.voidptr), cache=True)
+def _factor_columns_body(header):
+    a = numba.carray(header, (12,), np.int64)
+    nchunks, is64, width, batch, nb, k, step = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        c0 = c * step
+        c1 = min(c0 + step, batch)
+        p = numba.carray(_as_voidptr(a[10]), (width,), np.int64)
+        if is64:
+            _factor_columns_kernel(
+                numba.carray(_as_voidptr(a[8]), (width, batch), np.float64),
+                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float64), p,
+                numba.carray(_as_voidptr(a[11]), (width, batch), np.float64), c0, c1)
+        else:
+            _factor_columns_kernel(
+                numba.carray(_as_voidptr(a[8]), (width, batch), np.float32),
+                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float32), p,
+                numba.carray(_as_voidptr(a[11]), (width, batch), np.float32), c0, c1)
+
+
+@numba.cfunc(types.void(types.voidptr), cache=True)
+def _factor_columns_backward_body(header):
+    a = numba.carray(header, (14,), np.int64)
+    nchunks, is64, width, batch, nb, k, step = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        c0 = c * step
+        c1 = min(c0 + step, batch)
+        p = numba.carray(_as_voidptr(a[10]), (width,), np.int64)
+        if is64:
+            _factor_columns_backward_kernel(
+                numba.carray(_as_voidptr(a[8]), (width, batch), np.float64),
+                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float64), p,
+                numba.carray(_as_voidptr(a[11]), (width, batch), np.float64),
+                numba.carray(_as_voidptr(a[12]), (width, batch), np.float64),
+                numba.carray(_as_voidptr(a[13]), (nchunks, nb, k, k), np.float64)[c], c0, c1)
+        else:
+            _factor_columns_backward_kernel(
+                numba.carray(_as_voidptr(a[8]), (width, batch), np.float32),
+                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float32), p,
+                numba.carray(_as_voidptr(a[11]), (width, batch), np.float32),
+                numba.carray(_as_voidptr(a[12]), (width, batch), np.float32),
+                numba.carray(_as_voidptr(a[13]), (nchunks, nb, k, k), np.float32)[c], c0, c1)

@@ -22,9 +22,7 @@ eq. 3-5 follows the same pattern at the end of the file (``permuted_tanh_network
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -73,30 +71,13 @@ def permuted_block_diagonal_dense_reference(
     return permuted_block_diagonal_reference(eye, weight, perms).T
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_WORKERS = 0
-_POOL_PID = 0
+def _header(*values: int) -> np.ndarray:
+    """The int64 header of a parallel body (ops/_parallel.py); slot 0 is its chunk counter."""
+    return np.array((0, *values), dtype=np.int64)
 
 
-def _run_threads(fn, nthreads: int) -> None:
-    """Run fn(th) for th in range(nthreads), on the caller and nthreads - 1 pool threads.
-
-    The kernels release the GIL, so the threads run in parallel.
-    """
-    global _POOL, _POOL_WORKERS, _POOL_PID
-    if nthreads == 1:
-        fn(0)
-        return
-    # a forked child (e.g. a DataLoader worker) inherits the pool object but not its threads
-    if _POOL is None or _POOL_WORKERS < nthreads - 1 or _POOL_PID != os.getpid():
-        if _POOL is not None and _POOL_PID == os.getpid():
-            _POOL.shutdown(wait=False)
-        _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="bornsparse")
-        _POOL_WORKERS, _POOL_PID = nthreads - 1, os.getpid()
-    futures = [_POOL.submit(fn, th) for th in range(1, nthreads)]
-    fn(0)
-    for f in futures:
-        f.result()
+def _dtype_code(t: torch.Tensor) -> int:
+    return 1 if t.dtype == torch.float64 else 0
 
 
 def _plan(batch: int, cap: int) -> tuple[int, int]:
@@ -119,16 +100,22 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
     def forward(
         ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int
     ) -> torch.Tensor:
-        from bornsparse.ops._permuted_numba import _forward_thread_kernel
+        from bornsparse.ops._parallel import launch
+        from bornsparse.ops._permuted_numba import _forward_body
 
         x = x.detach().contiguous()
         weight_c = weight.detach().contiguous()
         perms_c = perms.contiguous()
         out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
         if x.shape[0]:
-            tile, nthreads = _plan(x.shape[0], FORWARD_TILE)
-            args = (x.numpy(), weight_c.numpy(), perms_c.numpy(), out.numpy(), tile)
-            _run_threads(lambda th: _forward_thread_kernel(*args, th, nthreads), nthreads)
+            tile, nchunks = _plan(x.shape[0], FORWARD_TILE)
+            depth, nb, k, _ = weight_c.shape
+            header = _header(
+                nchunks, _dtype_code(x), x.shape[0], x.shape[1], depth, nb, k, nb * k,
+                out_features, tile, x.data_ptr(), weight_c.data_ptr(), perms_c.data_ptr(),
+                out.data_ptr(),
+            )
+            launch(_forward_body.address, header, nchunks)
         # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice
         ctx.save_for_backward(x, weight, perms)
         return out
@@ -136,22 +123,25 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        from bornsparse.ops._permuted_numba import _backward_thread_kernel
+        from bornsparse.ops._parallel import launch
+        from bornsparse.ops._permuted_numba import _backward_body
 
         x, weight, perms = ctx.saved_tensors
         weight = weight.detach().contiguous()
         perms = perms.contiguous()
         grad_out = grad_out.contiguous()
         batch = x.shape[0]
-        tile, nthreads = _plan(max(batch, 1), BACKWARD_TILE)
+        tile, nchunks = _plan(max(batch, 1), BACKWARD_TILE)
         grad_x = torch.empty_like(x)
-        partial = torch.empty(nthreads, *weight.shape, dtype=weight.dtype)  # kernels zero it
+        partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
         if batch:
-            args = (x.numpy(), weight.numpy(), perms.numpy(), grad_out.numpy(), grad_x.numpy())
-            parts = partial.numpy()
-            _run_threads(
-                lambda th: _backward_thread_kernel(*args, parts[th], tile, th, nthreads), nthreads
+            depth, nb, k, _ = weight.shape
+            header = _header(
+                nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, k, nb * k,
+                grad_out.shape[1], tile, x.data_ptr(), weight.data_ptr(), perms.data_ptr(),
+                grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
             )
+            launch(_backward_body.address, header, nchunks)
         else:
             partial.zero_()
         grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
@@ -289,12 +279,13 @@ def permuted_tanh_network_reference(
     return h if out_features is None else h[..., :out_features]
 
 
-def _column_ranges(batch: int) -> list[tuple[int, int]]:
-    """Split batch columns among torch's threads, in multiples of 16 (one cache line)."""
+def _column_chunks(batch: int) -> tuple[int, int]:
+    """(step, chunks): batch columns split among torch's threads, in multiples of 16 (one
+    cache line); chunk c covers columns [c * step, min((c + 1) * step, batch))."""
     threads = max(1, min(torch.get_num_threads(), -(-batch // 16)))
     step = -(-batch // threads)
     step = -(-step // 16) * 16
-    return [(c, min(c + step, batch)) for c in range(0, batch, step)]
+    return step, max(1, -(-batch // step))
 
 
 class _FactorColumnsFn(torch.autograd.Function):
@@ -302,35 +293,41 @@ class _FactorColumnsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor):
-        from bornsparse.ops._permuted_numba import _factor_columns_kernel
+        from bornsparse.ops._parallel import launch
+        from bornsparse.ops._permuted_numba import _factor_columns_body
 
         h = h.detach().contiguous()
         w = weight_t.detach().contiguous()
         p = perm_t.contiguous()
         z = torch.empty_like(h)
-        ranges = _column_ranges(h.shape[1])
-        args = (h.numpy(), w.numpy(), p.numpy(), z.numpy())
-        _run_threads(lambda i: _factor_columns_kernel(*args, *ranges[i]), len(ranges))
+        if h.shape[1]:
+            step, nchunks = _column_chunks(h.shape[1])
+            nb, k, _ = w.shape
+            header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
+                             h.data_ptr(), w.data_ptr(), p.data_ptr(), z.data_ptr())
+            launch(_factor_columns_body.address, header, nchunks)
         ctx.save_for_backward(h, weight_t, perm_t)
         return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z: torch.Tensor):
-        from bornsparse.ops._permuted_numba import _factor_columns_backward_kernel
+        from bornsparse.ops._parallel import launch
+        from bornsparse.ops._permuted_numba import _factor_columns_backward_body
 
         h, weight_t, perm_t = ctx.saved_tensors
         w = weight_t.detach().contiguous()
         p = perm_t.contiguous()
         grad_z = grad_z.contiguous()
         grad_h = torch.empty_like(h)
-        ranges = _column_ranges(h.shape[1])
-        partial = torch.zeros(max(1, len(ranges)), *w.shape, dtype=w.dtype)
-        args = (h.numpy(), w.numpy(), p.numpy(), grad_z.numpy(), grad_h.numpy())
-        parts = partial.numpy()
-        _run_threads(
-            lambda i: _factor_columns_backward_kernel(*args, parts[i], *ranges[i]), len(ranges)
-        )
+        step, nchunks = _column_chunks(max(h.shape[1], 1))
+        partial = torch.zeros(nchunks, *w.shape, dtype=w.dtype)
+        if h.shape[1]:
+            nb, k, _ = w.shape
+            header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
+                             h.data_ptr(), w.data_ptr(), p.data_ptr(), grad_z.data_ptr(),
+                             grad_h.data_ptr(), partial.data_ptr())
+            launch(_factor_columns_backward_body.address, header, nchunks)
         return grad_h, partial.sum(0), None
 
 

@@ -1,0 +1,89 @@
+"""The parallel launcher of the fused kernels (ops/_parallel.py): torch's OpenMP team, a
+Python thread pool, or the calling thread must give bitwise the same results, whatever
+number of threads actually runs the chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bornsparse.ops import _parallel
+from bornsparse.ops.permuted import (
+    FORWARD_TILE,
+    _header,
+    permuted_block_diagonal,
+    permuted_tanh_network,
+)
+
+
+def _operands(dtype):
+    g = torch.Generator().manual_seed(5)
+    depth, width = 5, 24
+    weight = torch.randn(depth, width // 2, 2, 2, generator=g, dtype=dtype)
+    perms = torch.stack([torch.randperm(width, generator=g) for _ in range(depth)])
+    biases = torch.randn(depth, width, generator=g, dtype=dtype)
+    x = torch.randn(3 * FORWARD_TILE + 5, 17, generator=g, dtype=dtype)
+    return x, weight, perms, biases
+
+
+def _run_all(x, weight, perms, biases):
+    out = []
+    for net in ("linear", "tanh"):
+        xr = x.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        b = biases.clone().requires_grad_()
+        if net == "linear":
+            y = permuted_block_diagonal(xr, w, perms, out_features=11, backend="numba")
+        else:
+            y = permuted_tanh_network(xr, w, perms, b, out_features=11, backend="numba")
+        y.backward(torch.sin(y.detach()))
+        out += [y.detach(), xr.grad, w.grad]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_openmp_pool_and_serial_launches_agree_bitwise(monkeypatch, dtype):
+    operands = _operands(dtype)
+    hows = ["threads", "serial"] + (["openmp"] if _parallel._torch_openmp() else [])
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        torch.set_num_threads(3)
+        for how in hows:
+            monkeypatch.setattr(_parallel, "backend", lambda how=how: how)
+            results[how] = _run_all(*operands)
+    finally:
+        torch.set_num_threads(before)
+    for how in hows[1:]:
+        for a, b in zip(results[hows[0]], results[how], strict=True):
+            assert torch.equal(a, b), how
+
+
+@pytest.mark.parametrize("how", ["threads", "openmp"])
+def test_every_chunk_runs_once_when_fewer_threads_than_chunks(monkeypatch, how):
+    if how == "openmp" and _parallel._torch_openmp() is None:
+        pytest.skip("torch has no GNU OpenMP runtime here")
+    from bornsparse.ops._permuted_numba import _forward_body
+
+    x, weight, perms, _ = _operands(torch.float64)
+    depth, nb, k, _ = weight.shape
+    outs = []
+    for nthreads in (1, 2):
+        monkeypatch.setattr(_parallel, "backend", lambda: how)
+        out = torch.full((x.shape[0], 11), float("nan"), dtype=x.dtype)
+        # 7 chunks of 16 samples on 1 or 2 threads: each thread claims several
+        header = _header(7, 1, x.shape[0], x.shape[1], depth, nb, k, nb * k, 11, 16,
+                         x.data_ptr(), weight.data_ptr(), perms.data_ptr(), out.data_ptr())
+        _parallel.launch(_forward_body.address, header, nthreads)
+        assert header[0] >= 7  # the counter went past the last chunk
+        outs.append(out)
+    expected = permuted_block_diagonal(x, weight, perms, out_features=11, backend="reference")
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_backend_reports_serial_in_a_forked_child(monkeypatch):
+    monkeypatch.setattr(_parallel, "_FORKED", True)
+    assert _parallel.backend() == "serial"
+    monkeypatch.setattr(_parallel, "_FORKED", False)
+    assert _parallel.backend() in ("openmp", "threads")
