@@ -4,9 +4,12 @@
     NUMBA_THREADING_LAYER=omp       python benchmarks/bench_openmp_contention.py
     NUMBA_THREADING_LAYER=workqueue python benchmarks/bench_openmp_contention.py
 
-With the "omp" layer numba runs on the same libgomp that torch loads, so torch's spinning
-workers are numba's workers; with "workqueue" (or our Python thread pool) they compete for
-the cores after every torch op. Prints milliseconds per step and for the kernel alone.
+With the "omp" layer numba runs on libgomp too, but on a second copy of it (numba's omppool
+links ``libgomp.so.1.0.0`` by file name, so the dynamic loader does not reuse the one torch
+ships in ``torch/lib``): two teams of threads that each spin after their own regions. With
+"workqueue" (or a Python thread pool) numba's threads compete with torch's spinning ones
+after every torch op. Prints milliseconds per step and for the kernel alone. The permuted
+kernels avoid both by running on torch's own team (``bornsparse/ops/_parallel.py``).
 """
 
 import time

@@ -35,6 +35,7 @@ _FORKED = False
 _POOL: ThreadPoolExecutor | None = None
 _POOL_WORKERS = 0
 _BODY_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_BODIES: dict[int, ctypes._CFuncPtr] = {}  # cfunc address -> its ctypes callable
 
 
 def _after_fork_in_child() -> None:
@@ -123,7 +124,9 @@ def launch(body_address: int, header: np.ndarray, nthreads: int) -> None:
     if how == "openmp":
         _torch_openmp().GOMP_parallel(body_address, address, nthreads, 0)
         return
-    body = _BODY_TYPE(body_address)
+    body = _BODIES.get(body_address)
+    if body is None:
+        body = _BODIES[body_address] = _BODY_TYPE(body_address)
     if how == "serial":
         body(address)
         return
