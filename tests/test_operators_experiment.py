@@ -162,6 +162,20 @@ def test_cli_end_to_end_then_resume(tmp_path, capsys):
     assert {r["key"] for r in records} == {json.loads(ln)["key"] for ln in lines}
 
 
+def test_cli_report_only_trains_nothing_and_reports_what_finished(tmp_path, capsys):
+    out = tmp_path / "ops"
+    base = TINY + ["--tasks", "band", "--ks", "1", "--workers", "1", "--no-plots",
+                   "--out", str(out)]
+    assert cli_main(base + ["--depths", "2"]) == 0
+    before = (out / "results.jsonl").read_text()
+    capsys.readouterr()
+    assert cli_main(base + ["--depths", "2", "4", "--report-only"]) == 0
+    assert (out / "results.jsonl").read_text() == before  # nothing was trained
+    captured = capsys.readouterr()
+    assert "1 of the 2 runs are finished" in captured.err
+    assert "| band k=1 |" in captured.out and "N=4" not in captured.out
+
+
 def test_cli_parallel_workers_and_user_matrix(tmp_path):
     target = tmp_path / "mine.npy"
     np.save(target, np.eye(8)[::-1].copy())  # the reversal permutation

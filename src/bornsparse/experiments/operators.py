@@ -267,6 +267,20 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def finished_records(
+    configs: Iterable[dict[str, Any]], results_path: str | os.PathLike
+) -> list[dict[str, Any]]:
+    """The records in ``results_path`` of those ``configs`` that finished, in the order given;
+    nothing is run."""
+    from bornsparse.experiments.results_io import completed_keys, read_jsonl, run_key
+
+    keys = [run_key(c) for c in configs]
+    wanted = set(keys)
+    done = {r["key"]: r for r in read_jsonl(results_path) if r.get("key") in wanted}
+    finished = completed_keys(done.values())
+    return [done[k] for k in keys if k in finished]
+
+
 def run_sweep(
     configs: Iterable[dict[str, Any]], results_path: str | os.PathLike, *, workers: int = 1,
     progress: bool = True,
@@ -423,6 +437,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="results.jsonl, table.md and one PNG per task go here; rerunning "
                         "with the same DIR skips finished runs")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the table and figures from the runs of "
+                             "this grid already finished in DIR/results.jsonl (missing "
+                             "points are left out and counted)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -502,8 +520,13 @@ def main(args: argparse.Namespace) -> int:
           f"steps {'/'.join(str(p.steps) for p in phases)} (final window {window}), "
           f"batch {args.batch_size}, network {args.network}, {args.workers} worker(s); "
           f"results in {out / 'results.jsonl'}", file=sys.stderr)
-    records = run_sweep(configs, out / "results.jsonl", workers=args.workers,
-                        progress=not args.no_progress)
+    if args.report_only:
+        records = finished_records(configs, out / "results.jsonl")
+        print(f"report only: {len(records)} of the {len(configs)} runs are finished",
+              file=sys.stderr)
+    else:
+        records = run_sweep(configs, out / "results.jsonl", workers=args.workers,
+                            progress=not args.no_progress)
     table = markdown_table(records)
     (out / "table.md").write_text(
         f"Final MSE (mean over the last {window} steps), width n = {info['width']}, "
