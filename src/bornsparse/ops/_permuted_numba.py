@@ -597,101 +597,108 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
 # are the same whichever thread runs which chunk.
 
 
-@numba.cfunc(types.void(types.voidptr), cache=True)
-def _forward_body(header):
+# zero-size arrays whose dtype tells the generic chunk loops below what to view memory as
+_F32 = np.empty(0, np.float32)
+_F64 = np.empty(0, np.float64)
+_I64 = np.empty(0, np.int64)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _view(address, shape, like):
+    """The memory at ``address`` as a C-contiguous array of ``shape`` and like's dtype."""
+    return numba.carray(_as_voidptr(address), shape, like.dtype)
+
+
+@numba.njit(cache=True, nogil=True)
+def _forward_chunks(header, like):
     a = numba.carray(header, (15,), np.int64)
-    nchunks, is64, batch, n_in, depth, nb, k, width, n_out, tile = (
-        a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
+    nchunks, batch, n_in, depth, nb, k, width, n_out, tile = (
+        a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
     while True:
         c = claim_chunk(header, nchunks)
         if c < 0:
             break
-        p = numba.carray(_as_voidptr(a[13]), (depth, width), np.int64)
-        if is64:
-            _forward_thread_kernel(
-                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float64),
-                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float64), p,
-                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float64), tile, c, nchunks)
-        else:
-            _forward_thread_kernel(
-                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float32),
-                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float32), p,
-                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float32), tile, c, nchunks)
+        _forward_thread_kernel(
+            _view(a[11], (batch, n_in), like), _view(a[12], (depth, nb, k, k), like),
+            _view(a[13], (depth, width), _I64), _view(a[14], (batch, n_out), like),
+            tile, c, nchunks)
+
+
+@numba.njit(cache=True, nogil=True)
+def _backward_chunks(header, like):
+    a = numba.carray(header, (17,), np.int64)
+    nchunks, batch, n_in, depth, nb, k, width, n_out, tile = (
+        a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        _backward_thread_kernel(
+            _view(a[11], (batch, n_in), like), _view(a[12], (depth, nb, k, k), like),
+            _view(a[13], (depth, width), _I64), _view(a[14], (batch, n_out), like),
+            _view(a[15], (batch, n_in), like),
+            _view(a[16], (nchunks, depth, nb, k, k), like)[c], tile, c, nchunks)
+
+
+@numba.njit(cache=True, nogil=True)
+def _factor_columns_chunks(header, like):
+    a = numba.carray(header, (12,), np.int64)
+    nchunks, width, batch, nb, k, step = a[1], a[3], a[4], a[5], a[6], a[7]
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        _factor_columns_kernel(
+            _view(a[8], (width, batch), like), _view(a[9], (nb, k, k), like),
+            _view(a[10], (width,), _I64), _view(a[11], (width, batch), like),
+            c * step, min((c + 1) * step, batch))
+
+
+@numba.njit(cache=True, nogil=True)
+def _factor_columns_backward_chunks(header, like):
+    a = numba.carray(header, (14,), np.int64)
+    nchunks, width, batch, nb, k, step = a[1], a[3], a[4], a[5], a[6], a[7]
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        _factor_columns_backward_kernel(
+            _view(a[8], (width, batch), like), _view(a[9], (nb, k, k), like),
+            _view(a[10], (width,), _I64), _view(a[11], (width, batch), like),
+            _view(a[12], (width, batch), like), _view(a[13], (nchunks, nb, k, k), like)[c],
+            c * step, min((c + 1) * step, batch))
+
+
+# The region bodies: slot 2 of the header picks the dtype (0 float32, 1 float64).
+
+
+@numba.cfunc(types.void(types.voidptr), cache=True)
+def _forward_body(header):
+    if numba.carray(header, (3,), np.int64)[2]:
+        _forward_chunks(header, _F64)
+    else:
+        _forward_chunks(header, _F32)
 
 
 @numba.cfunc(types.void(types.voidptr), cache=True)
 def _backward_body(header):
-    a = numba.carray(header, (17,), np.int64)
-    nchunks, is64, batch, n_in, depth, nb, k, width, n_out, tile = (
-        a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
-    while True:
-        c = claim_chunk(header, nchunks)
-        if c < 0:
-            break
-        p = numba.carray(_as_voidptr(a[13]), (depth, width), np.int64)
-        if is64:
-            _backward_thread_kernel(
-                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float64),
-                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float64), p,
-                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float64),
-                numba.carray(_as_voidptr(a[15]), (batch, n_in), np.float64),
-                numba.carray(_as_voidptr(a[16]), (nchunks, depth, nb, k, k), np.float64)[c],
-                tile, c, nchunks)
-        else:
-            _backward_thread_kernel(
-                numba.carray(_as_voidptr(a[11]), (batch, n_in), np.float32),
-                numba.carray(_as_voidptr(a[12]), (depth, nb, k, k), np.float32), p,
-                numba.carray(_as_voidptr(a[14]), (batch, n_out), np.float32),
-                numba.carray(_as_voidptr(a[15]), (batch, n_in), np.float32),
-                numba.carray(_as_voidptr(a[16]), (nchunks, depth, nb, k, k), np.float32)[c],
-                tile, c, nchunks)
+    if numba.carray(header, (3,), np.int64)[2]:
+        _backward_chunks(header, _F64)
+    else:
+        _backward_chunks(header, _F32)
 
 
 @numba.cfunc(types.void(types.voidptr), cache=True)
 def _factor_columns_body(header):
-    a = numba.carray(header, (12,), np.int64)
-    nchunks, is64, width, batch, nb, k, step = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
-    while True:
-        c = claim_chunk(header, nchunks)
-        if c < 0:
-            break
-        c0 = c * step
-        c1 = min(c0 + step, batch)
-        p = numba.carray(_as_voidptr(a[10]), (width,), np.int64)
-        if is64:
-            _factor_columns_kernel(
-                numba.carray(_as_voidptr(a[8]), (width, batch), np.float64),
-                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float64), p,
-                numba.carray(_as_voidptr(a[11]), (width, batch), np.float64), c0, c1)
-        else:
-            _factor_columns_kernel(
-                numba.carray(_as_voidptr(a[8]), (width, batch), np.float32),
-                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float32), p,
-                numba.carray(_as_voidptr(a[11]), (width, batch), np.float32), c0, c1)
+    if numba.carray(header, (3,), np.int64)[2]:
+        _factor_columns_chunks(header, _F64)
+    else:
+        _factor_columns_chunks(header, _F32)
 
 
 @numba.cfunc(types.void(types.voidptr), cache=True)
 def _factor_columns_backward_body(header):
-    a = numba.carray(header, (14,), np.int64)
-    nchunks, is64, width, batch, nb, k, step = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
-    while True:
-        c = claim_chunk(header, nchunks)
-        if c < 0:
-            break
-        c0 = c * step
-        c1 = min(c0 + step, batch)
-        p = numba.carray(_as_voidptr(a[10]), (width,), np.int64)
-        if is64:
-            _factor_columns_backward_kernel(
-                numba.carray(_as_voidptr(a[8]), (width, batch), np.float64),
-                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float64), p,
-                numba.carray(_as_voidptr(a[11]), (width, batch), np.float64),
-                numba.carray(_as_voidptr(a[12]), (width, batch), np.float64),
-                numba.carray(_as_voidptr(a[13]), (nchunks, nb, k, k), np.float64)[c], c0, c1)
-        else:
-            _factor_columns_backward_kernel(
-                numba.carray(_as_voidptr(a[8]), (width, batch), np.float32),
-                numba.carray(_as_voidptr(a[9]), (nb, k, k), np.float32), p,
-                numba.carray(_as_voidptr(a[11]), (width, batch), np.float32),
-                numba.carray(_as_voidptr(a[12]), (width, batch), np.float32),
-                numba.carray(_as_voidptr(a[13]), (nchunks, nb, k, k), np.float32)[c], c0, c1)
+    if numba.carray(header, (3,), np.int64)[2]:
+        _factor_columns_backward_chunks(header, _F64)
+    else:
+        _factor_columns_backward_chunks(header, _F32)
