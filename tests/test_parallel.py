@@ -4,10 +4,16 @@ number of threads actually runs the chunks."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
 import pytest
 import torch
+from numba import types
 
 from bornsparse.ops import _parallel
+from bornsparse.ops._parallel import claim_chunk
 from bornsparse.ops.permuted import (
     FORWARD_TILE,
     _header,
@@ -67,23 +73,54 @@ def test_every_chunk_runs_once_when_fewer_threads_than_chunks(monkeypatch, how):
 
     x, weight, perms, _ = _operands(torch.float64)
     depth, nb, k, _ = weight.shape
-    outs = []
-    for nthreads in (1, 2):
-        monkeypatch.setattr(_parallel, "backend", lambda: how)
+    expected = permuted_block_diagonal(x, weight, perms, out_features=11, backend="reference")
+    monkeypatch.setattr(_parallel, "backend", lambda: how)
+    for nthreads in (2, 3):
         out = torch.full((x.shape[0], 11), float("nan"), dtype=x.dtype)
-        # 7 chunks of 16 samples on 1 or 2 threads: each thread claims several
+        # 7 chunks of 16 samples on 2 or 3 threads: each thread claims several
         header = _header(7, 1, x.shape[0], x.shape[1], depth, nb, k, nb * k, 11, 16,
                          x.data_ptr(), weight.data_ptr(), perms.data_ptr(), out.data_ptr())
         _parallel.launch(_forward_body.address, header, nthreads)
-        assert header[0] >= 7  # the counter went past the last chunk
-        outs.append(out)
-    expected = permuted_block_diagonal(x, weight, perms, out_features=11, backend="reference")
+        assert header[1] == 7  # finished chunks: each exactly once
+        assert header[0] == 7 + nthreads  # every thread's last claim found nothing left
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@numba.cfunc(types.void(types.voidptr))
+def _body_that_gives_up(header):
+    nchunks = numba.carray(header, (3,), np.int64)[2]
+    while claim_chunk(header, nchunks) >= 0:
+        pass  # claims every chunk, finishes none (as a body that hit an error would)
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_launch_raises_when_a_body_stops_before_its_chunks_are_done(nthreads):
+    header = np.array([0, 0, 5], dtype=np.int64)
+    with pytest.raises(RuntimeError, match="finished 0 of its 5 chunks"):
+        _parallel.launch(_body_that_gives_up.address, header, nthreads)
+
+
+@pytest.mark.parametrize("how", ["threads", "openmp"])
+def test_concurrent_calls_from_python_threads(monkeypatch, how):
+    if how == "openmp" and _parallel._torch_openmp() is None:
+        pytest.skip("torch has no GNU OpenMP runtime here")
+    monkeypatch.setattr(_parallel, "backend", lambda: how)
+    x, weight, perms, _ = _operands(torch.float64)
+    expected = permuted_block_diagonal(x, weight, perms, backend="reference")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(
+                lambda _: permuted_block_diagonal(x, weight, perms, backend="numba"), range(12)))
+    finally:
+        torch.set_num_threads(before)
     for out in outs:
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_backend_reports_serial_in_a_forked_child(monkeypatch):
-    monkeypatch.setattr(_parallel, "_FORKED", True)
+    monkeypatch.setattr(_parallel, "in_forked_child", lambda: True)
     assert _parallel.backend() == "serial"
-    monkeypatch.setattr(_parallel, "_FORKED", False)
+    monkeypatch.setattr(_parallel, "in_forked_child", lambda: False)
     assert _parallel.backend() in ("openmp", "threads")

@@ -289,9 +289,11 @@ def test_tanh_network_numba_gradcheck_and_bias_validation():
 
 
 def _forward_in_child(args):
+    from bornsparse.ops import _parallel
+
     x, weight, perms = args
     torch.set_num_threads(2)
-    return permuted_block_diagonal(x, weight, perms, backend="numba")
+    return permuted_block_diagonal(x, weight, perms, backend="numba"), _parallel.backend()
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
@@ -308,5 +310,28 @@ def test_kernels_survive_fork():
     finally:
         torch.set_num_threads(before)
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        got = pool.apply_async(_forward_in_child, ((x, weight, perms),)).get(timeout=120)
+        got, how = pool.apply_async(_forward_in_child, ((x, weight, perms),)).get(timeout=120)
     torch.testing.assert_close(got, expected)
+    assert how == "serial"  # the at-fork hook marked the child
+
+
+def test_autograd_function_called_directly_validates_what_the_kernel_trusts():
+    weight, perms = make_operands(2, 4, 2, seed=0)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    apply = PermutedBlockDiagonalFn.apply
+    with pytest.raises(TypeError, match="x and weight must share a dtype"):
+        apply(x, weight.float(), perms, 8)
+    with pytest.raises(TypeError, match="perms must have dtype torch.int64"):
+        apply(x, weight, perms.int(), 8)
+    bad = perms.clone()
+    bad[1, 0] = bad[1, 1]
+    with pytest.raises(ValueError, match="perms must hold a permutation"):
+        apply(x, weight, bad, 8)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, n_in\)"):
+        apply(x.unsqueeze(0), weight, perms, 8)
+    with pytest.raises(ValueError, match="out_features must be at most width"):
+        apply(x, weight, perms, 9)
+    with pytest.raises(ValueError, match="needs CPU float32/float64"):
+        apply(x.half(), weight.half(), perms, 8)
+    torch.testing.assert_close(apply(x, weight, perms, 8),
+                               permuted_block_diagonal_reference(x, weight, perms))

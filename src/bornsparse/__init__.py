@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from bornsparse import _fork  # noqa: F401  (registers the at-fork hook, stdlib only)
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it

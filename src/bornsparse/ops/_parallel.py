@@ -8,12 +8,13 @@ Launching our work as a parallel region of the *same* runtime, through its ``GOM
 entry point, hands it to the threads that are already awake and leaves nobody spinning.
 
 The region's body is a numba ``cfunc`` taking one pointer to an int64 header. Work is split
-into a fixed number of chunks, claimed by the team's threads with an atomic counter (the
-header's first slot): results depend on the chunking only, never on which thread ran a
-chunk or on how many threads the runtime actually granted. Where no such runtime is found
-(torch built on another OpenMP, another platform, ``BORNSPARSE_OPENMP_BRIDGE=0``) the same
-body runs on a Python thread pool; in a forked child (libgomp is not fork-safe) on the
-calling thread alone.
+into a fixed number of chunks, claimed by the team's threads with an atomic counter (header
+slot 0) and counted when finished (slot 1; slot 2 holds the chunk count): results depend on
+the chunking only, never on which thread ran a chunk or on how many threads the runtime
+actually granted, and a body that stopped early (an exception inside a cfunc is printed, not
+raised) is caught by the count. Where no such runtime is found (torch built on another
+OpenMP, another platform, ``BORNSPARSE_OPENMP_BRIDGE=0``) the same body runs on a Python
+thread pool; in a forked child (libgomp is not fork-safe) on the calling thread alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numba
 import numpy as np
@@ -29,23 +31,16 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from bornsparse._fork import in_forked_child
+
 _LIB: ctypes.CDLL | None = None
 _LIB_SEARCHED = False
-_FORKED = False
 _POOL: ThreadPoolExecutor | None = None
 _POOL_WORKERS = 0
+_POOL_LOCK = threading.Lock()
 _BODY_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _BODIES: dict[int, ctypes._CFuncPtr] = {}  # cfunc address -> its ctypes callable
-
-
-def _after_fork_in_child() -> None:
-    # a forked child inherits libgomp's team bookkeeping but not its threads: a parallel
-    # region there can hang, so children run every chunk on the calling thread
-    global _FORKED
-    _FORKED = True
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+HEADER_SLOTS = 3  # claimed-chunk counter, finished-chunk counter, chunk count
 
 
 @intrinsic
@@ -60,12 +55,14 @@ def _as_voidptr(typingctx, address):
 
 
 @intrinsic
-def _claim_next(typingctx, header):
-    """Atomically increment the int64 at ``header`` (a void pointer); return its old value."""
-    sig = types.int64(types.voidptr)
+def _atomic_increment(typingctx, header, slot):
+    """Atomically add 1 to int64 slot ``slot`` of ``header`` (a void pointer); return the old
+    value."""
+    sig = types.int64(types.voidptr, types.int64)
 
     def codegen(context, builder, signature, args):
-        ptr = builder.bitcast(args[0], ir.IntType(64).as_pointer())
+        base = builder.bitcast(args[0], ir.IntType(64).as_pointer())
+        ptr = builder.gep(base, [args[1]])
         return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "seq_cst")
 
     return sig, codegen
@@ -74,8 +71,14 @@ def _claim_next(typingctx, header):
 @numba.njit(cache=True, nogil=True, inline="always")
 def claim_chunk(header_ptr, nchunks):
     """The next unclaimed chunk index, or -1 when all ``nchunks`` are taken."""
-    c = _claim_next(header_ptr)
+    c = _atomic_increment(header_ptr, 0)
     return c if c < nchunks else -1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def finish_chunk(header_ptr):
+    """Count one chunk as done (launch() checks the count)."""
+    _atomic_increment(header_ptr, 1)
 
 
 def _torch_openmp() -> ctypes.CDLL | None:
@@ -88,7 +91,7 @@ def _torch_openmp() -> ctypes.CDLL | None:
         return None
     import torch
 
-    if "OpenMP" not in torch.__config__.parallel_info():
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
     for path in sorted(glob.glob(os.path.join(libdir, "libgomp*.so*"))):
@@ -106,34 +109,62 @@ def _torch_openmp() -> ctypes.CDLL | None:
 
 def backend() -> str:
     """How launch() runs bodies here: "openmp" (torch's team), "threads" or "serial"."""
-    if _FORKED:
+    if in_forked_child():
         return "serial"
     return "openmp" if _torch_openmp() is not None else "threads"
 
 
 def launch(body_address: int, header: np.ndarray, nthreads: int) -> None:
-    """Run the cfunc at ``body_address`` on ``header`` (int64, slot 0 the chunk counter) with
-    up to ``nthreads`` threads, the caller's included; returns when every chunk is done.
+    """Run the cfunc at ``body_address`` on ``header`` (int64; slots 0-2 as in the module
+    docstring) with up to ``nthreads`` threads, the caller's included; returns when every
+    chunk is done, and raises RuntimeError if the body stopped before finishing them all.
 
     ctypes releases the GIL around each foreign call, so pool threads run concurrently.
+    The caller keeps the header and every array it points to alive until this returns.
     """
-    global _POOL, _POOL_WORKERS
-    header[0] = 0
+    header[0] = header[1] = 0
     address = header.ctypes.data
     how = backend() if nthreads > 1 else "serial"
     if how == "openmp":
         _torch_openmp().GOMP_parallel(body_address, address, nthreads, 0)
-        return
-    body = _BODIES.get(body_address)
-    if body is None:
-        body = _BODIES[body_address] = _BODY_TYPE(body_address)
-    if how == "serial":
+    else:
+        body = _BODIES.get(body_address)
+        if body is None:
+            body = _BODIES[body_address] = _BODY_TYPE(body_address)
+        if how == "serial":
+            body(address)
+        else:
+            _run_on_pool(body, address, nthreads)
+    if header[1] != header[2]:
+        raise RuntimeError(
+            f"a fused kernel finished {header[1]} of its {header[2]} chunks; the error it hit "
+            "was printed above (numba prints exceptions raised inside a cfunc)"
+        )
+
+
+def _run_on_pool(body, address: int, nthreads: int) -> None:
+    global _POOL, _POOL_WORKERS
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_WORKERS < nthreads - 1:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(max_workers=nthreads - 1,
+                                       thread_name_prefix="bornsparse")
+            _POOL_WORKERS = nthreads - 1
+        futures = [_POOL.submit(body, address) for _ in range(nthreads - 1)]
+    try:
         body(address)
-        return
-    if _POOL is None or _POOL_WORKERS < nthreads - 1:
-        _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="bornsparse")
-        _POOL_WORKERS = nthreads - 1
-    futures = [_POOL.submit(body, address) for _ in range(nthreads - 1)]
-    body(address)
+    finally:
+        # the pool threads write into the caller's arrays: never return (or unwind, say on
+        # KeyboardInterrupt) before they are done with them
+        interrupted = None
+        while True:
+            try:
+                wait(futures)
+                break
+            except KeyboardInterrupt as err:
+                interrupted = err
+        if interrupted is not None:
+            raise interrupted
     for f in futures:
         f.result()

@@ -25,7 +25,7 @@ Why the kernels look the way they do:
   infinity or signed zeros; both only change rounding (summation order over the batch, which
   differs from PyTorch's anyway).
 * Numba does no bounds checking: the public wrappers validate shapes, dtypes and that every
-  row of ``perms`` is a permutation (``_perms_are_permutations_kernel``) before calling here.
+  row of ``perms`` is a permutation (``ops/_permutation_check.py``) before calling here.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 from numba import types
 from numba.core.compiler import Compiler
 
-from bornsparse.ops._parallel import _as_voidptr, claim_chunk
+from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk
 
 _FASTMATH = {"contract", "reassoc"}
 
@@ -53,20 +53,6 @@ class _NoAliasCompiler(Compiler):
     def define_pipelines(self):
         self.state.flags.noalias = True
         return super().define_pipelines()
-
-
-@numba.njit(cache=True, nogil=True)
-def _perms_are_permutations_kernel(perms: np.ndarray) -> bool:
-    depth, width = perms.shape
-    seen = np.empty(width, dtype=np.bool_)
-    for t in range(depth):
-        seen[:] = False
-        for j in range(width):
-            i = perms[t, j]
-            if i < 0 or i >= width or seen[i]:
-                return False
-            seen[i] = True
-    return True
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
@@ -590,11 +576,11 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
 
 
 # ---------------------------------------------------------------------------------------
-# Parallel-region bodies for ops/_parallel.py: each unpacks an int64 header (slot 0 the chunk
-# counter, slot 1 the chunk count, slot 2 the dtype: 0 float32, 1 float64, then sizes and
-# data pointers) and runs the kernel above on every chunk its thread claims. Chunk c of the
-# batch kernels is "tiles c, c + nchunks, ...", exactly the old per-thread split, so results
-# are the same whichever thread runs which chunk.
+# Parallel-region bodies for ops/_parallel.py: each unpacks an int64 header (slots 0-1 the
+# claimed and finished chunk counters, slot 2 the chunk count, slot 3 the dtype: 0 float32,
+# 1 float64, then sizes and data pointers) and runs the kernel above on every chunk its
+# thread claims. Chunk c of the batch kernels is "tiles c, c + nchunks, ...", exactly the
+# old per-thread split, so results are the same whichever thread runs which chunk.
 
 
 # zero-size arrays whose dtype tells the generic chunk loops below what to view memory as
@@ -611,70 +597,74 @@ def _view(address, shape, like):
 
 @numba.njit(cache=True, nogil=True)
 def _forward_chunks(header, like):
-    a = numba.carray(header, (15,), np.int64)
+    a = numba.carray(header, (16,), np.int64)
     nchunks, batch, n_in, depth, nb, k, width, n_out, tile = (
-        a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
+        a[2], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11])
     while True:
         c = claim_chunk(header, nchunks)
         if c < 0:
             break
         _forward_thread_kernel(
-            _view(a[11], (batch, n_in), like), _view(a[12], (depth, nb, k, k), like),
-            _view(a[13], (depth, width), _I64), _view(a[14], (batch, n_out), like),
+            _view(a[12], (batch, n_in), like), _view(a[13], (depth, nb, k, k), like),
+            _view(a[14], (depth, width), _I64), _view(a[15], (batch, n_out), like),
             tile, c, nchunks)
+        finish_chunk(header)
 
 
 @numba.njit(cache=True, nogil=True)
 def _backward_chunks(header, like):
-    a = numba.carray(header, (17,), np.int64)
+    a = numba.carray(header, (18,), np.int64)
     nchunks, batch, n_in, depth, nb, k, width, n_out, tile = (
-        a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10])
+        a[2], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11])
     while True:
         c = claim_chunk(header, nchunks)
         if c < 0:
             break
         _backward_thread_kernel(
-            _view(a[11], (batch, n_in), like), _view(a[12], (depth, nb, k, k), like),
-            _view(a[13], (depth, width), _I64), _view(a[14], (batch, n_out), like),
-            _view(a[15], (batch, n_in), like),
-            _view(a[16], (nchunks, depth, nb, k, k), like)[c], tile, c, nchunks)
+            _view(a[12], (batch, n_in), like), _view(a[13], (depth, nb, k, k), like),
+            _view(a[14], (depth, width), _I64), _view(a[15], (batch, n_out), like),
+            _view(a[16], (batch, n_in), like),
+            _view(a[17], (nchunks, depth, nb, k, k), like)[c], tile, c, nchunks)
+        finish_chunk(header)
 
 
 @numba.njit(cache=True, nogil=True)
 def _factor_columns_chunks(header, like):
-    a = numba.carray(header, (12,), np.int64)
-    nchunks, width, batch, nb, k, step = a[1], a[3], a[4], a[5], a[6], a[7]
+    a = numba.carray(header, (13,), np.int64)
+    nchunks, width, batch, nb, k, step = a[2], a[4], a[5], a[6], a[7], a[8]
     while True:
         c = claim_chunk(header, nchunks)
         if c < 0:
             break
         _factor_columns_kernel(
-            _view(a[8], (width, batch), like), _view(a[9], (nb, k, k), like),
-            _view(a[10], (width,), _I64), _view(a[11], (width, batch), like),
+            _view(a[9], (width, batch), like), _view(a[10], (nb, k, k), like),
+            _view(a[11], (width,), _I64), _view(a[12], (width, batch), like),
             c * step, min((c + 1) * step, batch))
+        finish_chunk(header)
 
 
 @numba.njit(cache=True, nogil=True)
 def _factor_columns_backward_chunks(header, like):
-    a = numba.carray(header, (14,), np.int64)
-    nchunks, width, batch, nb, k, step = a[1], a[3], a[4], a[5], a[6], a[7]
+    a = numba.carray(header, (15,), np.int64)
+    nchunks, width, batch, nb, k, step = a[2], a[4], a[5], a[6], a[7], a[8]
     while True:
         c = claim_chunk(header, nchunks)
         if c < 0:
             break
         _factor_columns_backward_kernel(
-            _view(a[8], (width, batch), like), _view(a[9], (nb, k, k), like),
-            _view(a[10], (width,), _I64), _view(a[11], (width, batch), like),
-            _view(a[12], (width, batch), like), _view(a[13], (nchunks, nb, k, k), like)[c],
+            _view(a[9], (width, batch), like), _view(a[10], (nb, k, k), like),
+            _view(a[11], (width,), _I64), _view(a[12], (width, batch), like),
+            _view(a[13], (width, batch), like), _view(a[14], (nchunks, nb, k, k), like)[c],
             c * step, min((c + 1) * step, batch))
+        finish_chunk(header)
 
 
-# The region bodies: slot 2 of the header picks the dtype (0 float32, 1 float64).
+# The region bodies: header slot 3 picks the dtype (0 float32, 1 float64).
 
 
 @numba.cfunc(types.void(types.voidptr), cache=True)
 def _forward_body(header):
-    if numba.carray(header, (3,), np.int64)[2]:
+    if numba.carray(header, (4,), np.int64)[3]:
         _forward_chunks(header, _F64)
     else:
         _forward_chunks(header, _F32)
@@ -682,7 +672,7 @@ def _forward_body(header):
 
 @numba.cfunc(types.void(types.voidptr), cache=True)
 def _backward_body(header):
-    if numba.carray(header, (3,), np.int64)[2]:
+    if numba.carray(header, (4,), np.int64)[3]:
         _backward_chunks(header, _F64)
     else:
         _backward_chunks(header, _F32)
@@ -690,7 +680,7 @@ def _backward_body(header):
 
 @numba.cfunc(types.void(types.voidptr), cache=True)
 def _factor_columns_body(header):
-    if numba.carray(header, (3,), np.int64)[2]:
+    if numba.carray(header, (4,), np.int64)[3]:
         _factor_columns_chunks(header, _F64)
     else:
         _factor_columns_chunks(header, _F32)
@@ -698,7 +688,7 @@ def _factor_columns_body(header):
 
 @numba.cfunc(types.void(types.voidptr), cache=True)
 def _factor_columns_backward_body(header):
-    if numba.carray(header, (3,), np.int64)[2]:
+    if numba.carray(header, (4,), np.int64)[3]:
         _factor_columns_backward_chunks(header, _F64)
     else:
         _factor_columns_backward_chunks(header, _F32)

@@ -71,9 +71,10 @@ def permuted_block_diagonal_dense_reference(
     return permuted_block_diagonal_reference(eye, weight, perms).T
 
 
-def _header(*values: int) -> np.ndarray:
-    """The int64 header of a parallel body (ops/_parallel.py); slot 0 is its chunk counter."""
-    return np.array((0, *values), dtype=np.int64)
+def _header(nchunks: int, *values: int) -> np.ndarray:
+    """The int64 header of a parallel body (ops/_parallel.py): two chunk counters, the chunk
+    count, then ``values`` (dtype code, sizes, data pointers) in the body's order."""
+    return np.array((0, 0, nchunks, *values), dtype=np.int64)
 
 
 def _dtype_code(t: torch.Tensor) -> int:
@@ -98,11 +99,15 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int
+        ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int,
+        operands_checked: bool = False,
     ) -> torch.Tensor:
         from bornsparse.ops._parallel import launch
         from bornsparse.ops._permuted_numba import _forward_body
 
+        if not operands_checked:
+            # the kernels get raw pointers: called directly, validate everything they trust
+            _check_kernel_operands(x, weight, perms, out_features)
         x = x.detach().contiguous()
         weight_c = weight.detach().contiguous()
         perms_c = perms.contiguous()
@@ -145,7 +150,7 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         else:
             partial.zero_()
         grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None
 
 
 def _check_operands(
@@ -189,10 +194,23 @@ def _check_operands(
     return width, out_features
 
 
+def _check_kernel_operands(x: object, weight: object, perms: object, out_features: object
+                           ) -> None:
+    """Everything the fused kernel trusts, for callers of PermutedBlockDiagonalFn itself."""
+    _check_operands(x, weight, perms, out_features, "numba")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (batch, n_in), got {tuple(x.shape)}")
+    if x.device.type != "cpu" or x.dtype not in NUMBA_DTYPES:
+        raise ValueError(
+            f"the fused kernel needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
+        )
+    _check_permutations(perms)
+
+
 def _check_permutations(perms: torch.Tensor) -> None:
     # The numba kernels do no bounds checks, so a bad index would read outside memory.
     if perms.device.type == "cpu":
-        from bornsparse.ops._permuted_numba import _perms_are_permutations_kernel
+        from bornsparse.ops._permutation_check import _perms_are_permutations_kernel
 
         ok = _perms_are_permutations_kernel(perms.contiguous().numpy())
     else:
@@ -246,9 +264,10 @@ def _permuted_block_diagonal(
     if backend == "reference" or not suits_numba:
         return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
     if x.dim() == 2:
-        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features)
+        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features, True)
     lead = x.shape[:-1]
-    y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features)
+    y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features,
+                                      True)
     return y.reshape(*lead, out_features)
 
 
