@@ -14,13 +14,19 @@ Layout and conventions (shared by the reference and every fast path):
 * The result keeps the first ``out_features`` entries (all ``width`` by default).
 
 Layers, top to bottom: ``permuted_block_diagonal_reference`` (plain PyTorch, any device,
-autograd of any order), the numba kernels in ``_permuted_numba.py``, the autograd Function
+autograd of any order), the numba kernels in ``_permuted_numba.py`` (any block size, one
+factor or a fused pair per pass, backward by recompute) and ``_permuted_cycles.py`` (2×2
+blocks and even depth: both factors of a pair per pass, in place, backward through the
+blocks' inverses while they are well conditioned), the autograd Function
 ``PermutedBlockDiagonalFn`` (forward and first-order backward through the kernels) and the
 functional ``permuted_block_diagonal`` that validates and dispatches. The tanh network of
 eq. 3-5 follows the same pattern at the end of the file (``permuted_tanh_network``).
 """
 
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -37,6 +43,18 @@ NUMBA_DTYPES = (torch.float32, torch.float64)
 # (docs/design.md).
 FORWARD_TILE = 64
 BACKWARD_TILE = 64
+# The cycle-walk kernels (2×2 blocks, even depth) keep one (width, tile) buffer (two in
+# backward) and pay a fixed cost per step of the walk, so longer tiles measured faster up to
+# 128 samples (benchmarks/bench_permuted_tiles.py).
+CYCLE_TILE = 128
+# The cycle backward rebuilds every factor's input from its output through the blocks'
+# inverses; it is used only while the product over factors of the worst block condition
+# number stays at most this (rounding relative to the activations is magnified at most so
+# much), else backward recomputes the forward like the other kernels.
+INVERSE_MAX_AMPLIFICATION = 8.0
+_SCHEDULE_CACHE_SIZE = 8
+_SCHEDULES: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
+_SCHEDULES_LOCK = threading.Lock()
 
 
 def permuted_block_diagonal_reference(
@@ -89,18 +107,59 @@ def _plan(batch: int, cap: int) -> tuple[int, int]:
     return tile, max(1, min(threads, -(-batch // tile)))
 
 
-class PermutedBlockDiagonalFn(torch.autograd.Function):
-    """G x through the fused numba kernels; saves only ``x`` (and the parameters) for backward.
+def _uses_cycles(weight: torch.Tensor) -> bool:
+    """Whether the cycle-walk kernels apply: 2×2 blocks and an even depth."""
+    return weight.shape[2] == 2 and weight.shape[0] % 2 == 0
 
-    ``x``: (batch, n_in) CPU float32/float64; returns (batch, out_features). Backward
-    recomputes the activations tile by tile, so memory kept between forward and backward
-    does not grow with depth. First-order only: double backward raises (use the reference).
+
+def _cycle_schedule(perms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The cycle-walk schedule of ``perms`` (contiguous CPU int64), cached: building it costs
+    ~0.5 ms at depth 20, width 2048, a cache hit ~10 µs. A hit is checked by value, not
+    only by address and version, so freed-and-reused memory can never alias a stale entry.
+    """
+    from bornsparse.ops._permuted_cycles import build_schedule
+
+    key = (perms.data_ptr(), perms._version, tuple(perms.shape))
+    with _SCHEDULES_LOCK:
+        hit = _SCHEDULES.get(key)
+        if hit is not None and torch.equal(hit[0], perms):
+            _SCHEDULES.move_to_end(key)
+            return hit[1], hit[2]
+    sched, final_loc = build_schedule(perms.numpy())
+    with _SCHEDULES_LOCK:
+        _SCHEDULES[key] = (perms.clone(), sched, final_loc)
+        while len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
+            _SCHEDULES.popitem(last=False)
+    return sched, final_loc
+
+
+def inverse_backward_is_safe(weight: torch.Tensor) -> bool:
+    """Whether backward may rebuild activations through the blocks' inverses (see
+    ``INVERSE_MAX_AMPLIFICATION``); ``weight`` (depth, width // 2, 2, 2) on the CPU."""
+    from bornsparse.ops._permuted_cycles import worst_amplification
+
+    return worst_amplification(weight.detach().contiguous().numpy()) <= (
+        INVERSE_MAX_AMPLIFICATION
+    )
+
+
+class PermutedBlockDiagonalFn(torch.autograd.Function):
+    """G x through the fused numba kernels.
+
+    ``x``: (batch, n_in) CPU float32/float64; returns (batch, out_features). With 2×2 blocks
+    and an even depth, forward walks the cycles of factor pairs (``_permuted_cycles.py``)
+    and, when a gradient will be needed and the blocks are well conditioned
+    (``inverse_backward_is_safe``), keeps the final activation (batch × width numbers,
+    whatever the depth) so that backward rebuilds the others through the blocks' inverses.
+    Otherwise only ``x`` (and the parameters) is kept and backward recomputes the
+    activations tile by tile. Either way memory kept between forward and backward does not
+    grow with depth. First-order only: double backward raises (use the reference).
     """
 
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int,
-        operands_checked: bool = False,
+        operands_checked: bool = False, backward_expected: bool | None = None,
     ) -> torch.Tensor:
         from bornsparse.ops._parallel import launch
         from bornsparse.ops._permuted_numba import _forward_body
@@ -112,7 +171,28 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         weight_c = weight.detach().contiguous()
         perms_c = perms.contiguous()
         out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
-        if x.shape[0]:
+        ctx.cycle_tile = 0  # 0: backward recomputes; else the tile of the saved activation
+        final = torch.empty(0, dtype=x.dtype)
+        if x.shape[0] and _uses_cycles(weight_c):
+            from bornsparse.ops._permuted_cycles import _forward_body as cycle_forward_body
+
+            sched, final_loc = _cycle_schedule(perms_c)
+            tile, nchunks = _plan(x.shape[0], CYCLE_TILE)
+            depth, nb = weight_c.shape[:2]
+            if backward_expected is None:  # called directly: grad mode is off in here
+                backward_expected = any(ctx.needs_input_grad[:2])
+            if backward_expected and inverse_backward_is_safe(weight_c):
+                ntiles = -(-x.shape[0] // tile)
+                final = torch.empty(ntiles, nb * 2, tile, dtype=x.dtype)
+                ctx.cycle_tile = tile
+                ctx.cycle_schedule = (sched, final_loc)
+            header = _header(
+                nchunks, _dtype_code(x), x.shape[0], x.shape[1], depth, nb, out_features,
+                tile, x.data_ptr(), weight_c.data_ptr(), sched.ctypes.data,
+                final_loc.ctypes.data, out.data_ptr(), final.data_ptr() if final.numel() else 0,
+            )
+            launch(cycle_forward_body.address, header, nchunks)
+        elif x.shape[0]:
             tile, nchunks = _plan(x.shape[0], FORWARD_TILE)
             depth, nb, k, _ = weight_c.shape
             header = _header(
@@ -121,8 +201,10 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
                 out.data_ptr(),
             )
             launch(_forward_body.address, header, nchunks)
-        # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice
-        ctx.save_for_backward(x, weight, perms)
+        # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice;
+        # x also on the cycle path: its backward consumes `final`, so a second backward
+        # through a retained graph recomputes from x
+        ctx.save_for_backward(x, weight, perms, final)
         return out
 
     @staticmethod
@@ -131,11 +213,14 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         from bornsparse.ops._parallel import launch
         from bornsparse.ops._permuted_numba import _backward_body
 
-        x, weight, perms = ctx.saved_tensors
+        x, weight, perms, final = ctx.saved_tensors
         weight = weight.detach().contiguous()
         perms = perms.contiguous()
         grad_out = grad_out.contiguous()
-        batch = x.shape[0]
+        batch, n_in = x.shape
+        if ctx.cycle_tile:
+            tile, ctx.cycle_tile = ctx.cycle_tile, 0  # `final` is consumed by this backward
+            return _cycle_backward(ctx, final, weight, grad_out, batch, n_in, tile)
         tile, nchunks = _plan(max(batch, 1), BACKWARD_TILE)
         grad_x = torch.empty_like(x)
         partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
@@ -150,7 +235,28 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         else:
             partial.zero_()
         grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
+
+
+def _cycle_backward(ctx, final: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor,
+                    batch: int, n_in: int, tile: int):
+    """Backward through the blocks' inverses from the saved final activation (consumed)."""
+    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._permuted_cycles import _backward_body
+
+    sched, final_loc = ctx.cycle_schedule
+    nchunks = min(max(1, torch.get_num_threads()), final.shape[0])
+    grad_x = torch.empty(batch, n_in, dtype=weight.dtype)
+    partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
+    depth, nb = weight.shape[:2]
+    header = _header(
+        nchunks, _dtype_code(weight), batch, n_in, depth, nb, grad_out.shape[1], tile,
+        final.data_ptr(), weight.data_ptr(), sched.ctypes.data, final_loc.ctypes.data,
+        grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
+    )
+    launch(_backward_body.address, header, nchunks)
+    grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
+    return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
 
 
 def _check_operands(
@@ -263,11 +369,15 @@ def _permuted_block_diagonal(
         )
     if backend == "reference" or not suits_numba:
         return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
+    # the Function's forward runs with grad mode off, so whether a backward can follow is
+    # decided here (it sets whether forward keeps the final activation for backward)
+    backward_expected = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.dim() == 2:
-        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features, True)
+        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features, True,
+                                             backward_expected)
     lead = x.shape[:-1]
     y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features,
-                                      True)
+                                      True, backward_expected)
     return y.reshape(*lead, out_features)
 
 

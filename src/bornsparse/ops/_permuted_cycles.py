@@ -1,50 +1,43 @@
-"""Prototype, not used by the library: k = 2 kernels that walk the cycles of factor pairs in place.
+"""Cycle-walk kernels for the permuted block-diagonal operator with 2×2 blocks and even depth.
 
-Why it exists (docs/design.md, "Next direction: cycle walk"): the shipped kernels are bound
-by moving (width, tile) rows through L2. For two consecutive 2×2 factors F1, F2 the blocks
-form cycles (each F1 block feeds two F2 blocks and each F2 block reads two F1 blocks), so a
-walk along a cycle applies *both* factors while reading each row once and writing it once,
-in place: step i reads F1 block b_i's two input rows, forms its outputs in registers, and
-completes the F2 block that needed one of them and the carried output of b_{i-1}, writing
-its two outputs into the rows just read. Which slot holds which logical row afterwards is
-bookkept by a schedule built once from the permutations. Backward walks the same cycles
-and rebuilds each factor's input from its output through the 2×2 blocks' inverses (the
-forward keeps its final (batch, width) activation), so there is neither a recompute pass
-nor a depth-sized scratch.
+Why they exist: the one-factor-at-a-time kernels (``_permuted_numba.py``) are bound by moving
+(width, tile) rows through L2. For two consecutive 2×2 factors F1, F2 the blocks form cycles
+(each F1 block feeds two F2 blocks and each F2 block reads two F1 blocks), so a walk along
+a cycle applies *both* factors while reading each row once and writing it once, in place:
+step i reads F1 block b_i's two input rows, forms its outputs in registers, and completes
+the F2 block that needed one of them and the carried output of b_{i-1}, writing its two
+outputs into the rows just read. Which buffer slot holds which logical row afterwards is
+bookkept by a schedule built once per permutation tensor (``build_schedule``).
 
-Limits of the prototype: block size 2, even depth, one thread, no guard against
-ill-conditioned blocks (the inverse rebuild amplifies rounding by the blocks' condition
-numbers; a library version needs the recompute path as a fallback, as the dropped
-"inverse backward" of docs/design.md had).
+Backward walks the same cycles and rebuilds each factor's input from its output through the
+2×2 blocks' inverses, starting from the final activation the forward kept (one (width,
+tile) slab per tile: memory independent of depth). So there is neither a recompute pass nor
+a depth-sized scratch. Rebuilding amplifies rounding by the blocks' condition numbers:
+callers use these kernels only while ``worst_amplification(weight)`` is small and fall back
+to the recompute kernels otherwise (``ops/permuted.py``).
 
-    python benchmarks/proto_cycle_walk.py [--batch 256] [--tiles 64 128] [--repeats 9]
-
-Checks the prototype against the plain-PyTorch reference (float64, small odd shapes) and
-against the shipped kernels (float32, the benchmark shape), then times the shipped forward
-and backward kernels against the prototype's, one thread, interleaved, and prints a table
-and one JSON line (milliseconds per call of the kernels alone, no autograd).
+Layout, tiles, threads, fastmath and the ``noalias`` helpers are as in
+``_permuted_numba.py`` (its docstring says why); rows are addressed through raw pointer views
+(``_row``): numba's array views carry a reference count whose atomic updates, in these
+per-step loops, measured ~40% of the time.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import numba
 import numpy as np
-import torch
+from numba import types
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bornsparse.ops import _permuted_numba as shipped  # noqa: E402
-from bornsparse.ops._parallel import _as_voidptr  # noqa: E402
-from bornsparse.ops._permuted_numba import (  # noqa: E402
+from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk
+from bornsparse.ops._permuted_numba import (
+    _F32,
+    _F64,
     _FASTMATH,
+    _I64,
     _load_tile_transposed,
     _NoAliasCompiler,
+    _view,
 )
-from bornsparse.ops.permuted import permuted_block_diagonal_reference  # noqa: E402
-from common import machine_tag, print_json_line, set_threads, time_interleaved  # noqa: E402
 
 # Columns of one schedule step. RD0/RD1: slots of F1 block B1's two input rows (read, and
 # overwritten by the outputs of the F2 block completed at this step); RIN: which output of
@@ -69,7 +62,7 @@ def pair_schedule(p1, p2, loc):
     for j in range(width):
         inv2[p2[j]] = j
     seen = np.zeros(nb, np.bool_)
-    steps = np.zeros((nb, STEP_FIELDS), np.int64)
+    steps = np.zeros((nb, STEP_FIELDS), np.int32)
     new_loc = np.empty(width, np.int64)
     n = 0
     for b0 in range(nb):
@@ -108,9 +101,10 @@ def pair_schedule(p1, p2, loc):
 
 @numba.njit(cache=True)
 def build_schedule(perms):
-    """(schedule (depth // 2, width // 2, STEP_FIELDS), final slot of each output row)."""
+    """(schedule (depth // 2, width // 2, STEP_FIELDS) int32, final slot of each logical row
+    (width,) int64) for ``perms`` (depth, width) with even depth and width."""
     depth, width = perms.shape
-    sched = np.empty((depth // 2, width // 2, STEP_FIELDS), np.int64)
+    sched = np.empty((depth // 2, width // 2, STEP_FIELDS), np.int32)
     loc = np.arange(width)
     for q in range(depth // 2):
         sched[q], loc = pair_schedule(perms[2 * q], perms[2 * q + 1], loc)
@@ -182,28 +176,50 @@ def _forward_pair(buf, w1, w2, st, tmp, ts):
                         w2[c, 0, cc], w2[c, 0, 1 - cc], w2[c, 1, cc], w2[c, 1, 1 - cc], ts)
 
 
+@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+def _load_tile_scattered(src, s0, ts, rows, buf):
+    """buf[rows[i], s] = src[s0 + s, i] for i < src.shape[1] (16 features at a time, as in
+    _load_tile_transposed)."""
+    n = src.shape[1]
+    for i0 in range(0, n, 16):
+        i1 = min(i0 + 16, n)
+        for s in range(ts):
+            for i in range(i0, i1):
+                buf[rows[i], s] = src[s0 + s, i]
+
+
+@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+def _store_tile_gathered(buf, rows, s0, ts, out):
+    """out[s0 + s, i] = buf[rows[i], s] for i < out.shape[1]."""
+    n = out.shape[1]
+    for i0 in range(0, n, 16):
+        i1 = min(i0 + 16, n)
+        for s in range(ts):
+            for i in range(i0, i1):
+                out[s0 + s, i] = buf[rows[i], s]
+
+
 @numba.njit(**_JIT)
-def forward_kernel(x, weight, sched, final_loc, out, z, tile):
-    """out = G x[:, :n_out] rows; z (batch, width) = the final activation in slot order."""
+def forward_tiles(x, weight, sched, final_loc, out, z, tile, c, nchunks):
+    """Forward of tiles c, c + nchunks, ... of x (batch, n_in) into out (batch, n_out).
+
+    Unless z is empty (no backward to come), each tile is walked in its own slab z[it] of
+    z (ntiles, width, tile), which is left holding the tile's final activation in slot
+    order for backward (no copy)."""
     batch, n_in = x.shape
     width = 2 * weight.shape[1]
-    n_out = out.shape[1]
-    buf = np.empty((width, tile), dtype=x.dtype)
+    keep = z.shape[0] > 0
+    own = np.empty((0 if keep else width, tile), dtype=x.dtype)
     tmp = np.empty((2, tile), dtype=x.dtype)
-    for s0 in range(0, batch, tile):
+    for it in range(c, (batch + tile - 1) // tile, nchunks):
+        s0 = it * tile
         ts = min(tile, batch - s0)
-        buf[n_in:] = 0
+        buf = z[it] if keep else own
+        buf[n_in:] = 0  # padding rows: the walk overwrites them in place
         _load_tile_transposed(x, s0, ts, buf)
         for q in range(sched.shape[0]):
             _forward_pair(buf, weight[2 * q], weight[2 * q + 1], sched[q], tmp, ts)
-        for i0 in range(0, n_out, 16):
-            for s in range(ts):
-                for i in range(i0, min(i0 + 16, n_out)):
-                    out[s0 + s, i] = buf[final_loc[i], s]
-        for i0 in range(0, width, 16):
-            for s in range(ts):
-                for i in range(i0, min(i0 + 16, width)):
-                    z[s0 + s, i] = buf[i, s]
+        _store_tile_gathered(buf, final_loc, s0, ts, out)
 
 
 @numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
@@ -397,131 +413,119 @@ def _backward_pair(act, gbuf, w1, w2, st, tmp, gw1, gw2, ts):
 
 
 @numba.njit(**_JIT)
-def backward_kernel(z, weight, sched, final_loc, grad_out, grad_x, gw, tile):
-    """grad_x and gw (overwritten) from the final activation z and grad_out."""
-    batch, width = z.shape
-    n_in = grad_x.shape[1]
+def backward_tiles(z, weight, sched, final_loc, grad_out, grad_x, gw, tile, c, nchunks):
+    """Backward of tiles c, c + nchunks, ...: their rows of grad_x (batch, n_in), and gw
+    (depth, width // 2, 2, 2) set to the weight gradient summed over those tiles. The
+    walk runs in place in z's slabs, which end up holding the rebuilt inputs: z can serve
+    one backward only (the caller recomputes for any further one)."""
+    batch, n_in = grad_x.shape
+    width = 2 * weight.shape[1]
     n_out = grad_out.shape[1]
-    act = np.empty((width, tile), dtype=z.dtype)
     gbuf = np.empty((width, tile), dtype=z.dtype)
     tmp = np.empty((8, tile), dtype=z.dtype)
     gw[:] = 0
-    for s0 in range(0, batch, tile):
+    for it in range(c, (batch + tile - 1) // tile, nchunks):
+        s0 = it * tile
         ts = min(tile, batch - s0)
-        _load_tile_transposed(z, s0, ts, act)
-        for i in range(n_out, width):
+        act = z[it]
+        for i in range(n_out, width):  # rows the output slice dropped get no gradient
             gbuf[final_loc[i], :ts] = 0
-        for s in range(ts):
-            for i in range(n_out):
-                gbuf[final_loc[i], s] = grad_out[s0 + s, i]
+        _load_tile_scattered(grad_out, s0, ts, final_loc, gbuf)
         for q in range(sched.shape[0] - 1, -1, -1):
             _backward_pair(act, gbuf, weight[2 * q], weight[2 * q + 1], sched[q], tmp,
                            gw[2 * q], gw[2 * q + 1], ts)
-        for s in range(ts):
-            for i in range(n_in):
-                grad_x[s0 + s, i] = gbuf[i, s]
+        # after the first pair's backward, logical row i of the input sits in slot i
+        for i0 in range(0, n_in, 16):
+            i1 = min(i0 + 16, n_in)
+            for s in range(ts):
+                for i in range(i0, i1):
+                    grad_x[s0 + s, i] = gbuf[i, s]
 
 
-def _operands(rng, batch, n_in, width, depth, dtype, noise=0.0):
-    x = rng.standard_normal((batch, n_in)).astype(dtype)
-    perms = np.stack([rng.permutation(width) for _ in range(depth)]).astype(np.int64)
-    q, _ = np.linalg.qr(rng.standard_normal((depth * width // 2, 2, 2)))
-    weight = q.reshape(depth, width // 2, 2, 2) + noise * rng.standard_normal(
-        (depth, width // 2, 2, 2))
-    return x, weight.astype(dtype), perms
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def worst_amplification(weight):
+    """Product over factors of the largest 2×2 block condition number (inf if a block is
+    singular or not finite): a bound on how much rebuilding inputs through the inverses can
+    magnify relative rounding error over the whole depth."""
+    total = 1.0
+    for t in range(weight.shape[0]):
+        # κ = cond² of a block B satisfies κ + 1/κ = tr(BᵀB)² / det(BᵀB) - 2, increasing in
+        # κ >= 1: find each factor's worst block without a branch or root per block (the
+        # loop vectorises; a singular block gives inf, a NaN shows in the sum)
+        worst = 2.0
+        total_tr = 0.0
+        for b in range(weight.shape[1]):
+            a = np.float64(weight[t, b, 0, 0])
+            bb = np.float64(weight[t, b, 0, 1])
+            c = np.float64(weight[t, b, 1, 0])
+            d = np.float64(weight[t, b, 1, 1])
+            tr = a * a + bb * bb + c * c + d * d
+            det = a * d - bb * c
+            worst = max(worst, tr * tr / (det * det))
+            total_tr += tr
+        if not (worst < np.inf and total_tr < np.inf):
+            return np.inf
+        r = worst - 2.0  # κ + 1/κ
+        kappa = (r + np.sqrt(max(r * r - 4.0, 0.0))) / 2.0
+        total *= np.sqrt(kappa)
+    return total
 
 
-def check_against_reference(rng) -> float:
-    """Worst float64 error of output, grad_x and grad_w against autograd on the reference,
-    over small shapes with odd sizes, tiles of 1 and 3, and non-orthogonal blocks."""
-    worst = 0.0
-    for batch, n_in, width, depth in [(5, 7, 10, 2), (9, 30, 40, 4), (33, 99, 202, 6)]:
-        x, w, perms = _operands(rng, batch, n_in, width, depth, np.float64, noise=0.1)
-        n_out = n_in - 2
-        go = rng.standard_normal((batch, n_out))
-        xt = torch.tensor(x, requires_grad=True)
-        wt = torch.tensor(w, requires_grad=True)
-        y_ref = permuted_block_diagonal_reference(xt, wt, torch.tensor(perms), out_features=n_out)
-        y_ref.backward(torch.tensor(go))
-        sched, final_loc = build_schedule(perms)
-        for tile in (1, 3, 8):
-            y, z = np.empty((batch, n_out)), np.empty((batch, width))
-            gx, gw = np.empty_like(x), np.empty_like(w)
-            forward_kernel(x, w, sched, final_loc, y, z, tile)
-            backward_kernel(z, w, sched, final_loc, go, gx, gw, tile)
-            for ours, ref in ((y, y_ref.detach()), (gx, xt.grad), (gw, wt.grad)):
-                worst = max(worst, float(np.abs(ours - ref.numpy()).max()))
-    return worst
+# ---------------------------------------------------------------------------------------
+# Parallel-region bodies (ops/_parallel.py), as at the end of _permuted_numba.py: header
+# slots 0-1 chunk counters, 2 chunk count, 3 dtype (0 float32, 1 float64), then sizes and
+# data pointers.
+
+_I32 = np.empty(0, np.int32)
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--features", type=int, default=1024)
-    ap.add_argument("--width", type=int, default=2048)
-    ap.add_argument("--depth", type=int, default=20, help="even (default 20)")
-    ap.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args(argv)
-    if args.depth % 2 or args.width % 2:
-        ap.error(f"--depth and --width must be even, got {args.depth} and {args.width}")
-    set_threads(1, numba_threads=False)
-    rng = np.random.default_rng(0)
-    err64 = check_against_reference(rng)
-    print(f"prototype vs reference, float64, worst abs error: {err64:.1e}")
-    if err64 > 1e-10:
-        raise SystemExit("prototype disagrees with the reference")
-
-    x, w, perms = _operands(rng, args.batch, args.features, args.width, args.depth, np.float32)
-    go = rng.standard_normal((args.batch, args.features)).astype(np.float32)
-    sched, final_loc = build_schedule(perms)
-    y, y_ref = np.empty_like(x), np.empty_like(x)
-    z = np.empty((args.batch, args.width), np.float32)
-    gx, gw = np.empty_like(x), np.empty_like(w)
-    gx_ref, gw_ref = np.empty_like(x), np.empty_like(w)
-    rows, ms = [], {}
-    for tile in args.tiles:
-        fns = {
-            "shipped_fwd": lambda t=tile: shipped._forward_thread_kernel(
-                x, w, perms, y_ref, t, 0, 1),
-            "shipped_bwd": lambda t=tile: shipped._backward_thread_kernel(
-                x, w, perms, go, gx_ref, gw_ref, t, 0, 1),
-            "proto_fwd": lambda t=tile: forward_kernel(x, w, sched, final_loc, y, z, t),
-            "proto_bwd": lambda t=tile: backward_kernel(z, w, sched, final_loc, go, gx, gw, t),
-        }
-        t = time_interleaved(fns, repeats=args.repeats)
-        scale = float(np.abs(gw_ref).max())
-        diff = {
-            "y": float(np.abs(y - y_ref).max()),
-            "grad_x": float(np.abs(gx - gx_ref).max()),
-            "grad_w_rel": float(np.abs(gw - gw_ref).max()) / scale,
-        }
-        ms[str(tile)] = {k: round(v * 1e3, 4) for k, v in t.items()} | {"float32_diff": diff}
-        shipped_fb = t["shipped_fwd"] + t["shipped_bwd"]
-        proto_fb = t["proto_fwd"] + t["proto_bwd"]
-        rows.append((tile, t, shipped_fb, proto_fb))
-    print(f"kernels alone, 1 thread, float32, batch {args.batch}, {args.features} -> "
-          f"{args.features}, width {args.width}, depth {args.depth} (ms)")
-    print(" tile  shipped fwd  bwd    f+b  | prototype fwd  bwd    f+b  | f+b ratio")
-    for tile, t, sfb, pfb in rows:
-        print(f"{tile:5d}  {t['shipped_fwd'] * 1e3:9.3f} {t['shipped_bwd'] * 1e3:6.3f} "
-              f"{sfb * 1e3:6.3f} | {t['proto_fwd'] * 1e3:11.3f} {t['proto_bwd'] * 1e3:6.3f} "
-              f"{pfb * 1e3:6.3f} | {pfb / sfb:6.2f}")
-    best_shipped = min(r[2] for r in rows)
-    best_proto = min(r[3] for r in rows)
-    print(f"best tile of each: prototype f+b / shipped f+b = {best_proto / best_shipped:.2f}")
-    record = {
-        "bench": "proto_cycle_walk",
-        "config": {"batch": args.batch, "features": args.features, "width": args.width,
-                   "depth": args.depth, "dtype": "float32", "threads": 1},
-        "machine": machine_tag(),
-        "float64_max_error_vs_reference": err64,
-        "ms": ms,
-        "best_fwdbwd_ratio": round(best_proto / best_shipped, 4),
-    }
-    print_json_line(record)
-    return record
+@numba.njit(cache=True, nogil=True)
+def _forward_chunks(header, like):
+    a = numba.carray(header, (16,), np.int64)
+    nchunks, batch, n_in, depth, nb, n_out, tile = a[2], a[4], a[5], a[6], a[7], a[8], a[9]
+    width = 2 * nb
+    ntiles = (batch + tile - 1) // tile
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        forward_tiles(
+            _view(a[10], (batch, n_in), like), _view(a[11], (depth, nb, 2, 2), like),
+            _view(a[12], (depth // 2, nb, STEP_FIELDS), _I32), _view(a[13], (width,), _I64),
+            _view(a[14], (batch, n_out), like),
+            _view(a[15], (ntiles if a[15] else 0, width, tile), like), tile, c, nchunks)
+        finish_chunk(header)
 
 
-if __name__ == "__main__":
-    main()
+@numba.njit(cache=True, nogil=True)
+def _backward_chunks(header, like):
+    a = numba.carray(header, (17,), np.int64)
+    nchunks, batch, n_in, depth, nb, n_out, tile = a[2], a[4], a[5], a[6], a[7], a[8], a[9]
+    width = 2 * nb
+    ntiles = (batch + tile - 1) // tile
+    while True:
+        c = claim_chunk(header, nchunks)
+        if c < 0:
+            break
+        backward_tiles(
+            _view(a[10], (ntiles, width, tile), like), _view(a[11], (depth, nb, 2, 2), like),
+            _view(a[12], (depth // 2, nb, STEP_FIELDS), _I32), _view(a[13], (width,), _I64),
+            _view(a[14], (batch, n_out), like), _view(a[15], (batch, n_in), like),
+            _view(a[16], (nchunks, depth, nb, 2, 2), like)[c], tile, c, nchunks)
+        finish_chunk(header)
+
+
+@numba.cfunc(types.void(types.voidptr), cache=True)
+def _forward_body(header):
+    if numba.carray(header, (4,), np.int64)[3]:
+        _forward_chunks(header, _F64)
+    else:
+        _forward_chunks(header, _F32)
+
+
+@numba.cfunc(types.void(types.voidptr), cache=True)
+def _backward_body(header):
+    if numba.carray(header, (4,), np.int64)[3]:
+        _backward_chunks(header, _F64)
+    else:
+        _backward_chunks(header, _F32)
