@@ -22,10 +22,14 @@ from bornsparse.ops.permuted import (
 )
 
 
-def _operands(dtype):
+def _operands(dtype, depth=5):
+    """Odd depth runs the pair kernels; even depth the cycle walk (orthogonal blocks, so
+    backward takes the inverse path)."""
     g = torch.Generator().manual_seed(5)
-    depth, width = 5, 24
+    width = 24
     weight = torch.randn(depth, width // 2, 2, 2, generator=g, dtype=dtype)
+    if depth % 2 == 0:
+        weight = torch.linalg.qr(weight)[0]
     perms = torch.stack([torch.randperm(width, generator=g) for _ in range(depth)])
     biases = torch.randn(depth, width, generator=g, dtype=dtype)
     x = torch.randn(3 * FORWARD_TILE + 5, 17, generator=g, dtype=dtype)
@@ -47,9 +51,10 @@ def _run_all(x, weight, perms, biases):
     return out
 
 
+@pytest.mark.parametrize("depth", [4, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_openmp_pool_and_serial_launches_agree_bitwise(monkeypatch, dtype):
-    operands = _operands(dtype)
+def test_openmp_pool_and_serial_launches_agree_bitwise(monkeypatch, dtype, depth):
+    operands = _operands(dtype, depth)
     hows = ["threads", "serial"] + (["openmp"] if _parallel._torch_openmp() else [])
     before = torch.get_num_threads()
     results = {}
@@ -100,12 +105,13 @@ def test_launch_raises_when_a_body_stops_before_its_chunks_are_done(nthreads):
         _parallel.launch(_body_that_gives_up.address, header, nthreads)
 
 
+@pytest.mark.parametrize("depth", [4, 5])
 @pytest.mark.parametrize("how", ["threads", "openmp"])
-def test_concurrent_calls_from_python_threads(monkeypatch, how):
+def test_concurrent_calls_from_python_threads(monkeypatch, how, depth):
     if how == "openmp" and _parallel._torch_openmp() is None:
         pytest.skip("torch has no GNU OpenMP runtime here")
     monkeypatch.setattr(_parallel, "backend", lambda: how)
-    x, weight, perms, _ = _operands(torch.float64)
+    x, weight, perms, _ = _operands(torch.float64, depth)
     expected = permuted_block_diagonal(x, weight, perms, backend="reference")
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
+from numba.extending import intrinsic
 
 from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk
 from bornsparse.ops._permuted_numba import (
@@ -47,6 +49,9 @@ from bornsparse.ops._permuted_numba import (
 # the other) completes after this step, into the cycle's first slots WR0/WR1.
 RD0, RD1, B1, RIN, START, C2, CC, CLOSE, CL, CCL, WR0, WR1 = range(12)
 STEP_FIELDS = 12
+# steps ahead at which backward prefetches the rows it will read (measured: f+b 3.0-3.2 ms
+# with 2-4 vs 3.27 with none, 2 threads, batch 256, depth 20)
+PF = 3
 _JIT = {"cache": True, "nogil": True, "fastmath": _FASTMATH}
 
 
@@ -109,6 +114,30 @@ def build_schedule(perms):
     for q in range(depth // 2):
         sched[q], loc = pair_schedule(perms[2 * q], perms[2 * q + 1], loc)
     return sched, loc
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    """Hint the cache line at ``address`` (int64) into L1 (llvm.prefetch, read, locality 3)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(inline="always")
+def _prefetch_row(base, i, row_bytes, nbytes):
+    start = base + i * row_bytes
+    for o in range(0, nbytes, 64):
+        _prefetch(start + o)
 
 
 @numba.njit(inline="always")
@@ -363,7 +392,17 @@ def _backward_pair(act, gbuf, w1, w2, st, tmp, gw1, gw2, ts):
     were read from. tmp rows: 0-1 the running joining output and grad, 2-3 the first
     block's carried output and grad (parked until the cycle closes), 4-7 scratch."""
     i0 = 0
-    for i in range(st.shape[0]):
+    ab, gb = act.ctypes.data, gbuf.ctypes.data
+    rb = act.shape[1] * act.itemsize
+    nbytes = ts * act.itemsize
+    nsteps = st.shape[0]
+    for i in range(nsteps):
+        if i + PF < nsteps:
+            j = i + PF
+            _prefetch_row(ab, st[j, RD0], rb, nbytes)
+            _prefetch_row(ab, st[j, RD1], rb, nbytes)
+            _prefetch_row(gb, st[j, RD0], rb, nbytes)
+            _prefetch_row(gb, st[j, RD1], rb, nbytes)
         if st[i, START]:
             i0 = i
         else:
@@ -450,10 +489,9 @@ def worst_amplification(weight):
     total = 1.0
     for t in range(weight.shape[0]):
         # κ = cond² of a block B satisfies κ + 1/κ = tr(BᵀB)² / det(BᵀB) - 2, increasing in
-        # κ >= 1: find each factor's worst block without a branch or root per block (the
-        # loop vectorises; a singular block gives inf, a NaN shows in the sum)
+        # κ >= 1: each factor's worst block without a root per block. A singular block gives
+        # inf, a zero block or a NaN or infinite weight NaN: either ends the search.
         worst = 2.0
-        total_tr = 0.0
         for b in range(weight.shape[1]):
             a = np.float64(weight[t, b, 0, 0])
             bb = np.float64(weight[t, b, 0, 1])
@@ -461,10 +499,11 @@ def worst_amplification(weight):
             d = np.float64(weight[t, b, 1, 1])
             tr = a * a + bb * bb + c * c + d * d
             det = a * d - bb * c
-            worst = max(worst, tr * tr / (det * det))
-            total_tr += tr
-        if not (worst < np.inf and total_tr < np.inf):
-            return np.inf
+            v = tr * tr / (det * det)
+            if not v < np.inf:
+                return np.inf
+            if v > worst:
+                worst = v
         r = worst - 2.0  # κ + 1/κ
         kappa = (r + np.sqrt(max(r * r - 4.0, 0.0))) / 2.0
         total *= np.sqrt(kappa)
