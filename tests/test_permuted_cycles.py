@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bornsparse.ops import _permuted_cycles as cycles
+from bornsparse.ops import permuted as permuted_ops
 from bornsparse.ops.permuted import (
+    CYCLE_MIN_TILE,
     CYCLE_TILE,
     INVERSE_MAX_AMPLIFICATION,
     inverse_backward_is_safe,
@@ -19,6 +21,13 @@ from bornsparse.ops.permuted import (
     permuted_block_diagonal_dense_reference,
     permuted_block_diagonal_reference,
 )
+
+
+@pytest.fixture(autouse=True)
+def cycles_at_every_batch(monkeypatch):
+    """Production sends tiles shorter than CYCLE_MIN_TILE to the pair kernels (slower
+    there, not wrong); here the cycle kernels must also face batch 1 and odd tiles."""
+    monkeypatch.setattr(permuted_ops, "CYCLE_MIN_TILE", 1)
 
 
 def near_orthogonal(depth, nblocks, seed, noise, dtype=torch.float64):
@@ -82,6 +91,20 @@ def test_inverse_backward_matches_dense_and_reference(case):
     torch.testing.assert_close(xr.grad, gy @ dense, rtol=1e-10, atol=1e-11)
     scale = 1e-11 * (1 + wf.grad.abs().max().item())
     torch.testing.assert_close(wr.grad, wf.grad, rtol=1e-9, atol=scale)
+
+
+def test_small_tiles_take_the_pair_kernels(monkeypatch):
+    monkeypatch.setattr(permuted_ops, "CYCLE_MIN_TILE", CYCLE_MIN_TILE)
+    weight, perms = near_orthogonal(2, 40, seed=0, noise=0.0, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    small = torch.randn(threads * (CYCLE_MIN_TILE - 1), 80, requires_grad=True)
+    big = torch.randn(threads * CYCLE_MIN_TILE, 80, requires_grad=True)
+    w = weight.requires_grad_()
+    assert permuted_block_diagonal(small, w, perms, backend="numba").grad_fn.cycle_tile == 0
+    assert permuted_block_diagonal(big, w, perms, backend="numba").grad_fn.cycle_tile > 0
+    odd = near_orthogonal(3, 40, seed=0, noise=0.0, dtype=torch.float32)[0].requires_grad_()
+    odd_perms = torch.stack([torch.randperm(80) for _ in range(3)])
+    assert permuted_block_diagonal(big, odd, odd_perms, backend="numba").grad_fn.cycle_tile == 0
 
 
 def _takes_inverse_path(x, weight, perms, n_out):

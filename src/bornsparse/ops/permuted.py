@@ -44,9 +44,13 @@ NUMBA_DTYPES = (torch.float32, torch.float64)
 FORWARD_TILE = 64
 BACKWARD_TILE = 64
 # The cycle-walk kernels (2×2 blocks, even depth) keep one (width, tile) buffer (two in
-# backward) and pay a fixed cost per step of the walk, so longer tiles measured faster up to
-# 128 samples (benchmarks/bench_permuted_tiles.py).
+# backward) and pay a fixed cost per step of the walk: f+b at batch 256 measured 0.50× dense
+# with tiles of 128, 0.65-0.76× with 64 or 96 (2 threads), 0.58× with 256 (1 thread). Below
+# CYCLE_MIN_TILE samples per tile (small batches) the fixed cost loses to the pair kernels
+# (2 threads, f+b: batch 16, tile 8: 1.41× vs 1.04×; batch 64, tile 32: 0.92× vs 0.86×;
+# batch 128, tile 64: 0.61× vs 0.71×), so those batches take the pair kernels.
 CYCLE_TILE = 128
+CYCLE_MIN_TILE = 64
 # The cycle backward rebuilds every factor's input from its output through the blocks'
 # inverses; it is used only while the product over factors of the worst block condition
 # number stays at most this (rounding relative to the activations is magnified at most so
@@ -107,9 +111,13 @@ def _plan(batch: int, cap: int) -> tuple[int, int]:
     return tile, max(1, min(threads, -(-batch // tile)))
 
 
-def _uses_cycles(weight: torch.Tensor) -> bool:
-    """Whether the cycle-walk kernels apply: 2×2 blocks and an even depth."""
-    return weight.shape[2] == 2 and weight.shape[0] % 2 == 0
+def _cycle_plan(weight: torch.Tensor, batch: int) -> tuple[int, int] | None:
+    """(tile, chunks) for the cycle-walk kernels, or None where they do not apply (block
+    size other than 2, odd depth) or lose (tiles shorter than CYCLE_MIN_TILE)."""
+    if weight.shape[2] != 2 or weight.shape[0] % 2 or batch == 0:
+        return None
+    tile, nchunks = _plan(batch, CYCLE_TILE)
+    return (tile, nchunks) if tile >= CYCLE_MIN_TILE else None
 
 
 def _cycle_schedule(perms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -173,11 +181,12 @@ class PermutedBlockDiagonalFn(torch.autograd.Function):
         out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
         ctx.cycle_tile = 0  # 0: backward recomputes; else the tile of the saved activation
         final = torch.empty(0, dtype=x.dtype)
-        if x.shape[0] and _uses_cycles(weight_c):
+        cycle_plan = _cycle_plan(weight_c, x.shape[0])
+        if cycle_plan is not None:
             from bornsparse.ops._permuted_cycles import _forward_body as cycle_forward_body
 
             sched, final_loc = _cycle_schedule(perms_c)
-            tile, nchunks = _plan(x.shape[0], CYCLE_TILE)
+            tile, nchunks = cycle_plan
             depth, nb = weight_c.shape[:2]
             if backward_expected is None:  # called directly: grad mode is off in here
                 backward_expected = any(ctx.needs_input_grad[:2])
