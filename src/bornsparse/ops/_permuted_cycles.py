@@ -258,7 +258,11 @@ def _back_step(act, gbuf, tmp, r0, r1, q0, q1, n00, n01, n10, n11, m00, m01, m10
     (grads gbuf rows r0, r1); finish the previous F1 block (its joining output and grad in
     tmp rows 0, 1; y = its inverse, z = it), writing its inputs and their grads into rows
     q0, q1. Leaves this step's joining output and grad in tmp rows 0, 1. Returns the F2 and
-    F1 weight-gradient sums."""
+    F1 weight-gradient sums.
+
+    This is _back_f2 followed by _back_f1, fused on purpose: one pass over the rows with
+    the F2 block's rebuilt inputs in registers, where the two (kept for the cycle ends,
+    about one step in a hundred) would pass twice and go through tmp."""
     a0, a1, g0r, g1r = act[r0], act[r1], gbuf[r0], gbuf[r1]
     pa0, pa1, pg0, pg1 = act[q0], act[q1], gbuf[q0], gbuf[q1]
     joins, gjoins = tmp[0], tmp[1]
