@@ -261,8 +261,8 @@ def _back_step(act, gbuf, tmp, r0, r1, q0, q1, n00, n01, n10, n11, m00, m01, m10
     F1 weight-gradient sums.
 
     This is _back_f2 followed by _back_f1, fused on purpose: one pass over the rows with
-    the F2 block's rebuilt inputs in registers, where the two (kept for the cycle ends,
-    about one step in a hundred) would pass twice and go through tmp."""
+    the F2 block's rebuilt inputs in registers, where the two (kept for the cycle ends:
+    2-7 cycles per pair of 1024 blocks at width 2048) would pass twice and go through tmp."""
     a0, a1, g0r, g1r = act[r0], act[r1], gbuf[r0], gbuf[r1]
     pa0, pa1, pg0, pg1 = act[q0], act[q1], gbuf[q0], gbuf[q1]
     joins, gjoins = tmp[0], tmp[1]
