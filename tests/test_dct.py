@@ -190,17 +190,18 @@ def _sparse_case(b, n, m, nnz, seed):
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("grads", ["all", "values_only", "x_only"])
 def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bias, grads):
+    import bornsparse.ops.dct_sparse_affine as A
     import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
-    monkeypatch.setattr(D, "_BLOCK_BYTES", 0)  # blocks of 16 samples: several per batch
+    monkeypatch.setattr(A, "_BLOCK_BYTES", 0)  # blocks of 16 samples: several per batch
     ts, idx, plan = _sparse_case(b, n, m, max(1, n * m // 3), seed=b + n + m)
     want_grad = {"all": [True] * 4, "values_only": [False, False, True, False],
                  "x_only": [True, False, False, False]}[grads]
     a = [t.clone().requires_grad_(w) for t, w in zip(ts, want_grad, strict=True)]
     r = [t.clone().requires_grad_(w) for t, w in zip(ts, want_grad, strict=True)]
-    out = D.dct_sparse_affine(a[0], m, a[1], a[2], plan, a[3] if use_bias else None)
-    ref = D.dct_sparse_affine_reference(r[0], m, r[1], r[2], idx, r[3] if use_bias else None)
+    out = A.dct_sparse_affine(a[0], m, a[1], a[2], plan, a[3] if use_bias else None)
+    ref = A.dct_sparse_affine_reference(r[0], m, r[1], r[2], idx, r[3] if use_bias else None)
     torch.testing.assert_close(out, ref)
     # the reference is α·x@D + x Sᵀ + bias with D from scipy
     q = max(n, m)
@@ -222,14 +223,14 @@ def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bia
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
     # large enough that the default thresholds take the fused path, several default blocks
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.dct_sparse_affine as A
 
     b, n, m = 150, 300, 257
     ts, idx, plan = _sparse_case(b, n, m, 500, seed=1)
     ts = [t.to(dtype).requires_grad_() for t in ts]
-    out = D.dct_sparse_affine(ts[0], m, ts[1], ts[2], plan, ts[3])
+    out = A.dct_sparse_affine(ts[0], m, ts[1], ts[2], plan, ts[3])
     x, al, v, bi = (t.detach().double() for t in ts)
-    ref = D.dct_sparse_affine_reference(x, m, al, v, idx, bi)
+    ref = A.dct_sparse_affine_reference(x, m, al, v, idx, bi)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}
     torch.testing.assert_close(out.double(), ref, **tol)
     out.sum().backward()
@@ -237,24 +238,25 @@ def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
 
 
 def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
+    import bornsparse.ops.dct_sparse_affine as A
     import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
-    monkeypatch.setattr(D, "_BLOCK_BYTES", 0)
+    monkeypatch.setattr(A, "_BLOCK_BYTES", 0)
     for b, n, m in [(2, 3, 5), (17, 5, 3), (1, 4, 4)]:
         ts, idx, plan = _sparse_case(b, n, m, max(1, n * m // 2), seed=n)
         args = [t.clone().requires_grad_() for t in ts]
         assert torch.autograd.gradcheck(
-            lambda x, al, v, bi, m=m, plan=plan: D.dct_sparse_affine(x, m, al, v, plan, bi),
+            lambda x, al, v, bi, m=m, plan=plan: A.dct_sparse_affine(x, m, al, v, plan, bi),
             args,
         )
 
 
 def test_fused_dct_sparse_affine_rejects_mismatched_plan():
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.dct_sparse_affine as A
 
     ts, _, plan = _sparse_case(2, 5, 3, 4, seed=0)
     with pytest.raises(ValueError, match="plan and values must describe a"):
-        D.dct_sparse_affine(ts[0], 4, ts[1], ts[2], plan, None)
+        A.dct_sparse_affine(ts[0], 4, ts[1], ts[2], plan, None)
     with pytest.raises(ValueError, match="plan and values must describe a"):
-        D.dct_sparse_affine(ts[0], 3, ts[1], ts[2][:3], plan, None)
+        A.dct_sparse_affine(ts[0], 3, ts[1], ts[2][:3], plan, None)

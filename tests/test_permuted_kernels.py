@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from bornsparse.ops.permuted import (
     BACKWARD_TILE,
     FORWARD_TILE,
-    PermutedBlockDiagonalFn,
     permuted_block_diagonal,
     permuted_block_diagonal_dense_reference,
     permuted_block_diagonal_reference,
@@ -171,9 +170,11 @@ def test_auto_dispatch_picks_numba_for_cpu_float32_and_float64_only():
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(3, 8, dtype=dtype, requires_grad=True)
         y = permuted_block_diagonal(x, weight.to(dtype), perms)
-        assert type(y.grad_fn).__name__.startswith(PermutedBlockDiagonalFn.__name__)
+        assert "bornsparse" in type(y.grad_fn).__name__.lower() or (
+            "permuted_block_diagonal" in y.grad_fn.name()
+        )
         y_ref = permuted_block_diagonal(x, weight.to(dtype), perms, backend="reference")
-        assert not type(y_ref.grad_fn).__name__.startswith(PermutedBlockDiagonalFn.__name__)
+        assert "permuted_block_diagonal" not in y_ref.grad_fn.name()
     xb = torch.randn(3, 8, dtype=torch.bfloat16)
     y16 = permuted_block_diagonal(xb, weight.to(torch.bfloat16), perms)
     expect = permuted_block_diagonal_reference(xb.double(), weight, perms)
@@ -189,7 +190,7 @@ def test_double_backward_raises_on_numba_and_works_on_reference():
     (gx,) = torch.autograd.grad(
         permuted_block_diagonal(x, w, perms, backend="numba").pow(2).sum(), x, create_graph=True
     )
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+    with pytest.raises(RuntimeError, match="double backward through the numba kernel"):
         gx.sum().backward()
     assert torch.autograd.gradgradcheck(
         lambda x, w: permuted_block_diagonal(x, w, perms, backend="reference"), (x, w)
@@ -315,10 +316,14 @@ def test_kernels_survive_fork():
     assert how == "serial"  # the at-fork hook marked the child
 
 
-def test_autograd_function_called_directly_validates_what_the_kernel_trusts():
+def test_custom_op_called_directly_validates_what_the_kernel_trusts():
     weight, perms = make_operands(2, 4, 2, seed=0)
     x = torch.randn(3, 8, dtype=torch.float64)
-    apply = PermutedBlockDiagonalFn.apply
+
+    def apply(x, weight, perms, out_features):
+        return torch.ops.bornsparse.permuted_block_diagonal(x, weight, perms, out_features, 0,
+                                                            False)[0]
+
     with pytest.raises(TypeError, match="x and weight must share a dtype"):
         apply(x, weight.float(), perms, 8)
     with pytest.raises(TypeError, match="perms must have dtype torch.int64"):

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bornsparse.ops.backends import BACKENDS
 from bornsparse.ops.sparse_product import (
-    BACKENDS,
     build_plan,
     check_indices,
     sort_support,
@@ -152,7 +152,7 @@ def test_bad_input():
 def test_parallel_and_serial_numba_kernels_agree(monkeypatch, min_work):
     import bornsparse.ops.sparse_product as sm
 
-    monkeypatch.setattr(sm, "_PARALLEL_MIN_WORK", min_work)
+    monkeypatch.setattr(sm, "PARALLEL_MIN_WORK", min_work)
     for rows, cols, nnz, batch in [(1, 1, 1, 1), (17, 9, 40, 5), (64, 80, 900, 33)]:
         idx = random_support(rows, cols, nnz, seed=rows)
         v = torch.randn(nnz, dtype=torch.float64, requires_grad=True)

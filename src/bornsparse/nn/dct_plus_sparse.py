@@ -12,16 +12,8 @@ import torch
 from torch import nn
 
 from bornsparse.nn.sparse_linear import SparseLinear, check_choice
-from bornsparse.ops.discrete_cosine import dct, dct_matrix, dct_project_affine, dct_sparse_affine
-
-
-def dct_project(x: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (..., in) -> first ``out_features`` DCT-II coefficients of x padded to max(in, out)."""
-    n = x.shape[-1]
-    q = max(n, out_features)
-    if q > n:
-        x = nn.functional.pad(x, (0, q - n))
-    return dct(x)[..., :out_features]
+from bornsparse.ops.dct_sparse_affine import dct_sparse_affine
+from bornsparse.ops.discrete_cosine import dct_matrix
 
 
 class DCTPlusSparseLinear(SparseLinear):
@@ -30,9 +22,9 @@ class DCTPlusSparseLinear(SparseLinear):
     Arguments as :class:`SparseLinear`; ``alpha`` is α's start value, a Parameter when
     ``train_alpha`` else a buffer. ``init`` for S: "zeros" (default, the paper's), "normal"
     (N(0, 1/f), f = nnz/out) or "kaiming" (N(0, 2/f)). Stored: values, indices, α, bias.
-    On CPU with backend "auto" the whole layer is one fused autograd node
-    (:func:`~bornsparse.ops.discrete_cosine.dct_sparse_affine`); backend "numba" runs the sparse
-    product and the DCT as separate nodes.
+    ``backend`` (ops/backends.py): with "auto" or "numba" on CPU the whole layer is one
+    fused op (:func:`~bornsparse.ops.dct_sparse_affine.dct_sparse_affine`); "reference" is
+    plain PyTorch all the way down (gradients of any order, e.g. for GraSP).
     """
 
     def __init__(
@@ -49,29 +41,23 @@ class DCTPlusSparseLinear(SparseLinear):
         init: str = "zeros",
         seed: int | None = None,
         indices: torch.Tensor | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         check_choice("init", init, ("zeros", "normal", "kaiming"))
         super().__init__(
             in_features, out_features, nnz=nnz, density=density, bias=bias, support=support,
-            init=init, seed=seed, indices=indices, device=device, dtype=dtype,
+            init=init, seed=seed, indices=indices, backend=backend, device=device, dtype=dtype,
         )
         register_alpha(self, alpha, train_alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self._backend == "auto" and x2.device.type == "cpu":
-            # one autograd node for the whole layer: saves four transposes (ops/discrete_cosine.py)
-            out = dct_sparse_affine(
-                x2, self.out_features, self.alpha, self.values, self.plan(), self.bias
-            )
-            return out.reshape(*lead, self.out_features)
-        y = self._sparse_part(x2)
-        out = dct_project_affine(x2, self.out_features, self.alpha, y, self.bias)
-        return out.reshape(*lead, self.out_features)
+        return dct_sparse_affine(
+            x, self.out_features, self.alpha, self.values, self.plan(), self.bias,
+            backend=self._backend,
+        )
 
     def dct_dense(self) -> torch.Tensor:
         """The fixed offset Dᵀ as an (out_features, in_features) matrix, without α."""

@@ -13,13 +13,8 @@ from bornsparse._checks import (
     check_optional_positive_int,
     check_positive_int,
 )
-from bornsparse.ops.permuted import (
-    BACKENDS,
-    _check_permutations,
-    _permuted_block_diagonal,
-    _permuted_tanh_network,
-    permuted_block_diagonal,
-)
+from bornsparse.ops.backends import check_backend
+from bornsparse.ops.permuted import permuted_block_diagonal, permuted_tanh_network
 
 
 def default_width(in_features: int, out_features: int, block_size: int) -> int:
@@ -68,10 +63,12 @@ class _PermutedBase(nn.Module):
         depth: int | None,
         block_size: int,
         seed: int | None,
+        backend: str,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> None:
         super().__init__()
+        self.backend = backend
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self.block_size = check_positive_int("block_size", block_size)
@@ -111,18 +108,16 @@ class _PermutedBase(nn.Module):
         # a buffer, so the state_dict carries the permutations and a loaded module is the
         # same function
         self.register_buffer("perms", perms.to(device))
-        self.backend = "auto"
 
     @property
     def backend(self) -> str:
-        """Kernel choice: "auto" (numba on CPU float32/64, else reference), "reference", "numba"."""
+        """Kernel choice (ops/backends.py): "auto" (numba on CPU float32/64, else
+        reference), "reference" (plain PyTorch, any order of gradients) or "numba"."""
         return self._backend
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
+        self._backend = check_backend(value, "permuted")
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """Mean over all blocks of 2‖I − BᵀB‖²_F (eq. 2); differentiable, a scalar."""
@@ -137,30 +132,6 @@ class _PermutedBase(nn.Module):
         gram = w.transpose(-1, -2) @ w
         eye = torch.eye(self.block_size, dtype=w.dtype, device=w.device)
         return 2.0 * ((gram - eye) ** 2).sum(dim=(-1, -2)).mean()
-
-    def _perms_known_good(self) -> bool:
-        """Check that every row of perms is a permutation, unless done since its last change.
-
-        The check costs O(depth · width) per call (~40 µs at depth 20, width 2048), so it is
-        redone only when the buffer changed: in-place writes (load_state_dict included) bump
-        ``_version``; a new tensor has a new data_ptr. False means: let the functional check.
-        """
-        p = self.perms
-        key = (p.data_ptr(), p._version, tuple(p.shape), p.device)
-        if getattr(self, "_perms_checked", None) == key:
-            return True
-        if p.dtype != torch.int64 or p.dim() != 2:
-            return False  # the functional raises a clear error for these
-        _check_permutations(p)
-        self._perms_checked = key
-        return True
-
-    def _op(self, h: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor,
-            out_features: int | None, checked: bool) -> torch.Tensor:
-        return _permuted_block_diagonal(
-            h, weight, perms, out_features=out_features, backend=self.backend,
-            check_perms=not checked,
-        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_float_tensor("input", x)
@@ -195,12 +166,13 @@ class PermutedBlockDiagonal(_PermutedBase):
         block_size: int = 2,
         bias: bool = False,
         seed: int | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             in_features, out_features, width=width, depth=depth, block_size=block_size,
-            seed=seed, device=device, dtype=dtype,
+            seed=seed, backend=backend, device=device, dtype=dtype,
         )
         if bias:
             self.bias = nn.Parameter(
@@ -213,7 +185,9 @@ class PermutedBlockDiagonal(_PermutedBase):
         self._check_input(x)
         # the op pads to width and slices to out_features itself (the kernel never
         # materialises either)
-        y = self._op(x, self.weight, self.perms, self.out_features, self._perms_known_good())
+        y = permuted_block_diagonal(
+            x, self.weight, self.perms, out_features=self.out_features, backend=self.backend
+        )
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -246,12 +220,13 @@ class PermutedTanhNetwork(_PermutedBase):
         depth: int | None = None,
         block_size: int = 2,
         seed: int | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             in_features, out_features, width=width, depth=depth, block_size=block_size,
-            seed=seed, device=device, dtype=dtype,
+            seed=seed, backend=backend, device=device, dtype=dtype,
         )
         self.biases = nn.Parameter(
             torch.zeros(self.depth, self.width, device=device, dtype=self.weight.dtype)
@@ -259,7 +234,7 @@ class PermutedTanhNetwork(_PermutedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return _permuted_tanh_network(
+        return permuted_tanh_network(
             x, self.weight, self.perms, self.biases, out_features=self.out_features,
-            backend=self.backend, check_perms=not self._perms_known_good(),
+            backend=self.backend,
         )

@@ -42,6 +42,7 @@ def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
 
 
 class _SparseConvBase(SparseWeightBase):
+    _backend_family = "conv"
     def _init_conv(
         self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
         padding_mode,
@@ -146,6 +147,7 @@ class SparseConv2d(_SparseConvBase):
         init: str = "kaiming",
         seed: int | None = None,
         indices: torch.Tensor | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -157,7 +159,7 @@ class SparseConv2d(_SparseConvBase):
         check_choice("init", init, self._inits)
         gen = self._init_support(
             self.out_channels, self.patch_size, nnz=nnz, density=density, support=support,
-            indices=indices, seed=seed, device=device, dtype=dtype,
+            indices=indices, seed=seed, backend=backend, device=device, dtype=dtype,
         )
         self._init_values(init, gen)
         self._make_bias(bias, device, self.values.dtype)
@@ -212,13 +214,14 @@ class DCTPlusSparseConv2d(SparseConv2d):
         init: str = "zeros",
         seed: int | None = None,
         indices: torch.Tensor | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, nnz=nnz, density=density, support=support, init=init, seed=seed,
-            indices=indices, device=device, dtype=dtype,
+            indices=indices, backend=backend, device=device, dtype=dtype,
         )
         register_alpha(self, alpha, train_alpha)
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from bornsparse._checks import check_float_tensor, check_fraction, check_positive_int
 from bornsparse.nn._support import sample_support
+from bornsparse.ops.backends import check_backend
 from bornsparse.ops.sparse_product import (
-    BACKENDS,
     SparsePlan,
     build_plan,
     check_indices,
@@ -53,6 +53,15 @@ def resolve_nnz(nnz: object, density: object, rows: int, cols: int) -> int:
     return n
 
 
+# the compressed forms of the support kept beside ``indices`` (SparsePlan's fields)
+_PLAN_BUFFERS = ("_rowptr", "_colptr", "_csc_perm", "_csc_rows")
+
+
+def _support_key(idx: torch.Tensor) -> tuple:
+    # in-place writes bump _version; a new tensor (.to(), assignment) has a new data_ptr
+    return (idx.data_ptr(), idx._version, idx.device)
+
+
 def make_generator(seed: object) -> torch.Generator:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -79,6 +88,7 @@ class SparseWeightBase(nn.Module):
 
     values: nn.Parameter
     indices: torch.Tensor
+    _backend_family = "sparse"  # which backends the layer's ops have (ops/backends.py)
 
     def _init_support(
         self,
@@ -90,10 +100,12 @@ class SparseWeightBase(nn.Module):
         support: str,
         indices: torch.Tensor | None,
         seed: object,
+        backend: object = "auto",
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> torch.Generator:
         self._rows, self._cols = rows, cols
+        self.backend = backend
         self.support = check_choice("support", support, SUPPORTS)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -109,9 +121,10 @@ class SparseWeightBase(nn.Module):
             idx = sample_support(rows, cols, n, gen, per_row=support == "per_row")
         self.register_buffer("indices", idx.to(device))
         self.values = nn.Parameter(torch.empty(idx.shape[1], device=device, dtype=dtype))
-        self._plan: SparsePlan | None = None
         self._plan_key: tuple | None = None
-        self._backend = "auto"
+        for name in _PLAN_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
+        self.refresh_plan()
         return gen
 
     # ---- support ---------------------------------------------------------------------
@@ -132,22 +145,51 @@ class SparseWeightBase(nn.Module):
 
     @property
     def backend(self) -> str:
-        """Kernel choice for the sparse product; see bornsparse.ops.sparse_product.BACKENDS."""
+        """Kernel choice (ops/backends.py): "auto", "reference", "numba" or "torch_sparse"
+        for the linear layers; "auto" or "reference" for the convolutions."""
         return self._backend
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._backend = check_choice("backend", value, BACKENDS)
+        self._backend = check_backend(value, self._backend_family)
+
+    @torch.no_grad()
+    def refresh_plan(self) -> None:
+        """Rebuild (and re-validate) the support's compressed form from ``indices``.
+
+        The plan's tensors are non-persistent buffers, so they move with the module and
+        torch.compile sees them as plain inputs; nothing is built on the meta device.
+        """
+        idx = self.indices
+        if idx.device.type == "meta":
+            for name in _PLAN_BUFFERS:
+                setattr(self, name, None)
+            self._plan_key = None
+            return
+        plan = build_plan(idx, self.dense_shape)
+        for name, t in zip(_PLAN_BUFFERS, plan.tensors()[2:], strict=True):
+            setattr(self, name, t)
+        self._plan_key = _support_key(idx)
 
     def plan(self) -> SparsePlan:
-        """The support's compressed structure, rebuilt (and re-validated) when it changes."""
+        """The support's compressed structure (:class:`SparsePlan`).
+
+        Eagerly, an ``indices`` changed since the last build (in place, or replaced) is
+        noticed and the plan rebuilt; a compiled graph takes the buffers as they are
+        (``update_support_`` and ``load_state_dict`` refresh them).
+        """
+        if not torch.compiler.is_compiling() and self._plan_key != _support_key(self.indices):
+            self.refresh_plan()
+        if self._rowptr is None:
+            raise RuntimeError("the layer's support is on the meta device; materialise it "
+                               "(to_empty plus load_state_dict, or bornsparse.load) first")
         idx = self.indices
-        # in-place writes (load_state_dict, update_support_) bump _version; .to() moves it
-        key = (idx.data_ptr(), idx._version, idx.device)
-        if self._plan is None or self._plan_key != key:
-            self._plan = build_plan(idx, self.dense_shape)
-            self._plan_key = key
-        return self._plan
+        return SparsePlan(self.dense_shape, idx[0], idx[1], self._rowptr, self._colptr,
+                          self._csc_perm, self._csc_rows)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._plan_key = None  # indices were copied in place: rebuild at the next plan()
 
     @torch.no_grad()
     def update_support_(self, indices: torch.Tensor, values: torch.Tensor) -> None:
@@ -167,7 +209,7 @@ class SparseWeightBase(nn.Module):
         check_indices(idx, self.dense_shape, nnz=self.nnz)
         self.indices.copy_(idx)
         self.values.copy_(vals)
-        self._plan = None
+        self.refresh_plan()
 
     def _linear_indices(self) -> torch.Tensor:
         return self.indices[0] * self._cols + self.indices[1]
@@ -222,6 +264,7 @@ class SparseLinear(SparseWeightBase):
         init: str = "kaiming",
         seed: int | None = None,
         indices: torch.Tensor | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -231,7 +274,7 @@ class SparseLinear(SparseWeightBase):
         check_choice("init", init, ("kaiming", "normal", "zeros"))
         gen = self._init_support(
             self.out_features, self.in_features, nnz=nnz, density=density, support=support,
-            indices=indices, seed=seed, device=device, dtype=dtype,
+            indices=indices, seed=seed, backend=backend, device=device, dtype=dtype,
         )
         self._init_values(init, gen)
         if bias:

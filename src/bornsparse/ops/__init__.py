@@ -6,7 +6,6 @@ _TABLE = {
     "permuted_block_diagonal": "permuted",
     "permuted_block_diagonal_reference": "permuted",
     "permuted_block_diagonal_dense_reference": "permuted",
-    "PermutedBlockDiagonalFn": "permuted",
     "permuted_tanh_network": "permuted",
     "permuted_tanh_network_reference": "permuted",
     "dct": "discrete_cosine",
@@ -14,8 +13,10 @@ _TABLE = {
     "sparse_matmul": "sparse_product",
     "sparse_matmul_reference": "sparse_product",
     "dct_matrix": "discrete_cosine",
-    "dct_sparse_affine": "discrete_cosine",
-    "dct_sparse_affine_reference": "discrete_cosine",
+    "dct_sparse_affine": "dct_sparse_affine",
+    "dct_sparse_affine_reference": "dct_sparse_affine",
+    "resolve_backend": "backends",
+    "BACKENDS": "backends",
 }
 __all__ = sorted(_TABLE)
 __getattr__, __dir__ = lazy_module(__name__, _TABLE)

@@ -18,13 +18,7 @@ import math
 import torch
 
 from bornsparse._checks import check_float_tensor, check_positive_int
-from bornsparse.ops.sparse_product import (
-    _PARALLEL_MIN_WORK,
-    SparsePlan,
-    _numba_spmm_t,
-    sparse_matmul,
-    sparse_matmul_reference,
-)
+from bornsparse.ops.backends import check_backend, resolve_backend
 
 # torch.fft has no half-precision CPU kernels; compute those in float32 and cast back
 _COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -73,7 +67,7 @@ def _tables(n: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch
         "take": take.to(device),
         "put": put.to(device),
         "sign": sign.to(device=device, dtype=dtype),
-        "w_conj": w.conj().to(device=device, dtype=cdtype),
+        "w_conj": w.conj().resolve_conj().to(device=device, dtype=cdtype),
         "w_real": torch.view_as_real(w).to(device=device, dtype=dtype).contiguous(),
         "w_inv": (1.0 / w).to(device=device, dtype=cdtype),
     }
@@ -83,22 +77,24 @@ def _tables(n: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch
 _NUMBA_MIN_SIZE = 1 << 15
 
 
-def _use_numba(x: torch.Tensor) -> bool:
+def use_numba_twiddle(x: torch.Tensor) -> bool:
+    """Whether the numba twiddle kernels beat torch's for ``x`` (CPU float32/64, large)."""
     return (
         x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         and x.numel() >= _NUMBA_MIN_SIZE
     )
 
 
-def _dct_last(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal DCT-II along the last dim; float32/float64, any device, no autograd."""
+def _dct_last(x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Orthonormal DCT-II along the last dim; float32/float64, any device. With ``fused``
+    false it is plain torch (differentiable by autograd); else the numba twiddle may run."""
     n = x.shape[-1]
     if x.numel() == 0:  # MKL's FFT rejects an empty batch
         return torch.empty_like(x)
     t = _tables(n, x.dtype, x.device)
     v = x.index_select(-1, t["reorder"])
     spec = torch.fft.rfft(v, dim=-1)  # (..., n//2 + 1)
-    if _use_numba(x):
+    if fused and use_numba_twiddle(x):
         from bornsparse.ops._dct_numba import _twiddle_take_kernel
 
         out = torch.empty_like(x)
@@ -111,17 +107,19 @@ def _dct_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _dct_twiddle_reference(spec: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    z = torch.conj(spec) * t["w_conj"]
+    # conj_physical, not the lazy conj bit: inside the op run by an aot-compiled graph a lazy
+    # conj gave silently wrong values (torch 2.13, tests/test_compile.py)
+    z = torch.conj_physical(spec) * t["w_conj"]
     return torch.view_as_real(z).flatten(-2).index_select(-1, t["take"])
 
 
-def _idct_last(c: torch.Tensor) -> torch.Tensor:
-    """Orthonormal DCT-III (inverse of _dct_last) along the last dim."""
+def _idct_last(c: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Orthonormal DCT-III (inverse of _dct_last) along the last dim; ``fused`` as there."""
     n = c.shape[-1]
     if c.numel() == 0:
         return torch.empty_like(c)
     t = _tables(n, c.dtype, c.device)
-    if _use_numba(c):
+    if fused and use_numba_twiddle(c):
         from bornsparse.ops._dct_numba import _untake_twiddle_kernel
 
         cdtype = torch.complex128 if c.dtype == torch.float64 else torch.complex64
@@ -140,41 +138,62 @@ def _idct_twiddle_reference(c: torch.Tensor, t: dict[str, torch.Tensor]) -> torc
     return torch.view_as_complex(zr.unflatten(-1, (-1, 2))) * t["w_inv"]
 
 
-class _DCTFn(torch.autograd.Function):
-    """The orthonormal DCT is orthogonal, so its backward is the inverse transform."""
-
-    @staticmethod
-    def forward(ctx, x, inverse):
-        ctx.inverse = inverse
-        return _idct_last(x) if inverse else _dct_last(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        return (_dct_last(g) if ctx.inverse else _idct_last(g)), None
+@torch.library.custom_op("bornsparse::dct", mutates_args=())
+def _dct_op(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Orthonormal DCT-II (DCT-III if ``inverse``) along the last dim of a CPU float32/64
+    tensor, with the numba twiddle kernels for large inputs."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"bornsparse::dct needs a CPU float32/float64 tensor, got {x.dtype} "
+                         f"on {x.device}")
+    x = x.contiguous()
+    return _idct_last(x) if inverse else _dct_last(x)
 
 
-def _apply(x: torch.Tensor, dim: object, inverse: bool) -> torch.Tensor:
+@_dct_op.register_fake
+def _(x, inverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _dct_setup(ctx, inputs, output):
+    ctx.inverse = inputs[1]
+
+
+def _dct_backward(ctx, g):
+    # the transform is orthogonal: the backward of dct is idct and vice versa, itself this
+    # op, so gradients of any order go through the kernels
+    return torch.ops.bornsparse.dct(g, not ctx.inverse), None
+
+
+_dct_op.register_autograd(_dct_backward, setup_context=_dct_setup)
+
+
+def _apply(x: torch.Tensor, dim: object, inverse: bool, backend: object) -> torch.Tensor:
     check_float_tensor("x", x)
     d = _check_dim(x, dim)
     orig = x.dtype
     y = x.movedim(d, -1).to(_COMPUTE.get(orig, orig)).contiguous()
-    return _DCTFn.apply(y, inverse).to(orig).movedim(-1, d)
+    if resolve_backend(backend, y, "dct") == "reference":
+        out = _idct_last(y, fused=False) if inverse else _dct_last(y, fused=False)
+    else:
+        out = torch.ops.bornsparse.dct(y, inverse)
+    return out.to(orig).movedim(-1, d)
 
 
-def dct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def dct(x: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
     """Orthonormal DCT-II of ``x`` along ``dim`` (scipy.fft.dct(x, norm="ortho")).
 
     ``X[k] = f_k · 2 Σ_n x[n] cos(πk(2n+1)/2N)`` with ``f_0 = √(1/4N)``, ``f_k = √(1/2N)``.
     Any length N >= 1, any real floating dtype, same shape and dtype as ``x``.
-    Differentiable; the backward pass is :func:`idct` (the transform is orthogonal).
+    Differentiable to any order; the backward pass is :func:`idct` (the transform is
+    orthogonal). ``backend`` (ops/backends.py): "auto"/"numba" run the op
+    ``torch.ops.bornsparse.dct`` on CPU float32/float64, "reference" plain torch.
     """
-    return _apply(x, dim, inverse=False)
+    return _apply(x, dim, False, backend)
 
 
-def idct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def idct(x: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
     """Inverse of :func:`dct` (the orthonormal DCT-III, scipy.fft.idct(x, norm="ortho"))."""
-    return _apply(x, dim, inverse=True)
+    return _apply(x, dim, True, backend)
 
 
 def dct_matrix(
@@ -217,70 +236,7 @@ def dct_project_affine_reference(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y + α·T(x) + bias in plain torch; T(x) = dct(x zero-padded to q)[..., :out_features]."""
-    n = x.shape[-1]
-    q = max(n, out_features)
-    xp = torch.nn.functional.pad(x, (0, q - n)) if q > n else x
-    out = dct(xp)[..., :out_features] * alpha
-    if y is not None:
-        out = out + y
-    return out if bias is None else out + bias
-
-
-class _DCTAffineFn(torch.autograd.Function):
-    """CPU float32/64 fused y + α·T(x) + bias; backward via u = Tᵀ(grad) (see kernels)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, y, bias, m):
-        from bornsparse.ops import _dct_numba as k
-
-        b, n = x.shape
-        q = max(n, m)
-        xp = torch.nn.functional.pad(x.detach(), (0, q - n)) if q > n else x.detach()
-        t = _tables(q, x.dtype, x.device)
-        spec = torch.fft.rfft(xp.index_select(-1, t["reorder"]), dim=-1)
-        out = torch.empty(b, m, dtype=x.dtype)
-        yy = y.detach().contiguous() if y is not None else x.new_zeros(b, m)
-        bb = bias.detach().contiguous() if bias is not None else x.new_empty(0)
-        k._affine_take_kernel(
-            torch.view_as_real(spec).numpy(), t["w_real"].numpy(), q, float(alpha),
-            yy.numpy(), bb.numpy(), out.numpy(),
-        )
-        ctx.save_for_backward(x)
-        ctx.alpha, ctx.m, ctx.alpha_shape = float(alpha), m, alpha.shape
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        from bornsparse.ops import _dct_numba as k
-
-        (x,) = ctx.saved_tensors
-        g = g.contiguous()
-        b, n = x.shape
-        q = max(n, ctx.m)
-        grad_x = grad_alpha = grad_y = grad_bias = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            t = _tables(q, x.dtype, x.device)
-            cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
-            spec = torch.empty(b, q // 2 + 1, dtype=cdtype)
-            k._padded_untake_kernel(
-                g.numpy(), q, torch.view_as_real(t["w_inv"]).numpy(),
-                torch.view_as_real(spec).numpy(),
-            )
-            v = torch.fft.irfft(spec, n=q, dim=-1)
-            gx = torch.empty(b, n, dtype=x.dtype)
-            dots = torch.zeros(b, dtype=x.dtype)
-            k._gather_scale_dot_kernel(
-                v.numpy(), t["unorder"].numpy(), x.detach().contiguous().numpy(), ctx.alpha,
-                gx.numpy(), dots.numpy(),
-            )
-            grad_x = gx if ctx.needs_input_grad[0] else None
-            grad_alpha = dots.sum().reshape(ctx.alpha_shape) if ctx.needs_input_grad[1] else None
-        if ctx.needs_input_grad[2]:
-            grad_y = g
-        if ctx.needs_input_grad[3]:
-            grad_bias = g.sum(0)
-        return grad_x, grad_alpha, grad_y, grad_bias, None
+    return dct_project_affine(x, out_features, alpha, y, bias, backend="reference")
 
 
 def dct_project_affine(
@@ -289,174 +245,22 @@ def dct_project_affine(
     alpha: torch.Tensor,
     y: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """y + α·T(x) + bias for x (batch, in), the DCTpS layer's dense offset plus the rest.
+    """y + α·T(x) + bias for x (..., in): the DCTpS offset plus the rest.
 
     T(x) is the first ``out_features`` orthonormal DCT-II coefficients of x zero-padded to
-    q = max(in, out_features). ``alpha`` is a 0-d tensor, ``y`` (batch, out_features) or
-    None, ``bias`` (out_features,) or None. On CPU float32/float64 one numba pass fuses the
-    twiddle, truncation, α, bias and the sum; elsewhere it is
-    :func:`dct_project_affine_reference`.
+    q = max(in, out_features); ``alpha`` a 0-d tensor, ``y`` (..., out_features) or None,
+    ``bias`` (out_features,) or None. The DCT runs through :func:`dct` with ``backend``.
     """
-    fused = (
-        x.dim() == 2 and _use_numba(x) and alpha.dtype == x.dtype
-        and (y is None or (y.dtype == x.dtype and y.device == x.device))
-        and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
-    )
-    if not fused:
-        return dct_project_affine_reference(x, out_features, alpha, y, bias)
-    return _DCTAffineFn.apply(x.contiguous(), alpha, y, bias, out_features)
+    check_backend(backend, "dct")
+    n = x.shape[-1]
+    q = max(n, out_features)
+    xp = torch.nn.functional.pad(x, (0, q - n)) if q > n else x
+    out = dct(xp, backend=backend)[..., :out_features] * alpha
+    if y is not None:
+        out = out + y
+    return out if bias is None else out + bias
 
 
-def dct_sparse_affine_reference(
-    x: torch.Tensor,
-    out_features: int,
-    alpha: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """α·T(x) + x Sᵀ + bias in plain torch, S (out_features, in) given by values/indices."""
-    y = sparse_matmul_reference(x, values, indices, (out_features, x.shape[-1]))
-    return dct_project_affine_reference(x, out_features, alpha, y, bias)
-
-
-def dct_sparse_affine(
-    x: torch.Tensor,
-    out_features: int,
-    alpha: torch.Tensor,
-    values: torch.Tensor,
-    plan: SparsePlan,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """α·T(x) + x Sᵀ + bias for x (batch, in): the whole DCTpS layer in one autograd node.
-
-    ``plan`` (from :func:`~bornsparse.ops.sparse_product.build_plan`) describes S's support,
-    shape (out_features, in); ``values`` (nnz,) its entries; ``alpha`` a 0-d tensor; ``bias``
-    (out_features,) or None. On CPU float32/float64 the activations' transposes that the
-    sparse kernels need ride along the DCT's own passes (see ops/_dct_numba.py); elsewhere,
-    or for small inputs, it is :func:`sparse_matmul` plus :func:`dct_project_affine`.
-    """
-    if plan.shape != (out_features, x.shape[-1]) or values.shape != (plan.nnz,):
-        raise ValueError(
-            f"plan and values must describe a ({out_features}, {x.shape[-1]}) weight, got "
-            f"plan shape {plan.shape}, nnz {plan.nnz}, values {tuple(values.shape)}"
-        )
-    fused = (
-        x.dim() == 2 and _use_numba(x) and alpha.dtype == x.dtype
-        and values.dtype == x.dtype and values.device == x.device
-        and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
-    )
-    if not fused:
-        indices = torch.stack((plan.rows, plan.cols))
-        y = sparse_matmul(x, values, indices, plan.shape, plan=plan)
-        return dct_project_affine(x, out_features, alpha, y, bias)
-    return _DCTSparseAffineFn.apply(x.contiguous(), alpha, values, bias, plan, out_features)
-
-
-# Samples per block of _DCTSparseAffineFn: each pass of the layer is memory-bound on CPU, so
-# the layer runs block by block with every intermediate (about six blocks' worth) kept in
-# L2 instead of streaming whole-batch arrays through memory; smaller blocks pay Python's
-# per-call overhead more often. Measured, see docs/results.md.
-_BLOCK_BYTES = 1 << 21
-
-
-def _blocks(b: int, width: int, itemsize: int) -> list[tuple[int, int]]:
-    step = max(16, (_BLOCK_BYTES // (width * itemsize)) // 16 * 16)
-    return [(i, min(b, i + step)) for i in range(0, b, step)]
-
-
-class _DCTSparseAffineFn(torch.autograd.Function):
-    """CPU fused α·T(x) + x Sᵀ + bias, block by block over samples (see _BLOCK_BYTES)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, values, bias, plan, m):
-        from bornsparse.ops import _dct_numba as k
-
-        b, n = x.shape
-        q = max(n, m)
-        t = _tables(q, x.dtype, x.device)
-        reorder, w = t["reorder"].numpy(), t["w_real"].numpy()
-        xd = x.detach()
-        vals = values.detach().contiguous()
-        bb = (bias.detach().contiguous() if bias is not None else x.new_empty(0)).numpy()
-        out = torch.empty(b, m, dtype=x.dtype)
-        x_ts = []
-        for b0, b1 in _blocks(b, q, x.element_size()):
-            v = torch.empty(b1 - b0, q, dtype=x.dtype)
-            x_t = torch.empty(n, b1 - b0, dtype=x.dtype)
-            k._reorder_transpose_kernel(xd[b0:b1].numpy(), reorder, v.numpy(), x_t.numpy())
-            spec = torch.fft.rfft(v, dim=-1)
-            y_t = _numba_spmm_t(plan.rowptr, plan.cols, vals, x_t, m)
-            k._affine_take_t_kernel(
-                torch.view_as_real(spec).numpy(), w, q, float(alpha), y_t.numpy(), bb,
-                out[b0:b1].numpy(),
-            )
-            x_ts.append(x_t)
-        ctx.save_for_backward(xd, vals, *x_ts)
-        ctx.plan, ctx.alpha, ctx.m, ctx.alpha_shape = plan, float(alpha), m, alpha.shape
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        from bornsparse.ops import _dct_numba as k
-        from bornsparse.ops import _sparse_numba as ks
-
-        x, vals, *x_ts = ctx.saved_tensors
-        plan = ctx.plan
-        need_x, need_a, need_v, need_b = ctx.needs_input_grad[:4]
-        g = g.contiguous()
-        b, n = x.shape
-        m = ctx.m
-        q = max(n, m)
-        t = _tables(q, x.dtype, x.device)
-        cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
-        gx = torch.empty(b, n, dtype=x.dtype) if need_x else x.new_empty(b, 0)
-        dots = torch.zeros(b, dtype=x.dtype)
-        grad_v = torch.zeros(plan.nnz, dtype=x.dtype) if need_v else None
-        vals_csc = vals[plan.csc_perm] if need_x else None
-        grad_v_csc = torch.zeros(plan.nnz, dtype=x.dtype) if need_x and need_v else None
-        for (b0, b1), x_t in zip(_blocks(b, q, x.element_size()), x_ts, strict=True):
-            gb = g[b0:b1]
-            g_t = torch.empty(m if (need_x or need_v) else 0, b1 - b0, dtype=x.dtype)
-            if need_x or need_a:
-                spec = torch.empty(b1 - b0, q // 2 + 1, dtype=cdtype)
-                k._padded_untake_t_kernel(
-                    gb.numpy(), q, torch.view_as_real(t["w_inv"]).numpy(),
-                    torch.view_as_real(spec).numpy(), g_t.numpy(),
-                )
-                v = torch.fft.irfft(spec, n=q, dim=-1)
-                if need_x and need_v:
-                    # one sweep for grad_x's sparse part and grad_v (in column order)
-                    gs_t = torch.empty(n, b1 - b0, dtype=x.dtype)
-                    fn = ks._spmm_t_sampled_dot_kernel if (
-                        plan.nnz * (b1 - b0) >= _PARALLEL_MIN_WORK
-                    ) else ks._spmm_t_sampled_dot_serial_kernel
-                    fn(plan.colptr.numpy(), plan.csc_rows.numpy(), vals_csc.numpy(),
-                       g_t.numpy(), x_t.numpy(), gs_t.numpy(), grad_v_csc.numpy())
-                    gxb = gx[b0:b1]
-                elif need_x:
-                    gs_t = _numba_spmm_t(plan.colptr, plan.csc_rows, vals_csc, g_t, n)
-                    gxb = gx[b0:b1]
-                else:
-                    gs_t, gxb = x.new_empty(0, b1 - b0), x.new_empty(b1 - b0, n)
-                k._gather_scale_dot_t_kernel(
-                    v.numpy(), t["unorder"].numpy(), x[b0:b1].numpy(), ctx.alpha,
-                    gs_t.numpy(), gxb.numpy(), dots[b0:b1].numpy(),
-                )
-            elif need_v:
-                g_t = gb.t().contiguous()
-            if need_v and not need_x:
-                # accumulates into grad_v across blocks
-                fn = ks._sampled_dot_kernel if plan.nnz * (b1 - b0) >= _PARALLEL_MIN_WORK else (
-                    ks._sampled_dot_serial_kernel
-                )
-                fn(plan.rows.numpy(), plan.cols.numpy(), g_t.numpy(), x_t.numpy(),
-                   grad_v.numpy())
-        if need_x and need_v:
-            grad_v[plan.csc_perm] = grad_v_csc
-        grad_x = gx if need_x else None
-        grad_alpha = dots.sum().reshape(ctx.alpha_shape) if need_a else None
-        grad_bias = g.sum(0) if need_b else None
-        return grad_x, grad_alpha, grad_v, grad_bias, None, None

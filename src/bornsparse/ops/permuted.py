@@ -17,25 +17,26 @@ Layers, top to bottom: ``permuted_block_diagonal_reference`` (plain PyTorch, any
 autograd of any order), the numba kernels in ``_permuted_numba.py`` (any block size, one
 factor or a fused pair per pass, backward by recompute) and ``_permuted_cycles.py`` (2×2
 blocks and even depth: both factors of a pair per pass, in place, backward through the
-blocks' inverses while they are well conditioned), the autograd Function
-``PermutedBlockDiagonalFn`` (forward and first-order backward through the kernels) and the
-functional ``permuted_block_diagonal`` that validates and dispatches. The tanh network of
-eq. 3-5 follows the same pattern at the end of the file (``permuted_tanh_network``).
+blocks' inverses while they are well conditioned), the custom ops
+``torch.ops.bornsparse.permuted_block_diagonal`` and ``..._backward`` that launch them
+(with fake kernels for torch.compile and a registered first-order autograd formula), and
+the functional ``permuted_block_diagonal`` that validates and dispatches through
+ops/backends.py. The tanh network of eq. 3-5 follows the same pattern at the end of the
+file (``permuted_tanh_network``, one ``permuted_factor_columns`` op per factor).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from bornsparse._checks import check_float_tensor, check_positive_int
-
-BACKENDS = ("auto", "reference", "numba")
-NUMBA_DTYPES = (torch.float32, torch.float64)
+from bornsparse.ops._validated import check_once
+from bornsparse.ops.backends import NUMBA_DTYPES, check_backend, num_threads, resolve_backend
 
 # Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
 # thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
@@ -106,7 +107,7 @@ def _dtype_code(t: torch.Tensor) -> int:
 def _plan(batch: int, cap: int) -> tuple[int, int]:
     """(tile, threads): the largest tile <= cap that still gives each of torch's threads work
     when the batch is small, and no more threads than tiles."""
-    threads = max(1, torch.get_num_threads())
+    threads = num_threads()
     tile = max(1, min(cap, -(-batch // threads)))
     return tile, max(1, min(threads, -(-batch // tile)))
 
@@ -151,129 +152,11 @@ def inverse_backward_is_safe(weight: torch.Tensor) -> bool:
     )
 
 
-class PermutedBlockDiagonalFn(torch.autograd.Function):
-    """G x through the fused numba kernels.
-
-    ``x``: (batch, n_in) CPU float32/float64; returns (batch, out_features). With 2×2 blocks
-    and an even depth, forward walks the cycles of factor pairs (``_permuted_cycles.py``)
-    and, when a gradient will be needed and the blocks are well conditioned
-    (``inverse_backward_is_safe``), keeps the final activation (batch × width numbers,
-    whatever the depth) so that backward rebuilds the others through the blocks' inverses.
-    Otherwise only ``x`` (and the parameters) is kept and backward recomputes the
-    activations tile by tile. Either way memory kept between forward and backward does not
-    grow with depth. First-order only: double backward raises (use the reference).
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int,
-        operands_checked: bool = False, backward_expected: bool | None = None,
-    ) -> torch.Tensor:
-        from bornsparse.ops._parallel import launch
-        from bornsparse.ops._permuted_numba import _forward_body
-
-        if not operands_checked:
-            # the kernels get raw pointers: called directly, validate everything they trust
-            _check_kernel_operands(x, weight, perms, out_features)
-        x = x.detach().contiguous()
-        weight_c = weight.detach().contiguous()
-        perms_c = perms.contiguous()
-        out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
-        ctx.cycle_tile = 0  # 0: backward recomputes; else the tile of the saved activation
-        final = torch.empty(0, dtype=x.dtype)
-        cycle_plan = _cycle_plan(weight_c, x.shape[0])
-        if cycle_plan is not None:
-            from bornsparse.ops._permuted_cycles import _forward_body as cycle_forward_body
-
-            sched, final_loc = _cycle_schedule(perms_c)
-            tile, nchunks = cycle_plan
-            depth, nb = weight_c.shape[:2]
-            if backward_expected is None:  # called directly: grad mode is off in here
-                backward_expected = any(ctx.needs_input_grad[:2])
-            if backward_expected and inverse_backward_is_safe(weight_c):
-                ntiles = -(-x.shape[0] // tile)
-                final = torch.empty(ntiles, nb * 2, tile, dtype=x.dtype)
-                ctx.cycle_tile = tile
-                ctx.cycle_schedule = (sched, final_loc)
-            header = _header(
-                nchunks, _dtype_code(x), x.shape[0], x.shape[1], depth, nb, out_features,
-                tile, x.data_ptr(), weight_c.data_ptr(), sched.ctypes.data,
-                final_loc.ctypes.data, out.data_ptr(), final.data_ptr() if final.numel() else 0,
-            )
-            launch(cycle_forward_body.address, header, nchunks)
-        elif x.shape[0]:
-            tile, nchunks = _plan(x.shape[0], FORWARD_TILE)
-            depth, nb, k, _ = weight_c.shape
-            header = _header(
-                nchunks, _dtype_code(x), x.shape[0], x.shape[1], depth, nb, k, nb * k,
-                out_features, tile, x.data_ptr(), weight_c.data_ptr(), perms_c.data_ptr(),
-                out.data_ptr(),
-            )
-            launch(_forward_body.address, header, nchunks)
-        # the parameter itself, not a contiguous copy, so nothing weight-sized is kept twice;
-        # x also on the cycle path: its backward consumes `final`, so a second backward
-        # through a retained graph recomputes from x
-        ctx.save_for_backward(x, weight, perms, final)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        from bornsparse.ops._parallel import launch
-        from bornsparse.ops._permuted_numba import _backward_body
-
-        x, weight, perms, final = ctx.saved_tensors
-        weight = weight.detach().contiguous()
-        perms = perms.contiguous()
-        grad_out = grad_out.contiguous()
-        batch, n_in = x.shape
-        if ctx.cycle_tile:
-            tile, ctx.cycle_tile = ctx.cycle_tile, 0  # `final` is consumed by this backward
-            return _cycle_backward(ctx, final, weight, grad_out, batch, n_in, tile)
-        tile, nchunks = _plan(max(batch, 1), BACKWARD_TILE)
-        grad_x = torch.empty_like(x)
-        partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
-        if batch:
-            depth, nb, k, _ = weight.shape
-            header = _header(
-                nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, k, nb * k,
-                grad_out.shape[1], tile, x.data_ptr(), weight.data_ptr(), perms.data_ptr(),
-                grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
-            )
-            launch(_backward_body.address, header, nchunks)
-        else:
-            partial.zero_()
-        grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
-
-
-def _cycle_backward(ctx, final: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor,
-                    batch: int, n_in: int, tile: int):
-    """Backward through the blocks' inverses from the saved final activation (consumed)."""
-    from bornsparse.ops._parallel import launch
-    from bornsparse.ops._permuted_cycles import _backward_body
-
-    sched, final_loc = ctx.cycle_schedule
-    nchunks = min(max(1, torch.get_num_threads()), final.shape[0])
-    grad_x = torch.empty(batch, n_in, dtype=weight.dtype)
-    partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
-    depth, nb = weight.shape[:2]
-    header = _header(
-        nchunks, _dtype_code(weight), batch, n_in, depth, nb, grad_out.shape[1], tile,
-        final.data_ptr(), weight.data_ptr(), sched.ctypes.data, final_loc.ctypes.data,
-        grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
-    )
-    launch(_backward_body.address, header, nchunks)
-    grad_w = partial.sum(0) if ctx.needs_input_grad[1] else None
-    return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
-
-
 def _check_operands(
     x: object, weight: object, perms: object, out_features: object, backend: object
 ) -> tuple[int, int]:
     """Validate the functional's arguments; return (width, out_features)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, "permuted")
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)
     if not isinstance(perms, torch.Tensor):
@@ -309,19 +192,6 @@ def _check_operands(
     return width, out_features
 
 
-def _check_kernel_operands(x: object, weight: object, perms: object, out_features: object
-                           ) -> None:
-    """Everything the fused kernel trusts, for callers of PermutedBlockDiagonalFn itself."""
-    _check_operands(x, weight, perms, out_features, "numba")
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (batch, n_in), got {tuple(x.shape)}")
-    if x.device.type != "cpu" or x.dtype not in NUMBA_DTYPES:
-        raise ValueError(
-            f"the fused kernel needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
-        )
-    _check_permutations(perms)
-
-
 def _check_permutations(perms: torch.Tensor) -> None:
     # The numba kernels do no bounds checks, so a bad index would read outside memory.
     if perms.device.type == "cpu":
@@ -335,6 +205,194 @@ def _check_permutations(perms: torch.Tensor) -> None:
         raise ValueError("perms must hold a permutation of range(width) in every row")
 
 
+# ---------------------------------------------------------------------------------------
+# Custom ops. The kernels are launched inside `torch.ops.bornsparse.*` ops, so torch.compile
+# and torch.export see one opaque node with a shape-only fake kernel; everything keyed on
+# storage (the permutation check, the cycle schedule) lives inside the op, never in the
+# traced Python.
+
+def _check_kernel_operands(x: object, weight: object, perms: object, out_features: object
+                           ) -> None:
+    """Everything the fused kernel trusts, checked inside the op (it may be called directly)."""
+    _check_operands(x, weight, perms, out_features, "numba")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (batch, n_in), got {tuple(x.shape)}")
+    if x.device.type != "cpu" or x.dtype not in NUMBA_DTYPES:
+        raise ValueError(
+            f"the fused kernel needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
+        )
+    check_once("permutations", (perms,), lambda: _check_permutations(perms))
+
+
+def _final_shape(batch: int, width: int, cycle_tile: int, keep_final: bool) -> tuple[int, ...]:
+    """Shape of the kept final activation: (tiles, width, tile), or (0,) when none is kept."""
+    if not (cycle_tile and keep_final and batch):
+        return (0,)
+    return (-(-batch // cycle_tile), width, cycle_tile)
+
+
+@torch.library.custom_op("bornsparse::permuted_block_diagonal", mutates_args=())
+def _permuted_op(
+    x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, out_features: int,
+    cycle_tile: int, keep_final: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G x, final) for x (batch, n_in): ``cycle_tile`` > 0 walks the cycles of factor pairs
+    with that many samples per tile (2×2 blocks, even depth), 0 takes the pair kernels.
+    ``keep_final`` asks the cycle walk to keep its final activation for backward
+    (``_final_shape``); it is written only while ``inverse_backward_is_safe(weight)``."""
+    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._permuted_numba import _forward_body
+
+    _check_kernel_operands(x, weight, perms, out_features)
+    x = x.contiguous()
+    weight = weight.contiguous()
+    perms = perms.contiguous()
+    batch = x.shape[0]
+    depth, nb, k, _ = weight.shape
+    out = torch.empty(batch, out_features, dtype=x.dtype)
+    final = torch.empty(_final_shape(batch, nb * k, cycle_tile, keep_final), dtype=x.dtype)
+    if cycle_tile and batch:
+        if k != 2 or depth % 2:
+            raise ValueError(f"cycle_tile > 0 needs 2×2 blocks and an even depth, got "
+                             f"k = {k}, depth = {depth}")
+        from bornsparse.ops._permuted_cycles import _forward_body as cycle_forward_body
+
+        sched, final_loc = _cycle_schedule(perms)
+        nchunks = max(1, min(torch.get_num_threads(), -(-batch // cycle_tile)))
+        write_final = final.numel() and inverse_backward_is_safe(weight)
+        header = _header(
+            nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, out_features,
+            cycle_tile, x.data_ptr(), weight.data_ptr(), sched.ctypes.data,
+            final_loc.ctypes.data, out.data_ptr(), final.data_ptr() if write_final else 0,
+        )
+        launch(cycle_forward_body.address, header, nchunks)
+        if final.numel():
+            # the output is defined everywhere (opcheck, compiled graphs compare it): the
+            # last tile's columns past the batch, or all of it when it was not written
+            if write_final:
+                final[-1, :, batch - (final.shape[0] - 1) * cycle_tile:] = 0
+            else:
+                final.zero_()
+    elif batch:
+        tile, nchunks = _plan(batch, FORWARD_TILE)
+        header = _header(
+            nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, k, nb * k,
+            out_features, tile, x.data_ptr(), weight.data_ptr(), perms.data_ptr(),
+            out.data_ptr(),
+        )
+        launch(_forward_body.address, header, nchunks)
+    return out, final
+
+
+@_permuted_op.register_fake
+def _(x, weight, perms, out_features, cycle_tile, keep_final):
+    torch._check(x.dim() == 2, lambda: f"x must have shape (batch, n_in), got {x.shape}")
+    depth, nb, k, _ = weight.shape
+    out = x.new_empty(x.shape[0], out_features)
+    return out, x.new_empty(_final_shape(x.shape[0], nb * k, cycle_tile, keep_final))
+
+
+@torch.library.custom_op("bornsparse::permuted_block_diagonal_backward", mutates_args=())
+def _permuted_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor,
+    final: torch.Tensor, cycle_tile: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight) of ``permuted_block_diagonal``. With a kept ``final``
+    (non-empty) and blocks still well conditioned, activations are rebuilt through the
+    blocks' inverses in a copy of ``final`` (the op leaves its inputs unchanged, so a
+    retained graph can run backward twice); otherwise they are recomputed from ``x``."""
+    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._permuted_numba import _backward_body
+
+    _check_kernel_operands(x, weight, perms, grad_out.shape[1])
+    x = x.contiguous()
+    weight = weight.contiguous()
+    perms = perms.contiguous()
+    grad_out = grad_out.contiguous()
+    batch, n_in = x.shape
+    if final.numel() and cycle_tile and inverse_backward_is_safe(weight):
+        return _cycle_backward(final.clone(), weight, perms, grad_out, batch, n_in, cycle_tile)
+    tile, nchunks = _plan(max(batch, 1), BACKWARD_TILE)
+    grad_x = torch.empty_like(x)
+    partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
+    if batch:
+        depth, nb, k, _ = weight.shape
+        header = _header(
+            nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, k, nb * k,
+            grad_out.shape[1], tile, x.data_ptr(), weight.data_ptr(), perms.data_ptr(),
+            grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
+        )
+        launch(_backward_body.address, header, nchunks)
+    else:
+        partial.zero_()
+    return grad_x, partial.sum(0)
+
+
+@_permuted_backward_op.register_fake
+def _(grad_out, x, weight, perms, final, cycle_tile):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor,
+                    grad_out: torch.Tensor, batch: int, n_in: int, tile: int):
+    """Backward through the blocks' inverses from the final activation (overwritten)."""
+    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._permuted_cycles import _backward_body
+
+    sched, final_loc = _cycle_schedule(perms)
+    nchunks = min(max(1, torch.get_num_threads()), final.shape[0])
+    grad_x = torch.empty(batch, n_in, dtype=weight.dtype)
+    partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
+    depth, nb = weight.shape[:2]
+    header = _header(
+        nchunks, _dtype_code(weight), batch, n_in, depth, nb, grad_out.shape[1], tile,
+        final.data_ptr(), weight.data_ptr(), sched.ctypes.data, final_loc.ctypes.data,
+        grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
+    )
+    launch(_backward_body.address, header, nchunks)
+    return grad_x, partial.sum(0)
+
+
+def _no_double_backward(op: str) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"double backward through the numba kernel of {op} is not supported; use "
+            f"backend='reference' (plain PyTorch, gradients of any order)"
+        )
+    return backward
+
+
+def _permuted_setup(ctx, inputs, output):
+    x, weight, perms, out_features, cycle_tile, keep_final = inputs
+    ctx.save_for_backward(x, weight, perms, output[1])
+    ctx.cycle_tile = cycle_tile
+    ctx.mark_non_differentiable(output[1])
+
+
+def _permuted_backward(ctx, grad_out, _grad_final):
+    x, weight, perms, final = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.bornsparse.permuted_block_diagonal_backward(
+        grad_out, x, weight, perms, final, ctx.cycle_tile
+    )
+    need_x, need_w = ctx.needs_input_grad[:2]
+    return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None
+
+
+_permuted_op.register_autograd(_permuted_backward, setup_context=_permuted_setup)
+_permuted_backward_op.register_autograd(
+    _no_double_backward("permuted_block_diagonal"),
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+
+
+def _check_reference_perms(perms: torch.Tensor) -> None:
+    # the reference's index_select bounds-checks by itself, so a compiled graph skips this
+    # (its answer is data, which would break the graph); eagerly a non-permutation is an error
+    if not torch.compiler.is_compiling():
+        check_once("permutations", (perms,), lambda: _check_permutations(perms))
+
+
 def permuted_block_diagonal(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -345,49 +403,29 @@ def permuted_block_diagonal(
 ) -> torch.Tensor:
     """G [x, 0] for ``x`` of shape (..., n_in); returns (..., out_features).
 
-    See the module docstring for the layout. ``backend="auto"`` picks the fused numba kernel
-    for CPU float32/float64 tensors and the reference otherwise (other devices and dtypes);
-    ``"reference"`` forces plain PyTorch (any device, gradients of any order); ``"numba"``
-    forces the kernel and raises if the tensors do not suit it. The numba path supports
-    first-order gradients (``x`` and ``weight``); double backward through it raises, so use
-    ``backend="reference"`` for higher-order derivatives.
+    See the module docstring for the layout. ``backend`` (ops/backends.py): "auto" runs
+    ``torch.ops.bornsparse.permuted_block_diagonal`` (the fused numba kernel) on CPU
+    float32/float64 tensors and the reference otherwise; "reference" forces plain PyTorch
+    (any device, gradients of any order); "numba" forces the kernel and raises if the
+    tensors do not suit it. The kernel supports first-order gradients (``x`` and
+    ``weight``); double backward through it raises, so use ``backend="reference"`` for
+    higher-order derivatives.
     """
-    return _permuted_block_diagonal(
-        x, weight, perms, out_features=out_features, backend=backend, check_perms=True
-    )
-
-
-def _permuted_block_diagonal(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    perms: torch.Tensor,
-    *,
-    out_features: int | None,
-    backend: str,
-    check_perms: bool,
-) -> torch.Tensor:
-    """The functional, with the O(depth · width) permutation check optional for callers
-    (the layers) that know their ``perms`` were checked and not modified since."""
     _, out_features = _check_operands(x, weight, perms, out_features, backend)
-    if check_perms:
-        _check_permutations(perms)
-    suits_numba = x.device.type == "cpu" and x.dtype in NUMBA_DTYPES
-    if backend == "numba" and not suits_numba:
-        raise ValueError(
-            f"backend='numba' needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
-        )
-    if backend == "reference" or not suits_numba:
+    if resolve_backend(backend, x, "permuted") == "reference":
+        _check_reference_perms(perms)
         return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
-    # the Function's forward runs with grad mode off, so whether a backward can follow is
-    # decided here (it sets whether forward keeps the final activation for backward)
-    backward_expected = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if x.dim() == 2:
-        return PermutedBlockDiagonalFn.apply(x, weight, perms, out_features, True,
-                                             backward_expected)
     lead = x.shape[:-1]
-    y = PermutedBlockDiagonalFn.apply(x.reshape(-1, x.shape[-1]), weight, perms, out_features,
-                                      True, backward_expected)
-    return y.reshape(*lead, out_features)
+    x2 = x.reshape(-1, x.shape[-1])
+    plan = _cycle_plan(weight, x2.shape[0])
+    # whether a backward can follow decides whether the cycle walk keeps its final
+    # activation; it is decided here, where grad mode is visible
+    keep_final = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    y, _ = torch.ops.bornsparse.permuted_block_diagonal(
+        x2, weight, perms, out_features, 0 if plan is None else plan[0], keep_final
+    )
+    return y if x.dim() == 2 else y.reshape(*lead, out_features)
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -426,47 +464,104 @@ def _column_chunks(batch: int) -> tuple[int, int]:
     return step, max(1, -(-batch // step))
 
 
-class _FactorColumnsFn(torch.autograd.Function):
-    """One factor on the transposed layout: h (width, batch) -> z (width, batch)."""
+def _check_factor_operands(h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor
+                           ) -> None:
+    """What the column kernels trust: shapes, dtypes, device, a permutation in range."""
+    if weight_t.dim() != 3 or weight_t.shape[1] != weight_t.shape[2]:
+        raise ValueError(f"weight_t must have shape (width // k, k, k), got "
+                         f"{tuple(weight_t.shape)}")
+    width = weight_t.shape[0] * weight_t.shape[1]
+    if h.dim() != 2 or h.shape[0] != width:
+        raise ValueError(f"h must have shape (width, batch) = ({width}, batch), got "
+                         f"{tuple(h.shape)}")
+    if h.dtype not in NUMBA_DTYPES or h.device.type != "cpu" or weight_t.dtype != h.dtype:
+        raise ValueError(f"the column kernel needs CPU float32/float64 h and weight_t of one "
+                         f"dtype, got {h.dtype} and {weight_t.dtype} on {h.device}")
+    if perm_t.dtype != torch.int64 or tuple(perm_t.shape) != (width,):
+        raise ValueError(f"perm_t must be int64 of shape ({width},), got {perm_t.dtype} "
+                         f"{tuple(perm_t.shape)}")
+    _check_permutations(perm_t.unsqueeze(0))
 
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor):
-        from bornsparse.ops._parallel import launch
-        from bornsparse.ops._permuted_numba import _factor_columns_body
 
-        h = h.detach().contiguous()
-        w = weight_t.detach().contiguous()
-        p = perm_t.contiguous()
-        z = torch.empty_like(h)
-        if h.shape[1]:
-            step, nchunks = _column_chunks(h.shape[1])
-            nb, k, _ = w.shape
-            header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
-                             h.data_ptr(), w.data_ptr(), p.data_ptr(), z.data_ptr())
-            launch(_factor_columns_body.address, header, nchunks)
-        ctx.save_for_backward(h, weight_t, perm_t)
-        return z
+@torch.library.custom_op("bornsparse::permuted_factor_columns", mutates_args=())
+def _factor_columns_op(h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor
+                       ) -> torch.Tensor:
+    """One factor on the transposed layout: h (width, batch) -> z = B P h (width, batch)."""
+    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._permuted_numba import _factor_columns_body
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_z: torch.Tensor):
-        from bornsparse.ops._parallel import launch
-        from bornsparse.ops._permuted_numba import _factor_columns_backward_body
+    _check_factor_operands(h, weight_t, perm_t)
+    h = h.contiguous()
+    w = weight_t.contiguous()
+    p = perm_t.contiguous()
+    z = torch.empty_like(h)
+    if h.shape[1]:
+        step, nchunks = _column_chunks(h.shape[1])
+        nb, k, _ = w.shape
+        header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
+                         h.data_ptr(), w.data_ptr(), p.data_ptr(), z.data_ptr())
+        launch(_factor_columns_body.address, header, nchunks)
+    return z
 
-        h, weight_t, perm_t = ctx.saved_tensors
-        w = weight_t.detach().contiguous()
-        p = perm_t.contiguous()
-        grad_z = grad_z.contiguous()
-        grad_h = torch.empty_like(h)
-        step, nchunks = _column_chunks(max(h.shape[1], 1))
-        partial = torch.zeros(nchunks, *w.shape, dtype=w.dtype)
-        if h.shape[1]:
-            nb, k, _ = w.shape
-            header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
-                             h.data_ptr(), w.data_ptr(), p.data_ptr(), grad_z.data_ptr(),
-                             grad_h.data_ptr(), partial.data_ptr())
-            launch(_factor_columns_backward_body.address, header, nchunks)
-        return grad_h, partial.sum(0), None
+
+@_factor_columns_op.register_fake
+def _(h, weight_t, perm_t):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("bornsparse::permuted_factor_columns_backward", mutates_args=())
+def _factor_columns_backward_op(
+    grad_z: torch.Tensor, h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_h, grad_weight_t) of ``permuted_factor_columns``."""
+    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._permuted_numba import _factor_columns_backward_body
+
+    _check_factor_operands(h, weight_t, perm_t)
+    if grad_z.shape != h.shape:
+        raise ValueError(f"grad_z must have h's shape {tuple(h.shape)}, got "
+                         f"{tuple(grad_z.shape)}")
+    h = h.contiguous()
+    w = weight_t.contiguous()
+    p = perm_t.contiguous()
+    grad_z = grad_z.contiguous()
+    grad_h = torch.empty_like(h)
+    step, nchunks = _column_chunks(max(h.shape[1], 1))
+    partial = torch.zeros(nchunks, *w.shape, dtype=w.dtype)
+    if h.shape[1]:
+        nb, k, _ = w.shape
+        header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
+                         h.data_ptr(), w.data_ptr(), p.data_ptr(), grad_z.data_ptr(),
+                         grad_h.data_ptr(), partial.data_ptr())
+        launch(_factor_columns_backward_body.address, header, nchunks)
+    return grad_h, partial.sum(0)
+
+
+@_factor_columns_backward_op.register_fake
+def _(grad_z, h, weight_t, perm_t):
+    return (torch.empty_like(h, memory_format=torch.contiguous_format),
+            torch.empty_like(weight_t, memory_format=torch.contiguous_format))
+
+
+def _factor_columns_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _factor_columns_backward(ctx, grad_z):
+    h, weight_t, perm_t = ctx.saved_tensors
+    grad_h, grad_w = torch.ops.bornsparse.permuted_factor_columns_backward(
+        grad_z, h, weight_t, perm_t
+    )
+    need_h, need_w = ctx.needs_input_grad[:2]
+    return (grad_h if need_h else None), (grad_w if need_w else None), None
+
+
+_factor_columns_op.register_autograd(_factor_columns_backward,
+                                     setup_context=_factor_columns_setup)
+_factor_columns_backward_op.register_autograd(
+    _no_double_backward("permuted_tanh_network"),
+    setup_context=lambda ctx, inputs, output: None,
+)
 
 
 def permuted_tanh_network(
@@ -481,24 +576,10 @@ def permuted_tanh_network(
     """The tanh network h_θ(x) (seed 000, eq. 3-5) for ``x`` (..., n_in); returns
     (..., out_features). ``weight``/``perms`` as for ``permuted_block_diagonal``, ``biases``
     (depth, width). The numba path keeps activations as (width, batch), so the per-factor
-    kernel gathers contiguous rows and only the ends are transposed; bias and tanh run in
-    torch. Double backward: use ``backend="reference"``.
+    op ``torch.ops.bornsparse.permuted_factor_columns`` gathers contiguous rows and only
+    the ends are transposed; bias and tanh run in torch. Double backward: use
+    ``backend="reference"``.
     """
-    return _permuted_tanh_network(
-        x, weight, perms, biases, out_features=out_features, backend=backend, check_perms=True
-    )
-
-
-def _permuted_tanh_network(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    perms: torch.Tensor,
-    biases: torch.Tensor,
-    *,
-    out_features: int | None,
-    backend: str,
-    check_perms: bool,
-) -> torch.Tensor:
     width, out_features = _check_operands(x, weight, perms, out_features, backend)
     check_float_tensor("biases", biases)
     if tuple(biases.shape) != (weight.shape[0], width):
@@ -510,14 +591,8 @@ def _permuted_tanh_network(
         raise TypeError(
             f"biases must match x's dtype and device, got {biases.dtype} on {biases.device}"
         )
-    if check_perms:
-        _check_permutations(perms)
-    suits_numba = x.device.type == "cpu" and x.dtype in NUMBA_DTYPES
-    if backend == "numba" and not suits_numba:
-        raise ValueError(
-            f"backend='numba' needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
-        )
-    if backend == "reference" or not suits_numba:
+    if resolve_backend(backend, x, "permuted") == "reference":
+        _check_reference_perms(perms)
         return permuted_tanh_network_reference(
             x, weight, perms, biases, out_features=out_features
         )
@@ -528,7 +603,8 @@ def _permuted_tanh_network(
     h = h.T.contiguous()  # (width, batch)
     depth = weight.shape[0]
     for t in range(depth):
-        h = _FactorColumnsFn.apply(h, weight[t], perms[t]) + biases[t].unsqueeze(1)
+        h = torch.ops.bornsparse.permuted_factor_columns(h, weight[t], perms[t])
+        h = h + biases[t].unsqueeze(1)
         if t < depth - 1:
             h = torch.tanh(h)
     return h[:out_features].T.reshape(*lead, out_features)

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from bornsparse._checks import check_float_tensor
-
-BACKENDS = ("auto", "reference", "numba", "torch_sparse")
-_NUMBA_DTYPES = (torch.float32, torch.float64)
+from bornsparse.ops._validated import check_once
+from bornsparse.ops.backends import NUMBA_DTYPES, resolve_backend
 
 
 def check_shape_pair(name: str, shape: object) -> tuple[int, int]:
@@ -109,6 +108,10 @@ class SparsePlan:
     def device(self) -> torch.device:
         return self.rows.device
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(rows, cols, rowptr, colptr, csc_perm, csc_rows): what the sparse ops receive."""
+        return (self.rows, self.cols, self.rowptr, self.colptr, self.csc_perm, self.csc_rows)
+
 
 def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> SparsePlan:
     """Validate ``indices`` (see module docstring) and derive its :class:`SparsePlan`."""
@@ -134,7 +137,7 @@ def sparse_matmul_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch x Sᵀ: gather the inputs each nonzero reads, scale, scatter-add.
 
-    Any device and dtype; O(batch·nnz) temporary memory.
+    Any device and dtype, gradients of any order; O(batch·nnz) temporary memory.
     """
     contrib = x.index_select(-1, indices[1]) * values  # (..., nnz)
     out = x.new_zeros(*x.shape[:-1], shape[0])
@@ -142,60 +145,167 @@ def sparse_matmul_reference(
 
 
 # below this many multiply-adds a kernel runs serially: waking threads costs more
-_PARALLEL_MIN_WORK = 1 << 16
+PARALLEL_MIN_WORK = 1 << 16
 
 
-def _numba_spmm_t(ptr, idx, vals, x_t, n_out):
+def csr_matmul_t(ptr: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, x_t: torch.Tensor,
+                 n_out: int) -> torch.Tensor:
+    """out_t (n_out, batch) = S x_t for S in compressed rows (ptr, idx, vals), x_t (·, batch).
+
+    With the compressed columns (colptr, csc_rows, values[csc_perm]) it computes Sᵀ x_t.
+    CPU, contiguous, trusted indices (callers validated them).
+    """
     from bornsparse.ops import _sparse_numba as k
 
     out_t = torch.empty(n_out, x_t.shape[1], dtype=x_t.dtype)
-    fn = k._spmm_t_kernel if idx.numel() * x_t.shape[1] >= _PARALLEL_MIN_WORK else (
+    fn = k._spmm_t_kernel if idx.numel() * x_t.shape[1] >= PARALLEL_MIN_WORK else (
         k._spmm_t_serial_kernel
     )
     fn(ptr.numpy(), idx.numpy(), vals.numpy(), x_t.numpy(), out_t.numpy())
     return out_t
 
 
-def _numba_sampled_dot(rows, cols, gy_t, x_t):
+def sampled_dot_t(rows: torch.Tensor, cols: torch.Tensor, gy_t: torch.Tensor, x_t: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[e] += ⟨gy_t[rows[e]], x_t[cols[e]]⟩ (the values' gradient); zeros if ``out`` is
+    None. CPU, contiguous, trusted indices."""
     from bornsparse.ops import _sparse_numba as k
 
-    out = torch.zeros(rows.numel(), dtype=x_t.dtype)
-    fn = k._sampled_dot_kernel if rows.numel() * x_t.shape[1] >= _PARALLEL_MIN_WORK else (
+    if out is None:
+        out = torch.zeros(rows.numel(), dtype=x_t.dtype)
+    fn = k._sampled_dot_kernel if rows.numel() * x_t.shape[1] >= PARALLEL_MIN_WORK else (
         k._sampled_dot_serial_kernel
     )
     fn(rows.numpy(), cols.numpy(), gy_t.numpy(), x_t.numpy(), out.numpy())
     return out
 
 
-class _NumbaSparseMatmulFn(torch.autograd.Function):
-    """x (batch, cols) -> x Sᵀ (batch, rows) with the CPU kernels; inputs are detached views."""
+def check_plan_tensors(shape: tuple[int, int], rows: torch.Tensor, cols: torch.Tensor,
+                       rowptr: torch.Tensor, colptr: torch.Tensor, csc_perm: torch.Tensor,
+                       csc_rows: torch.Tensor) -> None:
+    """What the kernels trust about a plan's tensors, for ops that receive them (once per
+    version of those tensors, ops/_validated.py): int64, contiguous, CPU, consistent
+    lengths, pointers that start at 0 and end at nnz, indices in range."""
+    named = dict(rows=rows, cols=cols, rowptr=rowptr, colptr=colptr, csc_perm=csc_perm,
+                 csc_rows=csc_rows)
+    nnz = rows.numel()
+    lengths = dict(rows=nnz, cols=nnz, rowptr=shape[0] + 1, colptr=shape[1] + 1,
+                   csc_perm=nnz, csc_rows=nnz)
+    for name, t in named.items():
+        if t.dtype != torch.int64 or t.dim() != 1 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a 1-D CPU int64 tensor, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+        if t.numel() != lengths[name]:
+            raise ValueError(f"{name} must have {lengths[name]} entries for a {shape} support "
+                             f"with nnz = {nnz}, got {t.numel()}")
 
-    @staticmethod
-    def forward(ctx, x, values, plan):
-        x_t = x.detach().t().contiguous()  # (cols, batch)
-        vals = values.detach().contiguous()
-        y_t = _numba_spmm_t(plan.rowptr, plan.cols, vals, x_t, plan.shape[0])
-        ctx.save_for_backward(x_t, values)
-        ctx.plan = plan
-        # one explicit transpose copy: every consumer (bias add, the DCT sum, autograd's
-        # gradient accumulation) is several times slower on a transposed view
-        return y_t.t().contiguous()
+    def check() -> None:
+        for name, ptr in (("rowptr", rowptr), ("colptr", colptr)):
+            if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr.diff() < 0).any()):
+                raise ValueError(f"{name} must rise from 0 to nnz = {nnz}")
+        for name, t, bound in (("rows", rows, shape[0]), ("cols", cols, shape[1]),
+                               ("csc_rows", csc_rows, shape[0]), ("csc_perm", csc_perm, nnz)):
+            if nnz and (int(t.min()) < 0 or int(t.max()) >= bound):
+                raise ValueError(f"{name} must lie in [0, {bound}), got "
+                                 f"[{int(t.min())}, {int(t.max())}]")
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x_t, values = ctx.saved_tensors
-        plan = ctx.plan
-        gy_t = grad_y.t().contiguous()  # (rows, batch)
-        grad_x = grad_v = None
-        if ctx.needs_input_grad[0]:
-            vals_csc = values.detach()[plan.csc_perm]
-            grad_x = _numba_spmm_t(
-                plan.colptr, plan.csc_rows, vals_csc, gy_t, plan.shape[1]
-            ).t().contiguous()
-        if ctx.needs_input_grad[1]:
-            grad_v = _numba_sampled_dot(plan.rows, plan.cols, gy_t, x_t)
-        return grad_x, grad_v, None
+    check_once("sparse plan", tuple(named.values()), check)
+
+
+@torch.library.custom_op("bornsparse::sparse_matmul", mutates_args=())
+def _sparse_matmul_op(
+    x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+    rowptr: torch.Tensor, colptr: torch.Tensor, csc_perm: torch.Tensor,
+    csc_rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x Sᵀ, x_t) for x (batch, cols) and S given by its plan tensors (see SparsePlan);
+    x_t = xᵀ contiguous, which the values' gradient reads."""
+    shape = (rowptr.numel() - 1, colptr.numel() - 1)
+    _check_kernel_operands(x, values, shape)
+    check_plan_tensors(shape, rows, cols, rowptr, colptr, csc_perm, csc_rows)
+    x_t = x.t().clone(memory_format=torch.contiguous_format)  # (cols, batch), never a view
+    y_t = csr_matmul_t(rowptr, cols, values.contiguous(), x_t, shape[0])
+    # one explicit transpose copy: every consumer (bias add, the DCT sum, autograd's
+    # gradient accumulation) is several times slower on a transposed view
+    return y_t.t().contiguous(), x_t
+
+
+@_sparse_matmul_op.register_fake
+def _(x, values, rows, cols, rowptr, colptr, csc_perm, csc_rows):
+    torch._check(x.dim() == 2, lambda: f"x must have shape (batch, cols), got {x.shape}")
+    return x.new_empty(x.shape[0], rowptr.shape[0] - 1), x.new_empty(x.shape[1], x.shape[0])
+
+
+@torch.library.custom_op("bornsparse::sparse_matmul_backward", mutates_args=())
+def _sparse_matmul_backward_op(
+    grad_y: torch.Tensor, x_t: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+    cols: torch.Tensor, rowptr: torch.Tensor, colptr: torch.Tensor, csc_perm: torch.Tensor,
+    csc_rows: torch.Tensor, need_x: bool, need_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_values) of ``sparse_matmul``; a gradient not asked for is empty."""
+    shape = (rowptr.numel() - 1, colptr.numel() - 1)
+    _check_kernel_operands(x_t.t(), values, shape)
+    check_plan_tensors(shape, rows, cols, rowptr, colptr, csc_perm, csc_rows)
+    if grad_y.shape != (x_t.shape[1], shape[0]):
+        raise ValueError(f"grad_y must have shape {(x_t.shape[1], shape[0])}, got "
+                         f"{tuple(grad_y.shape)}")
+    gy_t = grad_y.t().contiguous()  # (rows, batch)
+    grad_x = grad_v = values.new_empty(0)
+    if need_x:
+        vals_csc = values.detach()[csc_perm]
+        grad_x = csr_matmul_t(colptr, csc_rows, vals_csc, gy_t, shape[1]).t().contiguous()
+    if need_values:
+        grad_v = sampled_dot_t(rows, cols, gy_t, x_t.contiguous())
+    return grad_x, grad_v
+
+
+@_sparse_matmul_backward_op.register_fake
+def _(grad_y, x_t, values, rows, cols, rowptr, colptr, csc_perm, csc_rows, need_x,
+      need_values):
+    grad_x = x_t.new_empty(x_t.shape[1], x_t.shape[0]) if need_x else x_t.new_empty(0)
+    return grad_x, (torch.empty_like(values) if need_values else values.new_empty(0))
+
+
+def _sparse_matmul_setup(ctx, inputs, output):
+    x, values, *plan = inputs
+    ctx.save_for_backward(output[1], values, *plan)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sparse_matmul_backward(ctx, grad_y, _grad_x_t):
+    x_t, values, *plan = ctx.saved_tensors
+    need_x, need_v = ctx.needs_input_grad[:2]
+    grad_x, grad_v = torch.ops.bornsparse.sparse_matmul_backward(
+        grad_y, x_t, values, *plan, need_x, need_v
+    )
+    return (grad_x if need_x else None), (grad_v if need_v else None), *([None] * len(plan))
+
+
+def no_double_backward(op: str):
+    """An autograd formula for a kernel's backward op that says why it has none."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"double backward through the numba kernel of {op} is not supported; use "
+            f"backend='reference' (plain PyTorch, gradients of any order)"
+        )
+    return backward
+
+
+_sparse_matmul_op.register_autograd(_sparse_matmul_backward, setup_context=_sparse_matmul_setup)
+_sparse_matmul_backward_op.register_autograd(
+    no_double_backward("sparse_matmul"), setup_context=lambda ctx, inputs, output: None
+)
+
+
+def _check_kernel_operands(x: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+                           ) -> None:
+    if x.dim() != 2 or x.shape[1] != shape[1]:
+        raise ValueError(f"x must have shape (batch, {shape[1]}), got {tuple(x.shape)}")
+    if x.device.type != "cpu" or x.dtype not in NUMBA_DTYPES or values.dtype != x.dtype:
+        raise ValueError(f"the kernel needs CPU float32/float64 x and values of one dtype, "
+                         f"got {x.dtype} and {values.dtype} on {x.device}")
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D (nnz,), got shape {tuple(values.shape)}")
 
 
 def _csr(ptr, idx, vals, size):
@@ -235,18 +345,6 @@ class _TorchSparseMatmulFn(torch.autograd.Function):
         return grad_x, grad_v, None
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "numba" if x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES else "reference"
-    if backend == "numba" and (x.device.type != "cpu" or x.dtype not in _NUMBA_DTYPES):
-        raise ValueError(
-            f"backend='numba' needs a CPU float32/float64 input, got {x.dtype} on {x.device}"
-        )
-    return backend
-
-
 def sparse_matmul(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -283,10 +381,12 @@ def sparse_matmul(
         )
     if values.numel() != plan.nnz:
         raise ValueError(f"values must have shape ({plan.nnz},), got {tuple(values.shape)}")
-    backend = _resolve_backend(backend, x)
+    backend = resolve_backend(backend, x, "sparse")
     lead = x.shape[:-1]
     if backend == "reference":
         return sparse_matmul_reference(x, values, indices, shape)
     x2 = x.reshape(-1, shape[1])
-    fn = _NumbaSparseMatmulFn if backend == "numba" else _TorchSparseMatmulFn
-    return fn.apply(x2, values, plan).reshape(*lead, shape[0])
+    if backend == "torch_sparse":
+        return _TorchSparseMatmulFn.apply(x2, values, plan).reshape(*lead, shape[0])
+    y, _ = torch.ops.bornsparse.sparse_matmul(x2, values, *plan.tensors())
+    return y.reshape(*lead, shape[0])

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from bornsparse.ops.backends import reference_kernels
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -145,10 +147,14 @@ def grasp_scores(
                 a += gi
         hg = [torch.zeros_like(t) for t in w]
         for batch in batches:
-            gw = _grads(model, targets, w, batch, loss_fn, temperature=temperature,
-                        create_graph=True)
-            z = sum((a * b).sum() for a, b in zip(gw, g, strict=True))
-            for a, h in zip(hg, torch.autograd.grad(z, w), strict=True):
+            # the Hessian-gradient product differentiates twice: through every bornsparse
+            # layer (a DCTpS offset, say) that needs the plain-PyTorch kernels
+            with reference_kernels():
+                gw = _grads(model, targets, w, batch, loss_fn, temperature=temperature,
+                            create_graph=True)
+                z = sum((a * b).sum() for a, b in zip(gw, g, strict=True))
+                hgs = torch.autograd.grad(z, w)
+            for a, h in zip(hg, hgs, strict=True):
                 a += h
     return [t.detach() * h for t, h in zip(w, hg, strict=True)]
 
