@@ -421,3 +421,23 @@ def test_meta_model_is_converted_born_sparse_and_trains(cls, kind, digits):
 def test_device_needs_density():
     with pytest.raises(ValueError, match="device is only used with density"):
         RigL(make(RigL)[0], None, total_steps=10, device="cpu")
+
+
+def test_state_dict_names_class_and_topology(tmp_path):
+    model, opt, rigl = make(RigL, total_steps=20, delta=5, seed=1)
+    state = rigl.state_dict()
+    torch.save(state, tmp_path / "rigl.pt")
+    loaded = torch.load(tmp_path / "rigl.pt", weights_only=True)
+    assert loaded["class"] == "RigL" and loaded["kind"] == "sparse"
+    assert loaded["layers"] == [[n, l.nnz] for n, l in sparse_targets(model)]
+    set_ = SET(model, opt, total_steps=20, delta=5)
+    with pytest.raises(ValueError, match="is a RigL state, not a SET one"):
+        set_.load_state_dict(loaded)
+    other, opt2, rigl2 = make(RigL, total_steps=20, delta=5, density=0.2, seed=1)
+    with pytest.raises(ValueError, match=r"layers \(name, nnz\) .* do not match"):
+        rigl2.load_state_dict(loaded)
+    with pytest.raises(ValueError, match=r"missing the keys \['rng'\]"):
+        rigl.load_state_dict({k: v for k, v in loaded.items() if k != "rng"})
+    old_format = {k: loaded[k] for k in ("t", "updates", "total_steps", "t_end", "delta",
+                                         "alpha", "seed", "rng")}
+    rigl.load_state_dict(old_format)  # written before class/kind/layers existed

@@ -177,3 +177,47 @@ def test_rejects_bad_arguments():
     imp = IMP(mlp(), rounds=2, prune_rate=0.2, rewind_iteration=5)
     with pytest.raises(RuntimeError, match="no rewind point yet"):
         imp.prune()
+
+
+def test_state_dict_round_trips_through_a_file(digits, tmp_path):
+    # round, iteration, masks and rewind point survive torch.save / weights_only load, and
+    # the restored IMP prunes to exactly the same masks
+    x, y, *_ = digits
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    imp = IMP(model, opt, rounds=3, density=0.1, rewind_iteration=2)
+    train(model, opt, imp, x, y, 4)
+    imp.prune()
+    train(model, opt, imp, x, y, 3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "imp": imp.state_dict()}, tmp_path / "imp.pt")
+    ckpt = torch.load(tmp_path / "imp.pt", weights_only=True)
+    assert ckpt["imp"]["round"] == 1 and ckpt["imp"]["iteration"] == 7
+    assert ckpt["imp"]["layers"] == [n for n, _ in dense_targets(model)]
+    imp.prune()
+
+    model2 = mlp(seed=4)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    imp2 = IMP(model2, opt2, rounds=3, density=0.1, rewind_iteration=2)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    imp2.load_state_dict(ckpt["imp"])
+    assert (imp2.round, imp2.iteration) == (1, 7)
+    for key, t in ckpt["imp"]["rewind"]["model"].items():
+        assert torch.equal(imp2._rewind["model"][key], t)
+    imp2.prune()
+    assert all(torch.equal(a, b) for a, b in zip(imp.masks, imp2.masks, strict=True))
+    assert all(torch.equal(a, b) for a, b in
+               zip(model.state_dict().values(), model2.state_dict().values(), strict=True))
+
+
+def test_state_dict_refuses_other_settings():
+    model = mlp()
+    state = IMP(model, rounds=2, density=0.1).state_dict()
+    with pytest.raises(ValueError, match="scope='global' but this IMP has 'layer'"):
+        IMP(mlp(), rounds=2, density=0.1, scope="layer").load_state_dict(state)
+    with pytest.raises(ValueError, match="checkpoint prunes the layers"):
+        IMP(mlp(), rounds=2, density=0.1, include="1").load_state_dict(state)
+    with pytest.raises(ValueError, match=r"missing the keys \['masks'\]"):
+        IMP(mlp(), rounds=2, density=0.1).load_state_dict(
+            {k: v for k, v in state.items() if k != "masks"})

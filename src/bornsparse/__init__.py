@@ -24,6 +24,9 @@ _LAZY = {
     "dct": "bornsparse.ops",
     "idct": "bornsparse.ops",
     "sparsify": "bornsparse.models",
+    "save": "bornsparse.models",
+    "load": "bornsparse.models",
+    "CheckpointError": "bornsparse.models",
 }
 
 __all__ = ["__version__", *_LAZY]

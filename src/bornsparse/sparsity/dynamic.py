@@ -331,8 +331,21 @@ class _DynamicSparse(ABC):
 
     # ------------------------------------------------------------------ checkpoints
 
+    _STATE_KEYS = ("t", "updates", "total_steps", "t_end", "delta", "alpha", "seed", "rng")
+
     def state_dict(self) -> dict:
-        """Schedule position and random state; supports live in the model's state_dict."""
+        """Schedule position, random state and a fingerprint of the topology it updates.
+
+        Holds t and the update count (the schedule position: the drop fraction and the next
+        update step follow from them), the schedule's settings (checked on load), the seed
+        and the generator's state (SET grows from it), the class and layer kind, and each
+        updated layer's name and nnz. Not the supports or values: those are the model's
+        (``bornsparse.save`` or ``model.state_dict()``). Plain ints, floats, strings, lists
+        and one uint8 tensor, so ``torch.load(..., weights_only=True)`` reads it.
+
+        NOTE: take it after ``step()``. Gradient captures pending between the backward pass
+        and the ``step()`` of an update step are not part of it.
+        """
         return {
             "t": self._t,
             "updates": self.updates,
@@ -342,14 +355,41 @@ class _DynamicSparse(ABC):
             "alpha": self.alpha,
             "seed": self.seed,
             "rng": self._gen.get_state(),
+            "class": type(self).__name__,
+            "kind": self.kind,
+            "layers": [[name, layer.nnz] for name, layer in self.layers],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; ValueError if it was made for another set-up.
+
+        The model must already hold the checkpoint's supports (load the model first). The
+        class, layer names and nnz are checked when the state has them (states written
+        before they were added load too).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = [k for k in self._STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state is missing the keys {missing} of a "
+                             f"{type(self).__name__} state_dict")
         for key in ("total_steps", "t_end", "delta", "alpha"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"checkpoint has {key}={state[key]!r} but this {type(self).__name__} has "
                     f"{getattr(self, key)!r}"
+                )
+        if "class" in state and state["class"] != type(self).__name__:
+            raise ValueError(
+                f"checkpoint is a {state['class']} state, not a {type(self).__name__} one"
+            )
+        if "layers" in state:
+            ours = [[name, layer.nnz] for name, layer in self.layers]
+            theirs = [[str(n), int(k)] for n, k in state["layers"]]
+            if theirs != ours:
+                raise ValueError(
+                    f"checkpoint's layers (name, nnz) {theirs} do not match this "
+                    f"{type(self).__name__}'s {ours}: load the model's checkpoint first"
                 )
         self._t = int(state["t"])
         self.updates = int(state["updates"])

@@ -223,26 +223,68 @@ class IMP:
 
     # ------------------------------------------------------------------ checkpoints
 
+    _STATE_KEYS = ("round", "iteration", "masks", "rewind", "prune_rate", "rounds")
+
     def state_dict(self) -> dict:
+        """Round, iteration, masks and the rewind point (model and optimizer state dicts).
+
+        Also the settings that fix the schedule (checked on load), the pruned layers' names
+        and whether :meth:`to_sparse` ran. Tensors, dicts and plain values only, so
+        ``torch.save`` / ``torch.load(..., weights_only=True)`` round-trip it.
+        """
         return {
             "round": self.round,
             "iteration": self.iteration,
             "masks": [m.clone() for m in self.masks],
-            "rewind": self._rewind,
+            "rewind": self._rewind,  # by reference, like Module.state_dict's tensors
             "prune_rate": self.prune_rate,
             "rounds": self.rounds,
+            "target_density": self.target_density,
+            "rewind_iteration": self.rewind_iteration,
+            "scope": self.scope,
+            "kind": self.kind,
+            "layers": [name for name, _ in self.targets],
+            "converted": self._converted,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` taken on the same model and settings (ValueError).
+
+        After ``to_sparse()`` (``converted``) the model's sparse layers come from the model
+        checkpoint (``bornsparse.load``); this only marks the IMP as done.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = [k for k in self._STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state is missing the keys {missing} of an IMP state_dict")
         if state["rounds"] != self.rounds or state["prune_rate"] != self.prune_rate:
             raise ValueError(
                 f"checkpoint is for rounds={state['rounds']}, prune_rate={state['prune_rate']}; "
                 f"this IMP has rounds={self.rounds}, prune_rate={self.prune_rate}"
             )
+        # checked when present: states written before these keys existed load too
+        for key in ("target_density", "rewind_iteration", "scope", "kind"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint has {key}={state[key]!r} but this IMP has "
+                    f"{getattr(self, key)!r}"
+                )
+        names = [name for name, _ in self.targets]
+        if "layers" in state and list(state["layers"]) != names:
+            raise ValueError(
+                f"checkpoint prunes the layers {list(state['layers'])}, this IMP {names}"
+            )
         masks = state["masks"]
         if [m.shape for m in masks] != [m.shape for m in self.masks]:
             raise ValueError("checkpoint masks do not match this model's prunable layers")
-        self.masks = [m.clone().bool() for m in masks]
+        self.masks = [m.clone().bool().to(old.device) for m, old in zip(masks, self.masks,
+                                                                           strict=True)]
         self.round = int(state["round"])
         self.iteration = int(state["iteration"])
+        # prune() copies out of it (load_state_dict, deepcopy), so a reference is safe
         self._rewind = state["rewind"]
+        if state.get("converted", False):
+            if self._offsets is not None:
+                self._offsets.remove()
+            self._converted = True
