@@ -52,10 +52,10 @@ def main() -> None:
     x = torch.randn(b, n, requires_grad=True)
     dense = torch.nn.Linear(n, n)
     dctps = DCTPlusSparseLinear(n, n, density=args.density, seed=0)
-    # "auto" is the fused single-node path (ops/discrete_cosine.py: dct_sparse_affine); "numba" the
-    # sparse product and the DCT as separate autograd nodes, kept for comparison
+    # "auto" is the fused single op (ops/dct_sparse_affine.py); torch.sparse and the
+    # plain-PyTorch reference are kept for comparison
     candidates = {"dense nn.Linear": dense, "DCTPlusSparseLinear (auto: fused)": dctps}
-    for backend in ("numba", "torch_sparse", "reference"):
+    for backend in ("torch_sparse", "reference"):
         m = DCTPlusSparseLinear(n, n, density=args.density, seed=0)
         m.backend = backend
         candidates[f"DCTPlusSparseLinear ({backend})"] = m
