@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    set_threads(args.threads, numba_threads=False)
+    set_threads(args.threads)
     print_json_line({"machine": machine_tag()})
     for name, (make, n, batch) in CASES.items():
         torch.manual_seed(0)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         help="also time the plain-PyTorch reference backend (slow)",
     )
     args = ap.parse_args(argv)
-    set_threads(args.threads, numba_threads=False)
+    set_threads(args.threads)
     torch.manual_seed(0)
     n = args.features
     dense = torch.nn.Linear(n, n)

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", nargs=2, metavar=("DEPTH", "BACKEND"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    set_threads(args.threads, numba_threads=False)
+    set_threads(args.threads)
     n = args.features
     if args.one:
         row = measure_one(int(args.one[0]), args.one[1], args.batch, n, args.width)

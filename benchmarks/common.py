@@ -17,22 +17,11 @@ from collections.abc import Callable
 import torch
 
 
-def set_threads(n: int, *, numba_threads: bool = True) -> None:
-    """torch's thread count, and numba's unless ``numba_threads`` is False.
-
-    Setting numba's starts its own OpenMP runtime (a second libgomp), whose threads measured
-    to slow torch's neighbouring work; benchmarks of kernels that never use numba's
-    threading (the permuted operator runs on torch's team) leave it unstarted.
-    """
+def set_threads(n: int) -> None:
+    """torch's thread count; every bornsparse kernel runs on torch's OpenMP team
+    (ops/_parallel.py), so numba's own thread count is never set (setting it would start a
+    second OpenMP runtime)."""
     torch.set_num_threads(n)
-    if not numba_threads:
-        return
-    try:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:  # numba is a dependency, but keep the helper usable without it
-        pass
 
 
 def machine_tag() -> dict[str, object]:

@@ -3,6 +3,17 @@
 In plain torch the twiddle is a broadcast complex multiply, then a conjugation and a gather:
 three passes over the spectrum, each as slow as the FFT itself on CPU. Here each is one
 pass, parallel over rows.
+
+Each kernel is a function of a range of rows (or of _TILE-sample tiles), run over chunks of
+the batch as a parallel region of torch's own OpenMP team (ops/_parallel.py): the
+Python-callable ``*_kernel`` functions at the end build the int64 header (slot 3 the dtype:
+0 float32, 1 float64; then sizes, α as float64 bits, data pointers) and launch the cfunc
+body. Numba's ``parallel=True`` would start a second OpenMP runtime whose threads, and
+torch's, spin while the other works (docs/design.md). Every row is computed the same way
+whichever chunk holds it, so results depend neither on the chunking nor on the threads.
+Below _MIN_ELEMENTS elements, or with one torch thread, a pass runs as one chunk on the
+calling thread (its chunk function called directly). α is rounded to the arrays' dtype, so
+float32 passes stay float32 throughout.
 """
 
 from __future__ import annotations
@@ -10,16 +21,44 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from bornsparse.ops._parallel import (
+    HEADER_LEN,
+    NoAliasCompiler,
+    chunk_plan,
+    claim_chunk,
+    finish_chunk,
+    float_slot,
+    header_address,
+    lazy_body,
+    make_header,
+    put_addresses,
+    run_chunks,
+    view,
+)
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _twiddle_take_kernel(spec: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+_F32 = np.empty(0, np.float32)
+_F64 = np.empty(0, np.float64)
+_I64 = np.empty(0, np.int64)
+_JIT = dict(cache=True, nogil=True, fastmath=True, pipeline_class=NoAliasCompiler)
+# Below this many elements a pass runs as one chunk on the calling thread. Lower than the
+# sparse products' PARALLEL_MIN_WORK (multiply-adds): an element here costs several of those
+# (a strided or transposed load and store), and torch's team, still spinning after the FFT
+# just before, starts a region in a few µs.
+_MIN_ELEMENTS = 1 << 14
+
+
+# ---- the work of one chunk: rows b0 <= b < b1 (or tiles t0 <= ti < t1) -----------------
+
+
+@numba.njit(**_JIT)
+def _twiddle_take_rows(spec, w, out, b0, b1):
     """out[b, k] = Re(spec[b,k]·w[k]) for k <= N/2, out[b, N-k] = -Im(spec[b,k]·w[k]).
 
     spec: (B, N//2 + 1, 2) interleaved rfft output; w: (N//2 + 1, 2); out: (B, N).
     """
     n = out.shape[1]
     half = spec.shape[1]
-    for b in numba.prange(out.shape[0]):
+    for b in range(b0, b1):
         for k in range(half):
             a = spec[b, k, 0]
             c = spec[b, k, 1]
@@ -30,14 +69,14 @@ def _twiddle_take_kernel(spec: np.ndarray, w: np.ndarray, out: np.ndarray) -> No
                 out[b, n - k] = -im
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _untake_twiddle_kernel(coef: np.ndarray, w_inv: np.ndarray, spec: np.ndarray) -> None:
+@numba.njit(**_JIT)
+def _untake_twiddle_rows(coef, w_inv, spec, b0, b1):
     """spec[b, j] = (coef[b, j] - i·coef[b, N-j])·w_inv[j], coef[b, N] = 0; j <= N/2.
 
     coef: (B, N); w_inv: (N//2 + 1, 2); spec: (B, N//2 + 1, 2) interleaved.
     """
     n = coef.shape[1]
-    for b in numba.prange(coef.shape[0]):
+    for b in range(b0, b1):
         for j in range(spec.shape[1]):
             a = coef[b, j]
             c = -coef[b, n - j] if j > 0 else coef[b, 0] * 0
@@ -45,11 +84,8 @@ def _untake_twiddle_kernel(coef: np.ndarray, w_inv: np.ndarray, spec: np.ndarray
             spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _affine_take_kernel(
-    spec: np.ndarray, w: np.ndarray, n: int, alpha: float, y: np.ndarray, bias: np.ndarray,
-    out: np.ndarray,
-) -> None:
+@numba.njit(**_JIT)
+def _affine_take_rows(spec, w, n, alpha, y, bias, out, b0, b1):
     """out[b, k] = y[b, k] + α·X[b, k] + bias[k] for k < m = out.shape[1].
 
     X is the length-n DCT whose reordered rfft is spec (B, n//2 + 1, 2); ``bias`` has
@@ -59,7 +95,7 @@ def _affine_take_kernel(
     m = out.shape[1]
     half = spec.shape[1]
     has_bias = bias.shape[0] > 0
-    for b in numba.prange(out.shape[0]):
+    for b in range(b0, b1):
         for k in range(half):
             a = spec[b, k, 0]
             c = spec[b, k, 1]
@@ -72,11 +108,11 @@ def _affine_take_kernel(
                 out[b, j] = v + bias[j] if has_bias else v
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _padded_untake_kernel(g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.ndarray) -> None:
-    """As _untake_twiddle_kernel for coefficients g (B, m) zero-padded to length n >= m."""
+@numba.njit(**_JIT)
+def _padded_untake_rows(g, n, w_inv, spec, b0, b1):
+    """As _untake_twiddle_rows for coefficients g (B, m) zero-padded to length n >= m."""
     m = g.shape[1]
-    for b in numba.prange(g.shape[0]):
+    for b in range(b0, b1):
         for j in range(spec.shape[1]):
             a = g[b, j] if j < m else g[b, 0] * 0
             c = -g[b, n - j] if (j > 0 and n - j < m) else g[b, 0] * 0
@@ -84,18 +120,16 @@ def _padded_untake_kernel(g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.nda
             spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _gather_scale_dot_kernel(
-    v: np.ndarray, unorder: np.ndarray, x: np.ndarray, alpha: float, gx: np.ndarray,
-    dots: np.ndarray,
-) -> None:
+@numba.njit(**_JIT)
+def _gather_scale_dot_rows(v, unorder, x, alpha, gx, dots, b0, b1):
     """u = v[:, unorder][:, :d]; gx = α·u; dots[b] = ⟨u[b], x[b]⟩ (d = x.shape[1]).
 
     The backward of α·T(x): u = Tᵀ(grad) gives both grad_x = α·u and grad_α = Σ ⟨u, x⟩.
     """
     d = x.shape[1]
-    for b in numba.prange(x.shape[0]):
-        acc = dots[b] * 0
+    zero = dots.dtype.type(0)  # not dots[b] * 0: dots may hold garbage (NaN · 0 = NaN)
+    for b in range(b0, b1):
+        acc = zero
         for i in range(d):
             u = v[b, unorder[i]]
             gx[b, i] = alpha * u
@@ -108,12 +142,13 @@ def _gather_scale_dot_kernel(
 # separate transpose costs as much as the FFT, so each transpose rides along a pass that
 # reads or writes the same array anyway. These passes walk tiles of _TILE samples: within a
 # tile one feature of every sample is one contiguous run of the transposed array (a cache
-# line for float32), and the tile's rows of the batch-major arrays stay in L2.
+# line for float32), and the tile's rows of the batch-major arrays stay in L2. Chunks are
+# runs of whole tiles.
 _TILE = 16
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _tile_to_t(src: np.ndarray, dst_t: np.ndarray, b0: int, b1: int) -> None:
+@numba.njit(**_JIT)
+def _tile_to_t(src, dst_t, b0, b1):
     """dst_t[i, b] = src[b, i] for the samples b0:b1, in _TILE x _TILE blocks (both in L1)."""
     d = src.shape[1]
     for i0 in range(0, d, _TILE):
@@ -123,8 +158,8 @@ def _tile_to_t(src: np.ndarray, dst_t: np.ndarray, b0: int, b1: int) -> None:
                 dst_t[i, b] = src[b, i]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _tile_add_t(dst: np.ndarray, src_t: np.ndarray, b0: int, b1: int) -> None:
+@numba.njit(**_JIT)
+def _tile_add_t(dst, src_t, b0, b1):
     """dst[b, i] += src_t[i, b] for the samples b0:b1, in _TILE x _TILE blocks."""
     d = dst.shape[1]
     for i0 in range(0, d, _TILE):
@@ -134,18 +169,16 @@ def _tile_add_t(dst: np.ndarray, src_t: np.ndarray, b0: int, b1: int) -> None:
                 dst[b, i] += src_t[i, b]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _reorder_transpose_kernel(
-    x: np.ndarray, reorder: np.ndarray, v: np.ndarray, x_t: np.ndarray
-) -> None:
+@numba.njit(**_JIT)
+def _reorder_transpose_tiles(x, v, x_t, t0, t1):
     """v[b, i] = xp[b, reorder[i]] with xp = x zero-padded to q = v.shape[1]; x_t = xᵀ.
 
-    x: (B, n); v: (B, q); x_t: (n, B). ``reorder`` (Makhoul's permutation for length q,
-    ops/discrete_cosine.py) is only documentation here: the loops below compute it in closed form.
+    x: (B, n); v: (B, q); x_t: (n, B). Makhoul's permutation ``reorder`` for length q
+    (ops/discrete_cosine.py) is computed in closed form.
     """
     nb, n = x.shape
     q = v.shape[1]
-    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+    for ti in range(t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
@@ -164,16 +197,13 @@ def _reorder_transpose_kernel(
         _tile_to_t(x, x_t, b0, b1)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _affine_take_t_kernel(
-    spec: np.ndarray, w: np.ndarray, n: int, alpha: float, y_t: np.ndarray, bias: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """As _affine_take_kernel, but the sparse part comes transposed: y_t (m, B)."""
+@numba.njit(**_JIT)
+def _affine_take_t_tiles(spec, w, n, alpha, y_t, bias, out, t0, t1):
+    """As _affine_take_rows, but the sparse part comes transposed: y_t (m, B)."""
     nb, m = out.shape
     half = spec.shape[1]
     has_bias = bias.shape[0] > 0
-    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+    for ti in range(t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
@@ -202,13 +232,12 @@ def _affine_take_t_kernel(
         _tile_add_t(out, y_t, b0, b1)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _padded_untake_t_kernel(
-    g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.ndarray, g_t: np.ndarray
-) -> None:
-    """_padded_untake_kernel, and g_t = gᵀ (m, B) when g_t has rows (else skipped)."""
+@numba.njit(**_JIT)
+def _padded_untake_t_tiles(g, n, w_inv, spec, g_t, t0, t1):
+    """_padded_untake_rows, and g_t = gᵀ (m, B) when g_t has rows (else skipped)."""
     nb, m = g.shape
-    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+    zero = spec.dtype.type(0)
+    for ti in range(t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
@@ -225,27 +254,25 @@ def _padded_untake_t_kernel(
                     sb[j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
                 continue
             for j in range(spec.shape[1]):
-                a = g[b, j] if j < m else 0
-                c = -g[b, n - j] if (j > 0 and n - j < m) else 0
+                a = g[b, j] if j < m else zero
+                c = -g[b, n - j] if (j > 0 and n - j < m) else zero
                 spec[b, j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
                 spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
         if g_t.shape[0] > 0:
             _tile_to_t(g, g_t, b0, b1)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _gather_scale_dot_t_kernel(
-    v: np.ndarray, unorder: np.ndarray, x: np.ndarray, alpha: float, gs_t: np.ndarray,
-    gx: np.ndarray, dots: np.ndarray,
-) -> None:
-    """_gather_scale_dot_kernel, plus gx += gs_tᵀ when gs_t (d, B) has rows (else skipped).
+@numba.njit(**_JIT)
+def _gather_scale_dot_t_tiles(v, x, alpha, gs_t, gx, dots, t0, t1):
+    """_gather_scale_dot_rows, plus gx += gs_tᵀ when gs_t (d, B) has rows (else skipped).
 
     gs_t is the sparse part's input gradient Sᵀ gᵀ, so gx is the layer's whole grad_x.
-    ``unorder`` (length q = v.shape[1]) is only documentation: the loops compute it.
+    Makhoul's ``unorder`` (length q = v.shape[1]) is computed in closed form.
     """
     nb, d = x.shape
     q = v.shape[1]
-    for ti in numba.prange((nb + _TILE - 1) // _TILE):
+    zero = dots.dtype.type(0)
+    for ti in range(t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
@@ -253,7 +280,7 @@ def _gather_scale_dot_t_kernel(
             vb = v[b]
             xb = x[b]
             gb = gx[b]
-            acc = dots[b] * 0
+            acc = zero
             for p in range((d + 1) // 2):
                 u = vb[p]
                 gb[2 * p] = alpha * u
@@ -265,3 +292,446 @@ def _gather_scale_dot_t_kernel(
             dots[b] = acc
         if gs_t.shape[0] > 0:
             _tile_add_t(gx, gs_t, b0, b1)
+
+
+# ---- chunk loops: unpack the header, run every chunk this thread claims ----------------
+# Header (an int64 array of HEADER_LEN slots): 0-2 as in ops/_parallel.py, 3 the dtype code,
+# then the sizes, α (float64 bits) where the kernel has one, and the data pointers, outputs
+# last (see _launch). The same compiled loop runs from a region body or called directly.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _alpha(a, slot, like):
+    """The float64 in header slot ``slot``, rounded to like's dtype."""
+    return like.dtype.type(a.view(np.float64)[slot])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _span(units, c, nchunks):
+    """The units (rows or tiles) [u0, u1) of chunk c: contiguous, sizes differing by <= 1."""
+    return units * c // nchunks, units * (c + 1) // nchunks
+
+
+@numba.njit(cache=True, nogil=True)
+def _twiddle_take_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, half, n = a[2], a[4], a[5], a[6]
+    spec = view(a[7], (nb, half, 2), like)
+    w = view(a[8], (half, 2), like)
+    out = view(a[9], (nb, n), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        b0, b1 = _span(nb, c, nchunks)
+        _twiddle_take_rows(spec, w, out, b0, b1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _untake_twiddle_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, n, half = a[2], a[4], a[5], a[6]
+    coef = view(a[7], (nb, n), like)
+    w_inv = view(a[8], (half, 2), like)
+    spec = view(a[9], (nb, half, 2), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        b0, b1 = _span(nb, c, nchunks)
+        _untake_twiddle_rows(coef, w_inv, spec, b0, b1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _affine_take_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, half, n, m, nbias = a[2], a[4], a[5], a[6], a[7], a[8]
+    alpha = _alpha(a, 9, like)
+    spec = view(a[10], (nb, half, 2), like)
+    w = view(a[11], (half, 2), like)
+    y = view(a[12], (nb, m), like)
+    bias = view(a[13], (nbias,), like)
+    out = view(a[14], (nb, m), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        b0, b1 = _span(nb, c, nchunks)
+        _affine_take_rows(spec, w, n, alpha, y, bias, out, b0, b1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _padded_untake_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, m, n, half = a[2], a[4], a[5], a[6], a[7]
+    g = view(a[8], (nb, m), like)
+    w_inv = view(a[9], (half, 2), like)
+    spec = view(a[10], (nb, half, 2), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        b0, b1 = _span(nb, c, nchunks)
+        _padded_untake_rows(g, n, w_inv, spec, b0, b1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_scale_dot_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, q, d = a[2], a[4], a[5], a[6]
+    alpha = _alpha(a, 7, like)
+    v = view(a[8], (nb, q), like)
+    unorder = view(a[9], (q,), _I64)
+    x = view(a[10], (nb, d), like)
+    gx = view(a[11], (nb, d), like)
+    dots = view(a[12], (nb,), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        b0, b1 = _span(nb, c, nchunks)
+        _gather_scale_dot_rows(v, unorder, x, alpha, gx, dots, b0, b1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _reorder_transpose_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, n, q = a[2], a[4], a[5], a[6]
+    x = view(a[7], (nb, n), like)
+    v = view(a[8], (nb, q), like)
+    x_t = view(a[9], (n, nb), like)
+    ntiles = (nb + _TILE - 1) // _TILE
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        t0, t1 = _span(ntiles, c, nchunks)
+        _reorder_transpose_tiles(x, v, x_t, t0, t1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _affine_take_t_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, half, n, m, nbias = a[2], a[4], a[5], a[6], a[7], a[8]
+    alpha = _alpha(a, 9, like)
+    spec = view(a[10], (nb, half, 2), like)
+    w = view(a[11], (half, 2), like)
+    y_t = view(a[12], (m, nb), like)
+    bias = view(a[13], (nbias,), like)
+    out = view(a[14], (nb, m), like)
+    ntiles = (nb + _TILE - 1) // _TILE
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        t0, t1 = _span(ntiles, c, nchunks)
+        _affine_take_t_tiles(spec, w, n, alpha, y_t, bias, out, t0, t1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _padded_untake_t_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, m, n, half, mt = a[2], a[4], a[5], a[6], a[7], a[8]
+    g = view(a[9], (nb, m), like)
+    w_inv = view(a[10], (half, 2), like)
+    spec = view(a[11], (nb, half, 2), like)
+    g_t = view(a[12], (mt, nb), like)
+    ntiles = (nb + _TILE - 1) // _TILE
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        t0, t1 = _span(ntiles, c, nchunks)
+        _padded_untake_t_tiles(g, n, w_inv, spec, g_t, t0, t1)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_scale_dot_t_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nb, q, d, ds = a[2], a[4], a[5], a[6], a[8]
+    alpha = _alpha(a, 7, like)
+    v = view(a[9], (nb, q), like)
+    x = view(a[10], (nb, d), like)
+    gs_t = view(a[11], (ds, nb), like)
+    gx = view(a[12], (nb, d), like)
+    dots = view(a[13], (nb,), like)
+    ntiles = (nb + _TILE - 1) // _TILE
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        t0, t1 = _span(ntiles, c, nchunks)
+        _gather_scale_dot_t_tiles(v, x, alpha, gs_t, gx, dots, t0, t1)
+        finish_chunk(hp)
+
+
+# The region bodies: header slot 3 picks the dtype (0 float32, 1 float64).
+
+
+@lazy_body
+def _twiddle_take_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _twiddle_take_chunks(a, _F64)
+    else:
+        _twiddle_take_chunks(a, _F32)
+
+
+@lazy_body
+def _untake_twiddle_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _untake_twiddle_chunks(a, _F64)
+    else:
+        _untake_twiddle_chunks(a, _F32)
+
+
+@lazy_body
+def _affine_take_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _affine_take_chunks(a, _F64)
+    else:
+        _affine_take_chunks(a, _F32)
+
+
+@lazy_body
+def _padded_untake_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _padded_untake_chunks(a, _F64)
+    else:
+        _padded_untake_chunks(a, _F32)
+
+
+@lazy_body
+def _gather_scale_dot_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _gather_scale_dot_chunks(a, _F64)
+    else:
+        _gather_scale_dot_chunks(a, _F32)
+
+
+@lazy_body
+def _reorder_transpose_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _reorder_transpose_chunks(a, _F64)
+    else:
+        _reorder_transpose_chunks(a, _F32)
+
+
+@lazy_body
+def _affine_take_t_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _affine_take_t_chunks(a, _F64)
+    else:
+        _affine_take_t_chunks(a, _F32)
+
+
+@lazy_body
+def _padded_untake_t_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _padded_untake_t_chunks(a, _F64)
+    else:
+        _padded_untake_t_chunks(a, _F32)
+
+
+@lazy_body
+def _gather_scale_dot_t_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3]:
+        _gather_scale_dot_t_chunks(a, _F64)
+    else:
+        _gather_scale_dot_t_chunks(a, _F32)
+
+
+# ---- Python side: operand checks, headers, launch ---------------------------------------
+
+
+def _launch(chunks, body, units: int, work: int, sizes: tuple, arrays: tuple,
+            n_outputs: int) -> None:
+    """Check dtypes, make ``arrays`` C-contiguous and run the chunk loop ``chunks`` (or its
+    region ``body``) over ``units`` rows or tiles, chunked by chunk_plan; header: dtype code,
+    ``sizes`` (ints, or float64 bits), then the arrays' pointers.
+
+    The last ``n_outputs`` arrays are written: where one is not contiguous the body writes a
+    contiguous copy, copied back afterwards.
+    """
+    floats = [a for a in arrays if a.dtype.kind == "f"]
+    dtype = floats[0].dtype
+    if dtype not in (np.float32, np.float64) or any(a.dtype != dtype for a in floats):
+        raise TypeError(
+            "the DCT kernels need float32 or float64 arrays of one dtype, got "
+            f"{[str(a.dtype) for a in floats]}"
+        )
+    bufs = [np.ascontiguousarray(a) for a in arrays]
+    nchunks, nthreads = chunk_plan(units, work, _MIN_ELEMENTS)
+    f64 = dtype == np.float64
+    header = make_header(nchunks, int(f64), *sizes, length=HEADER_LEN)
+    put_addresses(header, 4 + len(sizes), *bufs)
+    run_chunks(chunks, body, header, nthreads, _F64 if f64 else _F32)
+    for a, b in zip(arrays[len(arrays) - n_outputs:], bufs[len(bufs) - n_outputs:],
+                    strict=True):
+        if b is not a:
+            a[...] = b
+
+
+def _check_shapes(**named: tuple[np.ndarray, tuple[int, ...]]) -> None:
+    """Raise unless each array has its shape: the bodies index bare memory."""
+    for name, (a, shape) in named.items():
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+
+
+def _tiles(nb: int) -> int:
+    return (nb + _TILE - 1) // _TILE
+
+
+# The Python-callable kernels. With one thread (small work, or one torch thread) the chunk
+# loop is called directly instead of as a region (ops/_parallel.run_chunks).
+
+
+def _twiddle_take_kernel(spec: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out[b, k] = Re(spec[b,k]·w[k]) for k <= N/2, out[b, N-k] = -Im(spec[b,k]·w[k]).
+
+    spec: (B, N//2 + 1, 2) interleaved rfft output; w: (N//2 + 1, 2); out: (B, N).
+    """
+    nb, n = out.shape
+    half = spec.shape[1]
+    _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)))
+    _launch(_twiddle_take_chunks, _twiddle_take_body, nb, nb * n, (nb, half, n),
+            (spec, w, out), 1)
+
+
+def _untake_twiddle_kernel(coef: np.ndarray, w_inv: np.ndarray, spec: np.ndarray) -> None:
+    """spec[b, j] = (coef[b, j] - i·coef[b, N-j])·w_inv[j], coef[b, N] = 0; j <= N/2.
+
+    coef: (B, N); w_inv: (N//2 + 1, 2); spec: (B, N//2 + 1, 2) interleaved.
+    """
+    nb, n = coef.shape
+    half = spec.shape[1]
+    _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
+    _launch(_untake_twiddle_chunks, _untake_twiddle_body, nb, nb * n,
+            (nb, n, half), (coef, w_inv, spec), 1)
+
+
+def _affine_take_kernel(
+    spec: np.ndarray, w: np.ndarray, n: int, alpha: float, y: np.ndarray, bias: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """out[b, k] = y[b, k] + α·X[b, k] + bias[k] for k < m = out.shape[1].
+
+    X is the length-n DCT whose reordered rfft is spec (B, n//2 + 1, 2); w (n//2 + 1, 2);
+    y, out (B, m); ``bias`` (m,), or length 0 for none. Fuses the twiddle, the output
+    gather, the truncation to m, α, the bias and the sum with the sparse part: one pass
+    instead of five.
+    """
+    nb, m = out.shape
+    half = spec.shape[1]
+    _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)), y=(y, (nb, m)))
+    if bias.shape[0]:
+        _check_shapes(bias=(bias, (m,)))
+    _launch(_affine_take_chunks, _affine_take_body, nb, nb * max(m, half),
+            (nb, half, n, m, bias.shape[0], float_slot(alpha)), (spec, w, y, bias, out), 1)
+
+
+def _padded_untake_kernel(g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.ndarray) -> None:
+    """As _untake_twiddle_kernel for coefficients g (B, m) zero-padded to length n >= m;
+    w_inv (n//2 + 1, 2); spec (B, n//2 + 1, 2)."""
+    nb, m = g.shape
+    half = spec.shape[1]
+    _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
+    _launch(_padded_untake_chunks, _padded_untake_body, nb, nb * half * 2,
+            (nb, m, n, half), (g, w_inv, spec), 1)
+
+
+def _gather_scale_dot_kernel(
+    v: np.ndarray, unorder: np.ndarray, x: np.ndarray, alpha: float, gx: np.ndarray,
+    dots: np.ndarray,
+) -> None:
+    """u = v[:, unorder][:, :d]; gx = α·u; dots[b] = ⟨u[b], x[b]⟩ (d = x.shape[1]).
+
+    v: (B, q); unorder: (q,) integer; x, gx: (B, d); dots: (B,). The backward of α·T(x):
+    u = Tᵀ(grad) gives both grad_x = α·u and grad_α = Σ ⟨u, x⟩.
+    """
+    nb, d = x.shape
+    q = v.shape[1]
+    _check_shapes(v=(v, (nb, q)), unorder=(unorder, (q,)), gx=(gx, (nb, d)),
+                  dots=(dots, (nb,)))
+    unorder = unorder.astype(np.int64, copy=False)
+    _launch(_gather_scale_dot_chunks, _gather_scale_dot_body, nb, nb * d,
+            (nb, q, d, float_slot(alpha)), (v, unorder, x, gx, dots), 2)
+
+
+def _reorder_transpose_kernel(
+    x: np.ndarray, reorder: np.ndarray, v: np.ndarray, x_t: np.ndarray
+) -> None:
+    """v[b, i] = xp[b, reorder[i]] with xp = x zero-padded to q = v.shape[1]; x_t = xᵀ.
+
+    x: (B, n); v: (B, q); x_t: (n, B). ``reorder`` (Makhoul's permutation for length q,
+    ops/discrete_cosine.py) is only documentation here: the loops compute it in closed form.
+    """
+    nb, n = x.shape
+    q = v.shape[1]
+    _check_shapes(v=(v, (nb, q)), x_t=(x_t, (n, nb)))
+    _launch(_reorder_transpose_chunks, _reorder_transpose_body, _tiles(nb), nb * (q + n),
+            (nb, n, q), (x, v, x_t), 2)
+
+
+def _affine_take_t_kernel(
+    spec: np.ndarray, w: np.ndarray, n: int, alpha: float, y_t: np.ndarray, bias: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """As _affine_take_kernel, but the sparse part comes transposed: y_t (m, B)."""
+    nb, m = out.shape
+    half = spec.shape[1]
+    _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)), y_t=(y_t, (m, nb)))
+    if bias.shape[0]:
+        _check_shapes(bias=(bias, (m,)))
+    _launch(_affine_take_t_chunks, _affine_take_t_body, _tiles(nb), nb * max(m, half),
+            (nb, half, n, m, bias.shape[0], float_slot(alpha)), (spec, w, y_t, bias, out), 1)
+
+
+def _padded_untake_t_kernel(
+    g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.ndarray, g_t: np.ndarray
+) -> None:
+    """_padded_untake_kernel, and g_t = gᵀ (m, B) when g_t has rows (else skipped)."""
+    nb, m = g.shape
+    half = spec.shape[1]
+    _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
+    if g_t.shape[0]:
+        _check_shapes(g_t=(g_t, (m, nb)))
+    _launch(_padded_untake_t_chunks, _padded_untake_t_body, _tiles(nb),
+            nb * (half * 2 + g_t.shape[0]), (nb, m, n, half, g_t.shape[0]),
+            (g, w_inv, spec, g_t), 2)
+
+
+def _gather_scale_dot_t_kernel(
+    v: np.ndarray, unorder: np.ndarray, x: np.ndarray, alpha: float, gs_t: np.ndarray,
+    gx: np.ndarray, dots: np.ndarray,
+) -> None:
+    """_gather_scale_dot_kernel, plus gx += gs_tᵀ when gs_t (d, B) has rows (else skipped).
+
+    gs_t is the sparse part's input gradient Sᵀ gᵀ, so gx is the layer's whole grad_x.
+    ``unorder`` (length q = v.shape[1]) is only documentation: the loops compute it.
+    """
+    nb, d = x.shape
+    q = v.shape[1]
+    _check_shapes(v=(v, (nb, q)), gx=(gx, (nb, d)), dots=(dots, (nb,)))
+    if gs_t.shape[0]:
+        _check_shapes(gs_t=(gs_t, (d, nb)))
+    _launch(_gather_scale_dot_t_chunks, _gather_scale_dot_t_body, _tiles(nb),
+            nb * (d + gs_t.shape[0]), (nb, q, d, float_slot(alpha), gs_t.shape[0]),
+            (v, x, gs_t, gx, dots), 2)

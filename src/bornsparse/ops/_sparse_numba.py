@@ -2,10 +2,18 @@
 
 Every kernel works on *transposed* activations, shape (features, batch), C-contiguous: one
 nonzero then touches two contiguous rows of length batch, which LLVM turns into packed
-SIMD, instead of a strided gather per sample. Threads split the output rows, so no two
-threads ever write the same row and no atomics are needed. Each kernel also has a serial
-twin: for small products the cost of waking the thread pool (and, on a busy machine,
-waiting at its barrier) exceeds the work itself.
+SIMD, instead of a strided gather per sample. Chunks split the output rows (or, for the
+values' gradient, the entries), so no two chunks ever write the same row and no atomics are
+needed; every output row is computed the same way whichever chunk holds it, so results do
+not even depend on the chunking.
+
+The chunks run as a parallel region of torch's own OpenMP team (ops/_parallel.py): the
+Python-callable kernels below build an int64 header (slot 3 the dtype code: bit 0 float64,
+bit 1 int32 indices; then sizes and data pointers) and launch a cfunc body over it. Numba's
+``parallel=True`` would start a second OpenMP runtime whose threads, and torch's, spin while
+the other works (docs/design.md). Below PARALLEL_MIN_WORK multiply-adds, or with one torch
+thread, a kernel runs as one chunk on the calling thread (its chunk loop called directly,
+no region); the ``_serial`` twins always do.
 """
 
 from __future__ import annotations
@@ -13,110 +21,356 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from bornsparse.ops._parallel import (
+    HEADER_LEN,
+    NoAliasCompiler,
+    chunk_plan,
+    claim_chunk,
+    finish_chunk,
+    header_address,
+    lazy_body,
+    make_header,
+    put_addresses,
+    run_chunks,
+    view,
+)
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _spmm_t_kernel(
-    ptr: np.ndarray, idx: np.ndarray, vals: np.ndarray, x_t: np.ndarray, out_t: np.ndarray
-) -> None:
-    """out_t[r, :] = Σ_{e in ptr[r]:ptr[r+1]} vals[e] · x_t[idx[e], :]   (out_t may be empty).
+# zero-size arrays whose dtype tells the generic chunk loops what to view memory as
+_F32 = np.empty(0, np.float32)
+_F64 = np.empty(0, np.float64)
+_I32 = np.empty(0, np.int32)
+_I64 = np.empty(0, np.int64)
+_INT32_MAX = np.iinfo(np.int32).max
 
-    With (rowptr, cols, vals) it computes yᵀ = S xᵀ; with the compressed-column arrays
-    (colptr, rows[perm], vals[perm]) the same kernel computes grad_xᵀ = Sᵀ grad_yᵀ.
-    """
-    n_out = ptr.shape[0] - 1
+
+# ---- the work of one chunk ------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _u(i):
+    """An index as unsigned: numba then skips the negative-index wraparound, whose extra
+    live values made LLVM spill registers in the inner loops (the indices are validated
+    non-negative when a plan is built)."""
+    return np.uint64(i)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, pipeline_class=NoAliasCompiler)
+def _spmm_t_rows(ptr, idx, vals, x_t, out_t, r0, r1):
+    """out_t[r, :] = Σ_{e in ptr[r]:ptr[r+1]} vals[e] · x_t[idx[e], :] for r0 <= r < r1."""
     batch = x_t.shape[1]
-    for r in numba.prange(n_out):
+    for r in range(r0, r1):
         o = out_t[r]
         # zeroing here, row by row, saves a separate memory pass over the output
         o[:] = 0
         for e in range(ptr[r], ptr[r + 1]):
             v = vals[e]
-            xr = x_t[idx[e]]
+            xr = x_t[_u(idx[e])]
             for j in range(batch):
                 o[j] += v * xr[j]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _sampled_dot_kernel(
-    rows: np.ndarray, cols: np.ndarray, gy_t: np.ndarray, x_t: np.ndarray, out: np.ndarray
-) -> None:
-    """out[e] = ⟨gy_t[rows[e]], x_t[cols[e]]⟩: the gradient of S's values (out zeroed)."""
+@numba.njit(cache=True, nogil=True, fastmath=True, pipeline_class=NoAliasCompiler)
+def _sampled_dot_entries(rows, cols, gy_t, x_t, out, e0, e1):
+    """out[e] += ⟨gy_t[rows[e]], x_t[cols[e]]⟩ for e0 <= e < e1."""
     batch = x_t.shape[1]
-    for e in numba.prange(rows.shape[0]):
-        g = gy_t[rows[e]]
-        xr = x_t[cols[e]]
+    for e in range(e0, e1):
+        g = gy_t[_u(rows[e])]
+        xr = x_t[_u(cols[e])]
         acc = out[e]
         for j in range(batch):
             acc += g[j] * xr[j]
         out[e] = acc
 
 
-# Serial twins: same bodies, no thread pool (separate functions so numba's on-disk cache
-# keeps one entry per function).
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _spmm_t_serial_kernel(ptr, idx, vals, x_t, out_t):
+@numba.njit(cache=True, nogil=True, fastmath=True, pipeline_class=NoAliasCompiler)
+def _spmm_t_sampled_dot_cols(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc, c0, c1):
+    """Both backward products for the columns c0 <= c < c1 (see _spmm_t_sampled_dot_kernel)."""
     batch = x_t.shape[1]
-    for r in range(ptr.shape[0] - 1):
-        o = out_t[r]
+    for c in range(c0, c1):
+        o = gx_t[c]
         o[:] = 0
-        for e in range(ptr[r], ptr[r + 1]):
-            v = vals[e]
-            xr = x_t[idx[e]]
+        xc = x_t[c]
+        for e in range(colptr[c], colptr[c + 1]):
+            v = vals_csc[e]
+            g = gy_t[_u(csc_rows[e])]
+            acc = gv_csc[e]
             for j in range(batch):
-                o[j] += v * xr[j]
+                o[j] += v * g[j]
+                acc += g[j] * xc[j]
+            gv_csc[e] = acc
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _sampled_dot_serial_kernel(rows, cols, gy_t, x_t, out):
-    batch = x_t.shape[1]
-    for e in range(rows.shape[0]):
-        g = gy_t[rows[e]]
-        xr = x_t[cols[e]]
-        acc = out[e]
-        for j in range(batch):
-            acc += g[j] * xr[j]
-        out[e] = acc
+@numba.njit(cache=True, nogil=True)
+def _row_split(ptr, c, nchunks):
+    """First row of chunk c (c = nchunks: the row count): rows are split so that every chunk
+    has about the same nonzeros plus rows (a row costs its zeroing even when empty)."""
+    n = ptr.shape[0] - 1
+    if c >= nchunks:
+        return n
+    if c <= 0:
+        return 0
+    target = (ptr[n] - ptr[0] + n) * c // nchunks
+    lo = 0
+    hi = n
+    while lo < hi:  # the first row r with ptr[r] - ptr[0] + r >= target
+        mid = (lo + hi) // 2
+        if ptr[mid] - ptr[0] + mid < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _spmm_t_sampled_dot_kernel(
-    colptr: np.ndarray, csc_rows: np.ndarray, vals_csc: np.ndarray, gy_t: np.ndarray,
-    x_t: np.ndarray, gx_t: np.ndarray, gv_csc: np.ndarray,
-) -> None:
+# ---- chunk loops: unpack the header, run every chunk this thread claims ----------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _spmm_t_chunks(a, like, ilike):
+    hp = header_address(a)
+    nchunks, n_out, n_in, batch, nnz = a[2], a[4], a[5], a[6], a[7]
+    ptr = view(a[8], (n_out + 1,), ilike)
+    idx = view(a[9], (nnz,), ilike)
+    vals = view(a[10], (nnz,), like)
+    x_t = view(a[11], (n_in, batch), like)
+    out_t = view(a[12], (n_out, batch), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        _spmm_t_rows(ptr, idx, vals, x_t, out_t, _row_split(ptr, c, nchunks),
+                     _row_split(ptr, c + 1, nchunks))
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sampled_dot_chunks(a, like, ilike):
+    hp = header_address(a)
+    nchunks, nnz, n_rows, n_cols, batch = a[2], a[4], a[5], a[6], a[7]
+    rows = view(a[8], (nnz,), ilike)
+    cols = view(a[9], (nnz,), ilike)
+    gy_t = view(a[10], (n_rows, batch), like)
+    x_t = view(a[11], (n_cols, batch), like)
+    out = view(a[12], (nnz,), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        _sampled_dot_entries(rows, cols, gy_t, x_t, out, nnz * c // nchunks,
+                             nnz * (c + 1) // nchunks)
+        finish_chunk(hp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _spmm_t_sampled_dot_chunks(a, like, ilike):
+    hp = header_address(a)
+    nchunks, n_cols, n_rows, batch, nnz = a[2], a[4], a[5], a[6], a[7]
+    colptr = view(a[8], (n_cols + 1,), ilike)
+    csc_rows = view(a[9], (nnz,), ilike)
+    vals_csc = view(a[10], (nnz,), like)
+    gy_t = view(a[11], (n_rows, batch), like)
+    x_t = view(a[12], (n_cols, batch), like)
+    gx_t = view(a[13], (n_cols, batch), like)
+    gv_csc = view(a[14], (nnz,), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        _spmm_t_sampled_dot_cols(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc,
+                                 _row_split(colptr, c, nchunks),
+                                 _row_split(colptr, c + 1, nchunks))
+        finish_chunk(hp)
+
+
+# The region bodies: header slot 3 picks the dtypes (bit 0 float64, bit 1 int32 indices).
+
+
+@lazy_body
+def _spmm_t_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    code = a[3]
+    if code == 0:
+        _spmm_t_chunks(a, _F32, _I64)
+    elif code == 1:
+        _spmm_t_chunks(a, _F64, _I64)
+    elif code == 2:
+        _spmm_t_chunks(a, _F32, _I32)
+    else:
+        _spmm_t_chunks(a, _F64, _I32)
+
+
+@lazy_body
+def _sampled_dot_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    code = a[3]
+    if code == 0:
+        _sampled_dot_chunks(a, _F32, _I64)
+    elif code == 1:
+        _sampled_dot_chunks(a, _F64, _I64)
+    elif code == 2:
+        _sampled_dot_chunks(a, _F32, _I32)
+    else:
+        _sampled_dot_chunks(a, _F64, _I32)
+
+
+@lazy_body
+def _spmm_t_sampled_dot_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    code = a[3]
+    if code == 0:
+        _spmm_t_sampled_dot_chunks(a, _F32, _I64)
+    elif code == 1:
+        _spmm_t_sampled_dot_chunks(a, _F64, _I64)
+    elif code == 2:
+        _spmm_t_sampled_dot_chunks(a, _F32, _I32)
+    else:
+        _spmm_t_sampled_dot_chunks(a, _F64, _I32)
+
+
+# ---- Python side: operand checks, headers, launch ---------------------------------------
+
+
+def _float_code(*arrays: np.ndarray) -> int:
+    dtype = arrays[0].dtype
+    if dtype not in (np.float32, np.float64) or any(a.dtype != dtype for a in arrays):
+        raise TypeError(
+            "the sparse kernels need float32 or float64 arrays of one dtype, got "
+            f"{[str(a.dtype) for a in arrays]}"
+        )
+    return 1 if dtype == np.float64 else 0
+
+
+def _index_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Both index arrays in one dtype (int32 or int64), and its code bit (2 for int32).
+
+    A pointer array beside int32 indices is narrowed when its values fit (it is the short
+    one, rows + 1); any other mix is widened to int64.
+    """
+    for t in (a, b):
+        if t.dtype not in (np.int32, np.int64):
+            raise TypeError(f"the sparse kernels need int32 or int64 index arrays, got {t.dtype}")
+    if a.dtype != b.dtype:
+        if b.dtype == np.int32 and (a.size == 0 or int(a.max()) <= _INT32_MAX):
+            a = a.astype(np.int32)
+        else:
+            a, b = a.astype(np.int64), b.astype(np.int64)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b), 2 if b.dtype == np.int32 else 0
+
+
+def _check_shapes(**named: tuple[np.ndarray, tuple[int, ...]]) -> None:
+    """Raise unless each array has its shape: the bodies index bare memory (the index
+    arrays' values stay the caller's to check, as sparse_product's plans do)."""
+    for name, (a, shape) in named.items():
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+
+
+def _c(a: np.ndarray) -> np.ndarray:
+    """``a`` C-contiguous (a copy only where it is not): the bodies get bare pointers."""
+    return np.ascontiguousarray(a)
+
+
+_LIKES = {0: (_F32, _I64), 1: (_F64, _I64), 2: (_F32, _I32), 3: (_F64, _I32)}
+
+
+def _spmm_t_run(ptr, idx, vals, x_t, out_t, nchunks: int, nthreads: int) -> None:
+    """_spmm_t_kernel as ``nchunks`` chunks on up to ``nthreads`` threads."""
+    code = _float_code(vals, x_t, out_t)
+    ptr, idx, icode = _index_pair(ptr, idx)
+    vals, x_t, dst = _c(vals), _c(x_t), _c(out_t)
+    n_out, nnz, batch = ptr.shape[0] - 1, idx.shape[0], x_t.shape[1]
+    _check_shapes(vals=(vals, (nnz,)), out_t=(out_t, (n_out, batch)))
+    header = make_header(nchunks, code | icode, n_out, x_t.shape[0], batch, nnz,
+                         length=HEADER_LEN)
+    put_addresses(header, 8, ptr, idx, vals, x_t, dst)
+    run_chunks(_spmm_t_chunks, _spmm_t_body, header, nthreads, *_LIKES[code | icode])
+    if dst is not out_t:
+        out_t[...] = dst
+
+
+def _sampled_dot_run(rows, cols, gy_t, x_t, out, nchunks: int, nthreads: int) -> None:
+    """_sampled_dot_kernel as ``nchunks`` chunks on up to ``nthreads`` threads."""
+    code = _float_code(gy_t, x_t, out)
+    rows, cols, icode = _index_pair(rows, cols)
+    gy_t, x_t, dst = _c(gy_t), _c(x_t), _c(out)
+    nnz, batch = rows.shape[0], x_t.shape[1]
+    _check_shapes(cols=(cols, (nnz,)), out=(out, (nnz,)),
+                  gy_t=(gy_t, (gy_t.shape[0], batch)))
+    header = make_header(nchunks, code | icode, nnz, gy_t.shape[0], x_t.shape[0], batch,
+                         length=HEADER_LEN)
+    put_addresses(header, 8, rows, cols, gy_t, x_t, dst)
+    run_chunks(_sampled_dot_chunks, _sampled_dot_body, header, nthreads,
+               *_LIKES[code | icode])
+    if dst is not out:
+        out[...] = dst
+
+
+def _spmm_t_sampled_dot_run(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc,
+                            nchunks: int, nthreads: int) -> None:
+    """_spmm_t_sampled_dot_kernel as ``nchunks`` chunks on up to ``nthreads`` threads."""
+    code = _float_code(vals_csc, gy_t, x_t, gx_t, gv_csc)
+    colptr, csc_rows, icode = _index_pair(colptr, csc_rows)
+    vals_csc, gy_t, x_t = _c(vals_csc), _c(gy_t), _c(x_t)
+    gx_dst, gv_dst = _c(gx_t), _c(gv_csc)
+    n_cols, nnz, batch = colptr.shape[0] - 1, csc_rows.shape[0], x_t.shape[1]
+    _check_shapes(vals_csc=(vals_csc, (nnz,)), gv_csc=(gv_csc, (nnz,)),
+                  x_t=(x_t, (n_cols, batch)), gx_t=(gx_t, (n_cols, batch)),
+                  gy_t=(gy_t, (gy_t.shape[0], batch)))
+    header = make_header(nchunks, code | icode, n_cols, gy_t.shape[0], batch, nnz,
+                         length=HEADER_LEN)
+    put_addresses(header, 8, colptr, csc_rows, vals_csc, gy_t, x_t, gx_dst, gv_dst)
+    run_chunks(_spmm_t_sampled_dot_chunks, _spmm_t_sampled_dot_body, header, nthreads,
+               *_LIKES[code | icode])
+    if gx_dst is not gx_t:
+        gx_t[...] = gx_dst
+    if gv_dst is not gv_csc:
+        gv_csc[...] = gv_dst
+
+
+# The Python-callable kernels. With one thread (small work, or one torch thread) the chunk
+# loop is called directly instead of as a region (ops/_parallel.run_chunks).
+
+
+def _spmm_t_kernel(ptr, idx, vals, x_t, out_t) -> None:
+    """out_t[r, :] = Σ_{e in ptr[r]:ptr[r+1]} vals[e] · x_t[idx[e], :]   (out_t may be empty).
+
+    ptr (n_out + 1,), idx and vals (nnz,), x_t (n_in, batch), out_t (n_out, batch). With
+    (rowptr, cols, vals) it computes yᵀ = S xᵀ; with the compressed-column arrays
+    (colptr, rows[perm], vals[perm]) the same kernel computes grad_xᵀ = Sᵀ grad_yᵀ.
+    """
+    _spmm_t_run(ptr, idx, vals, x_t, out_t,
+                *chunk_plan(ptr.shape[0] - 1, idx.shape[0] * x_t.shape[1]))
+
+
+def _sampled_dot_kernel(rows, cols, gy_t, x_t, out) -> None:
+    """out[e] += ⟨gy_t[rows[e]], x_t[cols[e]]⟩: the gradient of S's values (out zeroed, or
+    holding the previous blocks' sums). rows, cols, out (nnz,); gy_t (n_rows, batch);
+    x_t (n_cols, batch)."""
+    _sampled_dot_run(rows, cols, gy_t, x_t, out,
+                     *chunk_plan(rows.shape[0], rows.shape[0] * x_t.shape[1]))
+
+
+def _spmm_t_sampled_dot_kernel(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc) -> None:
     """Both backward products in one sweep over the compressed columns:
 
     gx_t[c, :] = Σ_{e in col c} vals_csc[e] · gy_t[csc_rows[e], :]   (grad_xᵀ = Sᵀ gyᵀ) and
     gv_csc[e] += ⟨gy_t[csc_rows[e]], x_t[c]⟩                      (grad of the values),
-    entries in column-major order. Each row of gy_t is loaded once for both; threads split
-    the columns, so writes never collide.
+    entries in column-major order. colptr (n_cols + 1,); gy_t (n_rows, batch); x_t, gx_t
+    (n_cols, batch). Each row of gy_t is loaded once for both; chunks split the columns, so
+    writes never collide.
     """
-    batch = x_t.shape[1]
-    for c in numba.prange(colptr.shape[0] - 1):
-        o = gx_t[c]
-        o[:] = 0
-        xc = x_t[c]
-        for e in range(colptr[c], colptr[c + 1]):
-            v = vals_csc[e]
-            g = gy_t[csc_rows[e]]
-            acc = gv_csc[e]
-            for j in range(batch):
-                o[j] += v * g[j]
-                acc += g[j] * xc[j]
-            gv_csc[e] = acc
+    _spmm_t_sampled_dot_run(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc,
+                            *chunk_plan(colptr.shape[0] - 1, csc_rows.shape[0] * x_t.shape[1]))
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _spmm_t_sampled_dot_serial_kernel(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc):
-    batch = x_t.shape[1]
-    for c in range(colptr.shape[0] - 1):
-        o = gx_t[c]
-        o[:] = 0
-        xc = x_t[c]
-        for e in range(colptr[c], colptr[c + 1]):
-            v = vals_csc[e]
-            g = gy_t[csc_rows[e]]
-            acc = gv_csc[e]
-            for j in range(batch):
-                o[j] += v * g[j]
-                acc += g[j] * xc[j]
-            gv_csc[e] = acc
+# Serial twins: one chunk on the calling thread, whatever the size.
+def _spmm_t_serial_kernel(ptr, idx, vals, x_t, out_t) -> None:
+    _spmm_t_run(ptr, idx, vals, x_t, out_t, 1, 1)
+
+
+def _sampled_dot_serial_kernel(rows, cols, gy_t, x_t, out) -> None:
+    _sampled_dot_run(rows, cols, gy_t, x_t, out, 1, 1)
+
+
+def _spmm_t_sampled_dot_serial_kernel(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t,
+                                      gv_csc) -> None:
+    _spmm_t_sampled_dot_run(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc, 1, 1)
