@@ -71,7 +71,7 @@ def run(method, arch, density, seed):
         return train(m, STEPS, seed)
     if method in ("random (ERK)", "DCTpS (EPL)"):
         kind, dist = ("sparse", "erk") if method == "random (ERK)" else ("dctps", "epl")
-        sparsify(m, method=kind, density=density, distribution=dist, seed=seed)
+        sparsify(m, kind=kind, density=density, distribution=dist, seed=seed)
         return train(m, STEPS, seed)
     if method in ("snip", "grasp", "synflow", "force"):
         prune_at_init(m, method, density, data=batches())

@@ -130,13 +130,13 @@ def test_round_trip_every_layer_class(case, target, tmp_path):
 
 def test_sparsified_model_loads_into_fresh_meta_and_other_density(tmp_path):
     model = mlp(seed=0)
-    bornsparse.sparsify(model, method="dctps", density=0.1, seed=0)
+    bornsparse.sparsify(model, kind="dctps", density=0.1, seed=0)
     perturbed(model, 1)
     path = tmp_path / "mlp.safetensors"
     bornsparse.save(model, path)
     x = torch.randn(5, 1, 8, 8)
     other = mlp(seed=5)
-    bornsparse.sparsify(other, method="sparse", density=0.3, seed=9)
+    bornsparse.sparsify(other, kind="sparse", density=0.3, seed=9)
     with torch.device("meta"):
         meta = mlp(seed=0)
     for fresh in (mlp(seed=3), meta, other):
@@ -152,7 +152,7 @@ def test_batchnorm_and_dense_rest_materialise_from_meta(tmp_path):
                              nn.Flatten(), nn.Linear(4 * 16, 3))
 
     model = net()
-    bornsparse.sparsify(model, method="sparse", density=0.4, include="0", seed=0)
+    bornsparse.sparsify(model, kind="sparse", density=0.4, include="0", seed=0)
     model.train()
     model(torch.randn(8, 1, 4, 4))  # running statistics and num_batches_tracked move
     path = tmp_path / "bn.safetensors"

@@ -59,7 +59,7 @@ def test_method_sparse_and_bias_parameter_moved():
     net = nn.Sequential(nn.Linear(20, 10), nn.Conv2d(1, 2, 1))
     biases = [net[0].bias, net[1].bias]
     values = [b.detach().clone() for b in biases]
-    sparsify(net, method="sparse", density=0.5, seed=1)
+    sparsify(net, kind="sparse", density=0.5, seed=1)
     assert type(net[0]) is SparseLinear and type(net[1]) is SparseConv2d
     # the Parameter objects themselves: an optimizer built on the dense model still holds them
     assert net[0].bias is biases[0] and net[1].bias is biases[1]
@@ -150,8 +150,11 @@ def test_sparsified_model_trains():
 def test_bad_input():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         sparsify("net", density=0.1)
-    with pytest.raises(ValueError, match="method must be one of"):
-        sparsify(Net(), method="rigl", density=0.1)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sparsify(Net(), kind="rigl", density=0.1)
+    with pytest.warns(DeprecationWarning, match="kind="):
+        report = sparsify(Net(), method="sparse", density=0.1, seed=0)
+    assert report.kind == "sparse"
     with pytest.raises(ValueError, match="distribution must be one of"):
         sparsify(Net(), density=0.1, distribution="er")
     with pytest.raises(ValueError, match=r"density must lie in \(0, 1\], got 0"):
@@ -214,7 +217,7 @@ def test_meta_model_is_built_sparse_without_dense_weights(method, build, x_shape
     numels = _dense_numels(model)
     shapes = [m.weight.shape for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
     with _LargestAllocation() as seen:
-        report = sparsify(model, method=method, density=0.1, seed=0)
+        report = sparsify(model, kind=method, density=0.1, seed=0)
     # nothing as large as the largest dense weight was ever allocated: only O(nnz) tensors
     assert seen.largest < max(numels)
     assert seen.largest <= 2 * report.total_nnz  # the (2, nnz) indices of one layer
@@ -244,7 +247,7 @@ def test_meta_model_is_built_sparse_without_dense_weights(method, build, x_shape
 @pytest.mark.parametrize("method", ["sparse", "dctps"])
 def test_meta_model_is_reproducible_and_matches_the_dense_paths_supports(method):
     def run(model):
-        sparsify(model, method=method, density=0.2, distribution="erk", seed=11)
+        sparsify(model, kind=method, density=0.2, distribution="erk", seed=11)
         return model.state_dict()
 
     a, b = run(meta_convnet()), run(meta_convnet())
@@ -262,7 +265,7 @@ def test_meta_model_is_reproducible_and_matches_the_dense_paths_supports(method)
 
 def test_meta_device_argument_and_errors():
     model = meta_mlp()
-    sparsify(model, method="sparse", density=0.1, seed=0, device="cpu")
+    sparsify(model, kind="sparse", density=0.1, seed=0, device="cpu")
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
 
     class Scaled(nn.Module):  # own meta parameter, no reset_parameters: cannot be recreated
@@ -297,7 +300,7 @@ def test_meta_layers_left_dense_are_materialised_from_the_seed():
 def test_huge_meta_linear_is_stored_as_its_nonzeros():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(65536, 65536))  # 16 GiB dense in float32
-    report = sparsify(model, method="sparse", density=1e-4, seed=0)
+    report = sparsify(model, kind="sparse", density=1e-4, seed=0)
     layer = model[0]
     assert isinstance(layer, SparseLinear) and layer.nnz == round(1e-4 * 65536**2)
     bias_bytes = 65536 * 4
@@ -314,7 +317,7 @@ def test_fixup_resnet_born_sparse_from_meta(method):
 
     with torch.device("meta"):
         model = build_model("fixup_resnet20", num_classes=10, input_shape=(3, 32, 32))
-    sparsify(model, method=method, density=0.01, seed=0, device="cpu")
+    sparsify(model, kind=method, density=0.01, seed=0, device="cpu")
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     for block in model.blocks:  # FixUp's scalars, reset by the blocks themselves
         assert block.scale.item() == 1.0 and block.bias1a.item() == 0.0

@@ -304,7 +304,7 @@ def _random(distribution: str, kind: str, *, train_alpha: bool = True):
         from bornsparse.models.sparsify_model import sparsify
 
         model, device = ctx.build_meta()
-        report = sparsify(model, method=kind, density=density, distribution=distribution,
+        report = sparsify(model, kind=kind, density=density, distribution=distribution,
                           seed=ctx.seed, device=device)
         ctx.info["nnz"] = _report_nnz(report, model)
         if not train_alpha:

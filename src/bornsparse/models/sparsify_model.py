@@ -12,6 +12,7 @@ the budget, the seeds and the report. The swap happens in place; the returned
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from bornsparse.sparsity.swap import (
     swap_in_sparse_layers,
 )
 
-METHODS = LAYER_KINDS  # "sparse", "dctps": the layer kinds of sparsity.swap
+KINDS = LAYER_KINDS  # "sparse", "dctps": the layer kinds of sparsity.swap
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _human(n: int) -> str:
 class SparsifyReport:
     """Per-layer rows plus whole-model sizes before (dense) and after the swap."""
 
-    method: str
+    kind: str
     distribution: str
     density: float
     layers: list[LayerReport] = field(default_factory=list)
@@ -97,7 +98,7 @@ class SparsifyReport:
                      f"{self.total_nnz / max(1, self.total_dense_weights):.3g}",
                      _human(self.stored_bytes), _human(self.dense_bytes)))
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-        lines = [f"sparsify(method={self.method!r}, density={self.density:g}, "
+        lines = [f"sparsify(kind={self.kind!r}, density={self.density:g}, "
                  f"distribution={self.distribution!r})"]
         for j, row in enumerate([head, *rows]):
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
@@ -122,17 +123,20 @@ def _state_bytes(module: nn.Module) -> int:
 def sparsify(
     model: nn.Module,
     *,
-    method: str = "dctps",
+    kind: str = "dctps",
     density: float,
     distribution: str = "epl",
     include: Selector = None,
     exclude: Selector = None,
     seed: int | None = None,
     device: torch.device | str | None = None,
+    method: str | None = None,
 ) -> SparsifyReport:
     """Replace ``model``'s nn.Linear and nn.Conv2d layers in place; return a report.
 
-    ``method``: "dctps" (DCTPlusSparse layers) or "sparse" (SparseLinear/SparseConv2d).
+    ``kind``: the layer kind, "dctps" (DCTPlusSparse layers) or "sparse"
+    (SparseLinear/SparseConv2d); ``method`` is its deprecated old name (in
+    bornsparse.sparsity, ``method`` means how a support is chosen).
     ``density``: global fraction of the chosen layers' dense weights kept trainable, split
     by ``distribution`` (see bornsparse.sparsity.DISTRIBUTIONS; "epf" also lays out the
     entries per output row). ``include``/``exclude``: glob patterns on qualified module
@@ -155,8 +159,12 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method is not None:
+        warnings.warn("sparsify(method=...) is deprecated: the layer kind is kind=...",
+                      DeprecationWarning, stacklevel=2)
+        kind = method
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     support = support_layout(distribution)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -178,7 +186,7 @@ def sparsify(
     seeds = torch.randint(2**62, (len(layers),), generator=gen).tolist()
     names = [name for name, _ in layers]
     new = swap_in_sparse_layers(
-        model, dict(zip(names, counts, strict=True)), kind=method, support=support,
+        model, dict(zip(names, counts, strict=True)), kind=kind, support=support,
         seeds=dict(zip(names, seeds, strict=True)),
         device=None if keep_devices else device,
     )
@@ -187,7 +195,7 @@ def sparsify(
         rest_seed = int(torch.randint(2**62, (), generator=gen))
         materialize_meta(model, device, seed=rest_seed if seed is not None else None)
     report = SparsifyReport(
-        method=method, distribution=distribution, density=float(density),
+        kind=kind, distribution=distribution, density=float(density),
         dense_model_bytes=dense_model_bytes,
     )
     for name, old in layers:
