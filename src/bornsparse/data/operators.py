@@ -1,4 +1,5 @@
-"""Ground-truth matrices A of the operator-learning experiments (seed 000, §5).
+"""Ground-truth matrices A of the operator-learning experiments (the permuted
+block-diagonal paper, §5).
 
 Every built-in target is a square ``(m, m)`` float tensor with ``m = n / 2`` (the operator's
 width is ``n``). Each is scaled so that a row has squared norm about 1; with x ~ N(0, I)

@@ -1,7 +1,7 @@
 """Tables and figures of the DCTpS comparison from its JSONL records.
 
 Δ accuracy is in percentage points (accuracy of the method minus that of the dense model of
-the same seed), mean ± sample std over seeds, as in seed 001's table.
+the same seed), mean ± sample std over seeds, as in the DCTpS slides' table.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""``bornsparse demo``: the main job, a quick tour that prints tables and writes figures.
+"""``bornsparse demo``: the quick tour that prints tables and writes figures.
 
-1. A small operator-learning table (seed 000, §5 at reduced size): the permuted
-   block-diagonal operator G(θ) against a dense layer and against a low-rank layer with as
-   many parameters as G, each trained to imitate a random permutation and a low-rank matrix.
+1. A small operator-learning table (the permuted block-diagonal paper, §5, at reduced
+   size): the permuted block-diagonal operator G(θ) against a dense layer and against a
+   low-rank layer with as many parameters as G, each trained to imitate a random
+   permutation and a low-rank matrix.
 2. ``bornsparse reproduce operators --quick``: Figures 1-4 at n = 256.
 3. ``bornsparse reproduce dctps --quick``: the DCTpS comparison on MNIST-1D, one seed.
 """

@@ -1,4 +1,4 @@
-"""Input-output Jacobians of a classifier at initialisation (seed 001's closing question).
+"""Input-output Jacobians of a classifier at initialisation (the DCTpS slides' closing question).
 
 ``input_output_jacobian(model, x)`` gives J_i = ∂ logits(x_i) / ∂ x_i for every sample of a
 batch, one backward pass per output class (C passes, not B·C): in eval mode the samples of a

@@ -1,4 +1,5 @@
-"""DCTPlusSparseLinear: y = α·DCT(x) + S x + b, the DCTpS layer of seed 001.
+"""DCTPlusSparseLinear: y = α·DCT(x) + S x + b, the DCTpS layer of Price & Tanner's
+"Dense for the Price of Sparse".
 
 The dense offset is the orthonormal DCT-II, applied with an FFT in O(q log q) and never
 stored: T(x) is the first out_features coefficients of the DCT of x zero-padded to
@@ -17,7 +18,7 @@ from bornsparse.ops.discrete_cosine import dct_matrix
 
 
 class DCTPlusSparseLinear(SparseLinear):
-    """y = α·T(x) + x Sᵀ + b: a fixed DCT offset plus a trainable sparse S (seed 001).
+    """y = α·T(x) + x Sᵀ + b: a fixed DCT offset plus a trainable sparse S (the DCTpS slides).
 
     Arguments as :class:`SparseLinear`; ``alpha`` is α's start value, a Parameter when
     ``train_alpha`` else a buffer. ``init`` for S: "zeros" (default, the paper's), "normal"

@@ -1,4 +1,5 @@
-"""Layers built on the permuted block-diagonal operator of seed 000 (§3, eq. 1-5)."""
+"""Layers built on the permuted block-diagonal operator of Liao's "Parameter-Efficient
+Approximation by Exploitation of Sparsity" (§3, eq. 1-5)."""
 
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ class _PermutedBase(nn.Module):
 
 
 class PermutedBlockDiagonal(_PermutedBase):
-    """The linear operator G(θ) = Π_{i=1..N} B(θ_i) P_i of seed 000, eq. 1.
+    """The linear operator G(θ) = Π_{i=1..N} B(θ_i) P_i of the permuted block-diagonal paper, eq. 1.
 
     Input (..., in_features) is zero-padded to ``width``, the factors are applied (P_N first),
     and the first ``out_features`` entries are returned (plus ``bias`` if enabled).
@@ -203,7 +204,7 @@ class PermutedBlockDiagonal(_PermutedBase):
 
 
 class PermutedTanhNetwork(_PermutedBase):
-    """The tanh network h_θ of seed 000, eq. 3-5.
+    """The tanh network h_θ of the permuted block-diagonal paper, eq. 3-5.
 
     h⁰ = x (zero-padded to width); hⁱ = tanh(bᵢ + B(θᵢ)Pᵢ hⁱ⁻¹) for i < N; the output is
     b_N + B(θ_N)P_N h^{N-1}, sliced to out_features. Biases start at zero, so at

@@ -1,4 +1,5 @@
-"""The whole DCTpS linear layer as one op: out = α·T(x) + x Sᵀ + bias (seed 001).
+"""The whole DCTpS linear layer as one op: out = α·T(x) + x Sᵀ + bias (Price & Tanner,
+"Dense for the Price of Sparse").
 
 T(x) is the first ``out_features`` orthonormal DCT-II coefficients of x zero-padded to
 q = max(in, out_features) (ops/discrete_cosine.py); S (out_features, in) is sparse, given

@@ -1,4 +1,5 @@
-"""Permuted block-diagonal multiply: y = G x with G = Π_t B(θ_t) P_t (seed 000, eq. 1).
+"""Permuted block-diagonal multiply: y = G x with G = Π_t B(θ_t) P_t (Liao's permuted
+block-diagonal paper, eq. 1).
 
 Layout and conventions (shared by the reference and every fast path):
 
@@ -429,8 +430,8 @@ def permuted_block_diagonal(
 
 
 # ---------------------------------------------------------------------------------------
-# The tanh network of seed 000 (eq. 3-5): h_{t+1} = tanh(b_t + B_t P_t h_t), no tanh after the
-# last factor.
+# The tanh network of the permuted block-diagonal paper (eq. 3-5):
+# h_{t+1} = tanh(b_t + B_t P_t h_t), no tanh after the last factor.
 
 
 def permuted_tanh_network_reference(
@@ -573,10 +574,10 @@ def permuted_tanh_network(
     out_features: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The tanh network h_θ(x) (seed 000, eq. 3-5) for ``x`` (..., n_in); returns
-    (..., out_features). ``weight``/``perms`` as for ``permuted_block_diagonal``, ``biases``
-    (depth, width). The numba path keeps activations as (width, batch), so the per-factor
-    op ``torch.ops.bornsparse.permuted_factor_columns`` gathers contiguous rows and only
+    """The tanh network h_θ(x) (the permuted block-diagonal paper, eq. 3-5) for ``x`` (..., n_in);
+    returns (..., out_features). ``weight``/``perms`` as for ``permuted_block_diagonal``,
+    ``biases`` (depth, width). The numba path keeps activations as (width, batch), so the
+    per-factor op ``torch.ops.bornsparse.permuted_factor_columns`` gathers contiguous rows and only
     the ends are transposed; bias and tanh run in torch. Double backward: use
     ``backend="reference"``.
     """

@@ -1,4 +1,4 @@
-"""How a global budget of trainable weights is split across layers (seed 001, "EPL" etc.).
+"""How a global budget of trainable weights is split across layers (the DCTpS slides' "EPL" etc.).
 
 ``allocate_nnz(shapes, density, distribution)`` returns exact integer counts, one per
 layer, summing to ``B = round(density · Σ numel)``:
