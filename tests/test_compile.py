@@ -279,7 +279,7 @@ def test_backend_argument_is_checked_at_the_constructor(value):
     with pytest.raises(ValueError, match="backend must be one of"):
         PermutedBlockDiagonal(4, 4, backend=value)
     with pytest.raises(ValueError, match="backend must be one of"):
-        SparseConv2d(2, 2, 3, nnz=2, backend="numba" if value is None else value)
+        SparseConv2d(2, 2, 3, nnz=2, backend=value)
 
 
 def test_grasp_on_dctps_layers_at_fused_size():
@@ -294,3 +294,25 @@ def test_grasp_on_dctps_layers_at_fused_size():
     layers = [m for m in model.modules() if isinstance(m, DCTPlusSparseLinear)]
     assert len(layers) == 2
     assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (3, 5, 2, 2), (2, 3, 3, 3)])
+def test_opcheck_orthogonality_penalty(dtype, shape):
+    w = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    for with_grad in (True, False):
+        torch.library.opcheck(torch.ops.bornsparse.orthogonality_penalty.default, (w, with_grad))
+
+
+def test_compiled_training_step_with_penalty():
+    layer = PermutedBlockDiagonal(64, 64, seed=0)
+
+    def loss(x):
+        return layer(x).square().mean() + 3.0 * layer.orthogonality_penalty()
+
+    x = torch.randn(32, 64)
+    loss(x).backward()
+    eager = layer.weight.grad.clone()
+    layer.zero_grad()
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(x).backward()
+    torch.testing.assert_close(layer.weight.grad, eager)

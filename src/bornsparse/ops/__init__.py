@@ -16,6 +16,8 @@ _TABLE = {
     "dct_sparse_affine": "dct_sparse_affine",
     "dct_sparse_affine_reference": "dct_sparse_affine",
     "resolve_backend": "backends",
+    "orthogonality_penalty": "penalty",
+    "orthogonality_penalty_reference": "penalty",
     "BACKENDS": "backends",
 }
 __all__ = sorted(_TABLE)

@@ -1,0 +1,123 @@
+"""Numba kernel for the orthogonality penalty of eq. 2 and its gradient in one pass.
+
+P = (1/N) Σ_blocks 2‖BᵀB − I‖²_F over all N blocks of a (depth, width/k, k, k) weight, and
+∂P/∂B = (8/N) · B (BᵀB − I). In plain torch the penalty and its backward are a dozen
+elementwise passes over the weight each way (at width 2^20, depth 40: 2.7 s per f+b); here
+one pass reads every block once and writes its gradient beside the partial sum. Chunks split
+the blocks; each chunk sums its blocks in float64 into its own slot, so results depend on
+the chunk count only.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from bornsparse.ops._parallel import (
+    HEADER_LEN,
+    chunk_plan,
+    claim_chunk,
+    finish_chunk,
+    header_address,
+    lazy_body,
+    make_header,
+    run_chunks,
+    view,
+)
+
+_F32 = np.empty(0, np.float32)
+_F64 = np.empty(0, np.float64)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _blocks2(w, grad, partial, c, b0, b1, scale, with_grad):
+    """2×2 blocks b0 <= b < b1 of w (nblocks, 4), closed form of BᵀB = [[p+1, q], [q, r+1]]."""
+    acc = 0.0
+    for b in range(b0, b1):
+        a, bb, cc, d = w[b, 0], w[b, 1], w[b, 2], w[b, 3]
+        p = a * a + cc * cc - 1.0
+        q = a * bb + cc * d
+        r = bb * bb + d * d - 1.0
+        acc += 2.0 * (np.float64(p) * p + 2.0 * np.float64(q) * q + np.float64(r) * r)
+        if with_grad:
+            grad[b, 0] = scale * (a * p + bb * q)
+            grad[b, 1] = scale * (a * q + bb * r)
+            grad[b, 2] = scale * (cc * p + d * q)
+            grad[b, 3] = scale * (cc * q + d * r)
+    partial[c] = acc
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _blocks_k(w, grad, partial, c, b0, b1, scale, with_grad):
+    """k×k blocks b0 <= b < b1 of w (nblocks, k, k): E = BᵀB − I, grad = scale · B E."""
+    k = w.shape[1]
+    e = np.empty((k, k), dtype=w.dtype)
+    acc = 0.0
+    for b in range(b0, b1):
+        blk = w[b]
+        for i in range(k):
+            for j in range(k):
+                s = -1.0 if i == j else 0.0
+                for r in range(k):
+                    s += blk[r, i] * blk[r, j]
+                e[i, j] = s
+                acc += 2.0 * np.float64(s) * s
+        if with_grad:
+            for r in range(k):
+                for j in range(k):
+                    s = 0.0
+                    for i in range(k):
+                        s += blk[r, i] * e[i, j]
+                    grad[b, r, j] = scale * s
+    partial[c] = acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _penalty_chunks(a, like):
+    hp = header_address(a)
+    nchunks, nblocks, k, with_grad = a[2], a[4], a[5], a[6]
+    scale = view(a[7], (1,), like)[0]  # in the weight's dtype, so float32 stays float32
+    partial = view(a[10], (nchunks,), _F64)
+    # both views of the same memory; only the one for this k is read
+    w2 = view(a[8], (nblocks, 4), like)
+    g2 = view(a[9], (nblocks, 4), like)
+    wk = view(a[8], (nblocks, k, k), like)
+    gk = view(a[9], (nblocks, k, k), like)
+    while True:
+        c = claim_chunk(hp, nchunks)
+        if c < 0:
+            break
+        b0, b1 = nblocks * c // nchunks, nblocks * (c + 1) // nchunks
+        if k == 2:
+            _blocks2(w2, g2, partial, c, b0, b1, scale, with_grad != 0)
+        else:
+            _blocks_k(wk, gk, partial, c, b0, b1, scale, with_grad != 0)
+        finish_chunk(hp)
+
+
+@lazy_body
+def _penalty_body(header):
+    a = numba.carray(header, (HEADER_LEN,), np.int64)
+    if a[3] == 0:
+        _penalty_chunks(a, _F32)
+    else:
+        _penalty_chunks(a, _F64)
+
+
+def orthogonality_penalty_kernel(w: np.ndarray, grad: np.ndarray | None) -> float:
+    """2·mean‖BᵀB − I‖²_F over the blocks of ``w`` (..., k, k) C-contiguous float32/float64;
+    writes (8/N)·B(BᵀB − I) into ``grad`` (w's shape and dtype) unless it is None."""
+    k = w.shape[-1]
+    nblocks = w.size // (k * k)
+    nchunks, nthreads = chunk_plan(nblocks, nblocks * k * k * 4)
+    partial = np.zeros(nchunks, dtype=np.float64)
+    scale = np.array([8.0 / max(nblocks, 1)], dtype=w.dtype)
+    out = grad if grad is not None else w  # never written when with_grad is 0
+    header = make_header(
+        nchunks, 1 if w.dtype == np.float64 else 0, nblocks, k, int(grad is not None),
+        scale.ctypes.data, w.ctypes.data, out.ctypes.data, partial.ctypes.data,
+        length=HEADER_LEN,
+    )
+    run_chunks(_penalty_chunks, _penalty_body, header, nthreads,
+               _F64 if w.dtype == np.float64 else _F32)
+    return float(partial.sum()) / max(nblocks, 1)
