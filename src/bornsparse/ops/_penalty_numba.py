@@ -3,7 +3,8 @@
 P = (1/N) Σ_blocks 2‖BᵀB − I‖²_F over all N blocks of a (depth, width/k, k, k) weight, and
 ∂P/∂B = (8/N) · B (BᵀB − I). In plain torch the penalty and its backward are a dozen
 elementwise passes over the weight each way (at width 2^20, depth 40: 2.7 s per f+b); here
-one pass reads every block once and writes its gradient beside the partial sum. Chunks split
+forward is one read of the blocks, and backward one read and one write that produces the
+gradient already scaled by the incoming gradient. Chunks split
 the blocks; each chunk sums its blocks in float64 into its own slot, so results depend on
 the chunk count only.
 """
@@ -104,14 +105,16 @@ def _penalty_body(header):
         _penalty_chunks(a, _F64)
 
 
-def orthogonality_penalty_kernel(w: np.ndarray, grad: np.ndarray | None) -> float:
+def orthogonality_penalty_kernel(w: np.ndarray, grad: np.ndarray | None,
+                                 grad_scale: float = 1.0) -> float:
     """2·mean‖BᵀB − I‖²_F over the blocks of ``w`` (..., k, k) C-contiguous float32/float64;
-    writes (8/N)·B(BᵀB − I) into ``grad`` (w's shape and dtype) unless it is None."""
+    writes ``grad_scale``·(8/N)·B(BᵀB − I) into ``grad`` (w's shape and dtype) unless it is
+    None."""
     k = w.shape[-1]
     nblocks = w.size // (k * k)
     nchunks, nthreads = chunk_plan(nblocks, nblocks * k * k * 4)
     partial = np.zeros(nchunks, dtype=np.float64)
-    scale = np.array([8.0 / max(nblocks, 1)], dtype=w.dtype)
+    scale = np.array([grad_scale * 8.0 / max(nblocks, 1)], dtype=w.dtype)
     out = grad if grad is not None else w  # never written when with_grad is 0
     header = make_header(
         nchunks, 1 if w.dtype == np.float64 else 0, nblocks, k, int(grad is not None),

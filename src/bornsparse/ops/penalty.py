@@ -2,9 +2,10 @@
 
 P(θ) = mean over every k×k block B of 2‖I − BᵀB‖²_F, for a weight (depth, width/k, k, k).
 The reference is plain torch (closed form for 2×2 blocks, a batched matmul otherwise,
-gradients of any order); ``torch.ops.bornsparse.orthogonality_penalty`` computes the value
-and, when a gradient will be needed, the gradient (8/N)·B(BᵀB − I) in the same single pass
-over the blocks (ops/_penalty_numba.py), so a training step reads the weight once for it.
+gradients of any order); ``torch.ops.bornsparse.orthogonality_penalty`` reads the blocks
+once for the value, and its backward op reads them once more and writes the gradient
+g·(8/N)·B(BᵀB − I) already scaled by the incoming g (ops/_penalty_numba.py): three passes
+over weight-sized memory per training step instead of dozens.
 """
 
 from __future__ import annotations
@@ -28,52 +29,72 @@ def orthogonality_penalty_reference(weight: torch.Tensor) -> torch.Tensor:
     return 2.0 * ((gram - eye) ** 2).sum(dim=(-1, -2)).mean()
 
 
-@torch.library.custom_op("bornsparse::orthogonality_penalty", mutates_args=())
-def _penalty_op(weight: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, ∂P/∂weight) for a CPU float32/float64 weight (..., k, k); the gradient is empty
-    unless ``with_grad``."""
-    from bornsparse.ops._penalty_numba import orthogonality_penalty_kernel
-
+def _check_kernel_weight(weight: torch.Tensor) -> None:
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the penalty kernel needs a CPU float32/float64 weight, got "
                          f"{weight.dtype} on {weight.device}")
     if weight.dim() < 2 or weight.shape[-1] != weight.shape[-2]:
         raise ValueError(f"weight must have shape (..., k, k), got {tuple(weight.shape)}")
-    w = weight.contiguous()
-    grad = torch.empty_like(w) if with_grad else w.new_empty(0)
-    value = orthogonality_penalty_kernel(w.numpy(), grad.numpy() if with_grad else None)
-    return torch.tensor(value, dtype=w.dtype), grad
+
+
+@torch.library.custom_op("bornsparse::orthogonality_penalty", mutates_args=())
+def _penalty_op(weight: torch.Tensor) -> torch.Tensor:
+    """P for a CPU float32/float64 weight (..., k, k): one read of the blocks."""
+    from bornsparse.ops._penalty_numba import orthogonality_penalty_kernel
+
+    _check_kernel_weight(weight)
+    value = orthogonality_penalty_kernel(weight.contiguous().numpy(), None)
+    return torch.tensor(value, dtype=weight.dtype)
 
 
 @_penalty_op.register_fake
-def _(weight, with_grad):
-    grad = torch.empty_like(weight, memory_format=torch.contiguous_format) if with_grad else (
-        weight.new_empty(0))
-    return weight.new_empty(()), grad
+def _(weight):
+    return weight.new_empty(())
+
+
+@torch.library.custom_op("bornsparse::orthogonality_penalty_backward", mutates_args=())
+def _penalty_backward_op(weight: torch.Tensor, grad_value: torch.Tensor) -> torch.Tensor:
+    """grad_value · ∂P/∂weight in one pass (a read of the blocks, a write of the gradient)."""
+    from bornsparse.ops._penalty_numba import orthogonality_penalty_kernel
+
+    _check_kernel_weight(weight)
+    w = weight.contiguous()
+    grad = torch.empty_like(w)
+    orthogonality_penalty_kernel(w.numpy(), grad.numpy(), float(grad_value))
+    return grad
+
+
+@_penalty_backward_op.register_fake
+def _(weight, grad_value):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):
     # the weight is a parameter: saving it keeps nothing alive that is not alive anyway
-    ctx.save_for_backward(inputs[0], output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(inputs[0])
 
 
-def _backward(ctx, grad_value, _grad_grad):
-    weight, grad = ctx.saved_tensors
-    if grad.numel() == 0:  # forward skipped the gradient: one more pass now
-        grad = torch.ops.bornsparse.orthogonality_penalty(weight, True)[1]
-    return grad * grad_value, None
+def _backward(ctx, grad_value):
+    (weight,) = ctx.saved_tensors
+    return torch.ops.bornsparse.orthogonality_penalty_backward(weight, grad_value)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("double backward through the numba kernel of orthogonality_penalty is "
+                       "not supported; use backend='reference'")
 
 
 _penalty_op.register_autograd(_backward, setup_context=_setup)
+_penalty_backward_op.register_autograd(_no_double_backward,
+                                       setup_context=lambda ctx, inputs, output: None)
 
 
 def orthogonality_penalty(weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """2·mean‖I − BᵀB‖²_F over the k×k blocks of ``weight`` (..., k, k); a 0-d tensor.
 
     ``backend`` (ops/backends.py): "auto"/"numba" run the fused one-pass op on CPU
-    float32/float64 weights; "reference" is plain torch (gradients of any order). The op's
-    gradient is first order: its backward scales the gradient the forward pass computed.
+    float32/float64 weights; "reference" is plain torch (gradients of any order). The op
+    differentiates once: its backward is a second op that writes the scaled gradient.
     """
     check_backend(backend, "permuted")
     check_float_tensor("weight", weight)
@@ -82,6 +103,4 @@ def orthogonality_penalty(weight: torch.Tensor, *, backend: str = "auto") -> tor
                          f"{tuple(weight.shape)}")
     if resolve_backend(backend, weight, "permuted") == "reference":
         return orthogonality_penalty_reference(weight)
-    with_grad = torch.is_grad_enabled() and weight.requires_grad
-    value, _ = torch.ops.bornsparse.orthogonality_penalty(weight, with_grad)
-    return value
+    return torch.ops.bornsparse.orthogonality_penalty(weight)
