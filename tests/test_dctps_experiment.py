@@ -170,11 +170,12 @@ def test_stored_size_counts_values_indices_bias_and_alpha():
     from bornsparse.nn import DCTPlusSparseLinear, SparseLinear
 
     sl = SparseLinear(20, 10, nnz=7, seed=0)
+    # int32 indices: 4 bytes an entry
     assert stored_size(sl) == {"params": 7 + 10, "index_entries": 14,
-                               "bytes": 4 * 17 + 8 * 14}
+                               "bytes": 4 * 17 + 4 * 14}
     dl = DCTPlusSparseLinear(20, 10, nnz=7, seed=0)
     assert stored_size(dl) == {"params": 7 + 10 + 1, "index_entries": 14,
-                               "bytes": 4 * 18 + 8 * 14}
+                               "bytes": 4 * 18 + 4 * 14}
     assert stored_size(nn.Linear(20, 10))["params"] == 210
 
 
@@ -260,10 +261,10 @@ def test_born_sparse_methods_never_hold_the_dense_model_at_init():
         run_method(name, ctx, 0.05)
         peaks[name] = ctx.memory.peaks["init"]
     # born sparse: values, indices, biases (and α), and the support's compressed form
-    # (row and column pointers, the column order: O(nnz + rows + cols) int64); pruning at
+    # (row and column pointers, the column order: O(nnz + rows + cols) int32); pruning at
     # init scores the dense net
     nnz = round(0.05 * (64 * 24 + 24 * 10))
-    held = 4 * nnz + 8 * 2 * nnz + 4 * 34 + 8 * (25 + 11 + 65 + 25 + 2 * nnz)
+    held = 4 * nnz + 4 * 2 * nnz + 4 * 34 + 4 * (25 + 11 + 65 + 25 + 2 * nnz)
     for name in ("random_epl", "dctps", "rigl"):
         assert 0 < peaks[name] <= held + 64 < dense_weight_bytes, (name, peaks, held)
     assert peaks["snip"] >= dense_weight_bytes

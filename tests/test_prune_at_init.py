@@ -41,7 +41,7 @@ def train(model, x, y, xt, yt, *, epochs=6, lr=0.01):
 def check_support(layer):
     rows, cols = layer.dense_shape
     idx = layer.indices
-    assert idx.dtype == torch.int64 and idx.shape == (2, layer.nnz)
+    assert idx.dtype == torch.int32 and idx.shape == (2, layer.nnz)
     assert int(idx[0].min()) >= 0 and int(idx[0].max()) < rows
     assert int(idx[1].min()) >= 0 and int(idx[1].max()) < cols
     flat = idx[0] * cols + idx[1]

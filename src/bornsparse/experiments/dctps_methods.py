@@ -80,16 +80,20 @@ def live_storages() -> dict[int, int]:
     # objects warn when their __class__ is read
     tensors = [o for o in gc.get_objects() if type(o) in types]
     out: dict[int, int] = {}
-    for obj in tensors:
-        try:
-            if obj.layout != torch.strided or obj.device.type == "meta":
+    with warnings.catch_warnings():
+        # fake tensors left by torch.compile tracing have no real storage; torch warns (and
+        # will later raise, caught below) when their data pointer is read
+        warnings.simplefilter("ignore", UserWarning)
+        for obj in tensors:
+            try:
+                if obj.layout != torch.strided or obj.device.type == "meta":
+                    continue
+                st = obj.untyped_storage()
+                ptr, nbytes = st.data_ptr(), st.nbytes()
+            except (RuntimeError, NotImplementedError):  # tensors without plain storage
                 continue
-            st = obj.untyped_storage()
-            ptr, nbytes = st.data_ptr(), st.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without plain storage
-            continue
-        if nbytes and ptr:
-            out[ptr] = nbytes
+            if nbytes and ptr:
+                out[ptr] = nbytes
     return out
 
 
@@ -111,7 +115,8 @@ def stored_size(model: nn.Module) -> dict[str, int]:
     """What a checkpoint of ``model`` holds: its state_dict tensors.
 
     ``params``: floating-point entries (weights or sparse values, biases, α, BN affine);
-    ``index_entries``: integer entries (sparse indices, int64; BN's step counter);
+    ``index_entries``: integer entries (sparse indices, int32 where they fit; BN's step
+    counter);
     ``bytes``: everything, at each tensor's own element size.
     """
     params = idx = nbytes = 0

@@ -21,6 +21,7 @@ from bornsparse.ops.sparse_product import (
     SparsePlan,
     build_plan,
     check_indices,
+    index_dtype,
     sort_support,
     sparse_matmul,
 )
@@ -119,7 +120,8 @@ class SparseWeightBase(nn.Module):
         else:
             n = resolve_nnz(nnz, density, rows, cols)
             idx = sample_support(rows, cols, n, gen, per_row=support == "per_row")
-        self.register_buffer("indices", idx.to(device))
+        # int32 where it fits: 12 bytes per float32 stored weight instead of 20
+        self.register_buffer("indices", idx.to(device=device, dtype=index_dtype(rows, cols)))
         self.values = nn.Parameter(torch.empty(idx.shape[1], device=device, dtype=dtype))
         self._plan_key: tuple | None = None
         for name in _PLAN_BUFFERS:
@@ -212,7 +214,8 @@ class SparseWeightBase(nn.Module):
         self.refresh_plan()
 
     def _linear_indices(self) -> torch.Tensor:
-        return self.indices[0] * self._cols + self.indices[1]
+        # int64: rows · cols may pass 2³¹ even where each index fits int32
+        return self.indices[0].long() * self._cols + self.indices[1].long()
 
     def sparse_dense(self) -> torch.Tensor:
         """S as a dense (rows, cols) matrix; differentiable in ``values``."""

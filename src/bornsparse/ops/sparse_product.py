@@ -4,7 +4,7 @@ Conventions shared by every backend:
 
 * ``S`` has dense shape ``(rows, cols)`` = (out_features, in_features); ``x`` is
   ``(..., cols)`` and the result ``(..., rows)``, like ``F.linear(x, S)``.
-* ``indices`` is int64 of shape (2, nnz): ``indices[0]`` row, ``indices[1]`` column, in
+* ``indices`` is int32 or int64 of shape (2, nnz): ``indices[0]`` row, ``indices[1]`` column, in
   strictly increasing row-major order (so unique); ``values`` has shape (nnz,).
 * A :class:`SparsePlan` holds what is derived from the support only: row pointers, and the
   column-sorted permutation used by the input gradient. Layers build one per support and
@@ -39,12 +39,23 @@ def check_shape_pair(name: str, shape: object) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def index_dtype(*extents: int) -> torch.dtype:
+    """int32 where every index (and pointer) stays below ``max(extents)`` < 2³¹, else int64:
+    a stored weight then costs 4 + 2·4 bytes in float32 instead of 4 + 2·8."""
+    return torch.int32 if max(extents) < 2**31 else torch.int64
+
+
 def check_indices(indices: object, shape: tuple[int, int], *, nnz: int | None = None) -> None:
-    """Raise unless ``indices`` is a valid sorted, unique (2, nnz) int64 support of ``shape``."""
+    """Raise unless ``indices`` is a valid sorted, unique (2, nnz) int32/int64 support of
+    ``shape``."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-    if indices.dtype != torch.int64:
-        raise TypeError(f"indices must have dtype torch.int64, got {indices.dtype}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must have dtype torch.int32 or torch.int64, got "
+                        f"{indices.dtype}")
     if indices.dim() != 2 or indices.shape[0] != 2:
         raise ValueError(f"indices must have shape (2, nnz), got {tuple(indices.shape)}")
     if nnz is not None and indices.shape[1] != nnz:
@@ -63,7 +74,7 @@ def check_indices(indices: object, shape: tuple[int, int], *, nnz: int | None = 
             f"indices[1] (columns) must lie in [0, {cols}), got range "
             f"[{int(c.min())}, {int(c.max())}]"
         )
-    lin = r * cols + c
+    lin = r.long() * cols + c.long()  # int64: rows · cols may pass 2³¹
     if lin.numel() > 1 and not bool((lin[1:] > lin[:-1]).all()):
         raise ValueError(
             "indices must be sorted row-major without duplicates (sort_support() does this)"
@@ -117,17 +128,19 @@ def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> SparsePlan:
     """Validate ``indices`` (see module docstring) and derive its :class:`SparsePlan`."""
     shape = check_shape_pair("shape", shape)
     check_indices(indices, shape)
-    rows = indices[0].contiguous()
-    cols = indices[1].contiguous()
-    rowptr = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
+    # every plan tensor in one dtype: the indices' own, unless pointers up to nnz need more
+    dtype = torch.int64 if indices.shape[1] >= 2**31 else indices.dtype
+    rows = indices[0].contiguous().to(dtype)
+    cols = indices[1].contiguous().to(dtype)
+    rowptr = torch.zeros(shape[0] + 1, dtype=dtype, device=rows.device)
     rowptr[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     # a stable sort keeps rows ascending inside each column: deterministic gradients
     if cols.device.type == "cpu":
         # numpy's single-threaded sort measured several times faster than torch.sort here
-        csc_perm = torch.from_numpy(np.argsort(cols.numpy(), kind="stable"))
+        csc_perm = torch.from_numpy(np.argsort(cols.numpy(), kind="stable")).to(dtype)
     else:
-        csc_perm = torch.sort(cols, stable=True).indices
-    colptr = torch.zeros(shape[1] + 1, dtype=torch.int64, device=rows.device)
+        csc_perm = torch.sort(cols, stable=True).indices.to(dtype)
+    colptr = torch.zeros(shape[1] + 1, dtype=dtype, device=rows.device)
     colptr[1:] = torch.cumsum(torch.bincount(cols, minlength=shape[1]), 0)
     return SparsePlan(shape, rows, cols, rowptr, colptr, csc_perm, rows[csc_perm].contiguous())
 
@@ -184,16 +197,19 @@ def check_plan_tensors(shape: tuple[int, int], rows: torch.Tensor, cols: torch.T
                        rowptr: torch.Tensor, colptr: torch.Tensor, csc_perm: torch.Tensor,
                        csc_rows: torch.Tensor) -> None:
     """What the kernels trust about a plan's tensors, for ops that receive them (once per
-    version of those tensors, ops/_validated.py): int64, contiguous, CPU, consistent
-    lengths, pointers that start at 0 and end at nnz, indices in range."""
+    version of those tensors, ops/_validated.py): one index dtype (int32 or int64), CPU,
+    consistent lengths, pointers that start at 0 and end at nnz, indices in range."""
     named = dict(rows=rows, cols=cols, rowptr=rowptr, colptr=colptr, csc_perm=csc_perm,
                  csc_rows=csc_rows)
     nnz = rows.numel()
     lengths = dict(rows=nnz, cols=nnz, rowptr=shape[0] + 1, colptr=shape[1] + 1,
                    csc_perm=nnz, csc_rows=nnz)
     for name, t in named.items():
-        if t.dtype != torch.int64 or t.dim() != 1 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a 1-D CPU int64 tensor, got {t.dtype} "
+        if t.dtype != rows.dtype or t.dtype not in INDEX_DTYPES or t.dim() != 1 or (
+            t.device.type != "cpu"
+        ):
+            raise ValueError(f"{name} must be a 1-D CPU tensor of the plan's index dtype "
+                             f"(int32 or int64, as rows: {rows.dtype}), got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
         if t.numel() != lengths[name]:
             raise ValueError(f"{name} must have {lengths[name]} entries for a {shape} support "
