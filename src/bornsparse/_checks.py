@@ -56,3 +56,10 @@ def check_last_dim(name: str, x: torch.Tensor, expected: int) -> None:
         raise ValueError(
             f"{name} must have shape (..., {expected}), got {tuple(x.shape)}"
         )
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise naming both."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bornsparse.nn.sparse_linear import SparseLinear, check_choice
+from bornsparse._checks import check_choice
+from bornsparse.nn.sparse_linear import SparseLinear
 from bornsparse.ops.dct_sparse_affine import dct_sparse_affine
 from bornsparse.ops.discrete_cosine import dct_matrix
 

@@ -14,6 +14,7 @@ from bornsparse._checks import (
     check_optional_positive_int,
     check_positive_int,
 )
+from bornsparse._random import make_generator
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.penalty import orthogonality_penalty
 from bornsparse.ops.permuted import permuted_block_diagonal, permuted_tanh_network
@@ -42,15 +43,6 @@ def haar_orthogonal(n: int, k: int, generator: torch.Generator, dtype: torch.dty
     # QR alone is not Haar: fix the signs so diag(r) > 0 (Mezzadri 2007)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     return q.to(dtype)
-
-
-def _make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    return g
 
 
 class _PermutedBase(nn.Module):
@@ -91,13 +83,11 @@ class _PermutedBase(nn.Module):
         self.width = width
         depth = check_optional_positive_int("depth", depth)
         self.depth = default_depth(width, self.block_size) if depth is None else depth
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
 
-        gen = _make_generator(seed)
+        gen = make_generator(seed)
         perms = torch.stack([torch.randperm(width, generator=gen) for _ in range(self.depth)])
         nblocks = width // self.block_size
         blocks = haar_orthogonal(self.depth * nblocks, self.block_size, gen, dtype)

@@ -14,7 +14,13 @@ import numbers
 import torch
 from torch import nn
 
-from bornsparse._checks import check_float_tensor, check_fraction, check_positive_int
+from bornsparse._checks import (
+    check_choice,
+    check_float_tensor,
+    check_fraction,
+    check_positive_int,
+)
+from bornsparse._random import make_generator
 from bornsparse.nn._support import sample_support
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.sparse_product import (
@@ -61,23 +67,6 @@ _PLAN_BUFFERS = ("_rowptr", "_colptr", "_csc_perm", "_csc_rows")
 def _support_key(idx: torch.Tensor) -> tuple:
     # in-place writes bump _version; a new tensor (.to(), assignment) has a new data_ptr
     return (idx.data_ptr(), idx._version, idx.device)
-
-
-def make_generator(seed: object) -> torch.Generator:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    return g
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 class SparseWeightBase(nn.Module):
