@@ -61,6 +61,23 @@ def _as_voidptr(typingctx, address):
 
 
 @intrinsic
+def prefetch(typingctx, address):
+    """Hint the cache line at ``address`` (int64) into L1 (llvm.prefetch, read, locality 3)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _atomic_increment(typingctx, header, slot):
     """Atomically add 1 to int64 slot ``slot`` of ``header`` (a void pointer); return the old
     value."""

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
 
 from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk
+from bornsparse.ops._parallel import prefetch as _prefetch
 from bornsparse.ops._permuted_numba import (
     _F32,
     _F64,
@@ -114,23 +113,6 @@ def build_schedule(perms):
     for q in range(depth // 2):
         sched[q], loc = pair_schedule(perms[2 * q], perms[2 * q + 1], loc)
     return sched, loc
-
-
-@intrinsic
-def _prefetch(typingctx, address):
-    """Hint the cache line at ``address`` (int64) into L1 (llvm.prefetch, read, locality 3)."""
-    sig = types.void(types.int64)
-
-    def codegen(context, builder, signature, args):
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = builder.module.declare_intrinsic(
-            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
-        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0),
-                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @numba.njit(inline="always")

@@ -35,9 +35,13 @@ import numpy as np
 from numba import types
 from numba.core.compiler import Compiler
 
-from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk
+from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk, prefetch
 
 _FASTMATH = {"contract", "reassoc"}
+# Blocks ahead at which the fused pair kernel prefetches its random source rows, and the
+# tile-buffer size above which it does (a buffer that fits L2 never misses to DRAM).
+PREFETCH_DISTANCE = 16
+PREFETCH_MIN_BYTES = 4 << 20
 
 
 class _NoAliasCompiler(Compiler):
@@ -122,9 +126,29 @@ def _apply_factor(src, dst, w, p, ts, n_rows):
                         d[s] += wc * a[s]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _prefetch_pair2(p1, p2, b, nb, pfd, base, rb, p1base):
+    """Prefetch the four source rows block b + pfd of a fused pair reads, and the p1 entries
+    block b + 2·pfd will look up (p2 itself is read in order: the hardware prefetches it)."""
+    f = b + pfd
+    if f < nb:
+        for jj in (p2[2 * f], p2[2 * f + 1]):
+            q = 2 * (jj // 2)
+            prefetch(base + p1[q] * rb)
+            prefetch(base + p1[q + 1] * rb)
+    f2 = b + 2 * pfd
+    if f2 < nb:
+        prefetch(p1base + 8 * 2 * (p2[2 * f2] // 2))
+        prefetch(p1base + 8 * 2 * (p2[2 * f2 + 1] // 2))
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
-def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows):
+def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows, pfd):
     """Two consecutive k = 2 factors in one pass: dst = F2(F1(src)), rows < n_rows.
+
+    ``pfd`` > 0 prefetches what block b + pfd reads (and, at b + 2·pfd, the entries of p1
+    that lead there): at widths whose tile buffers leave the cache every source row is a
+    DRAM miss at a random address, reached through a second random read of p1.
 
     Each row of the intermediate is used by exactly one block of the second factor, so it is
     computed on demand, in registers, exactly once: no arithmetic is repeated and the
@@ -134,7 +158,12 @@ def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows):
     depth 20, one thread).
     """
     nb = (n_rows + 1) // 2
+    if pfd:
+        base, rb = src.ctypes.data, src.strides[0]
+        p1base = p1.ctypes.data
     for b in range(nb):
+        if pfd:
+            _prefetch_pair2(p1, p2, b, nb, pfd, base, rb, p1base)
         j0 = p2[2 * b]
         j1 = p2[2 * b + 1]
         b0 = j0 // 2
@@ -294,6 +323,8 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
     buf_in = np.zeros((width, tile), dtype=x.dtype)
     buf_a = np.empty((width, tile), dtype=x.dtype)
     buf_b = np.empty((width, tile), dtype=x.dtype)
+    # prefetch only where a tile buffer leaves L2: inside it, the hints are pure overhead
+    pfd = PREFETCH_DISTANCE if width * tile * x.itemsize > PREFETCH_MIN_BYTES else 0
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
@@ -304,7 +335,7 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
             if k == 2 and t + 1 < depth:
                 n_rows = n_out if t + 2 == depth else width
                 _apply_factor_pair2(src, dst, weight[t], perms[t], weight[t + 1], perms[t + 1],
-                                    ts, n_rows)
+                                    ts, n_rows, pfd)
                 t += 2
             else:
                 n_rows = n_out if t + 1 == depth else width
@@ -433,6 +464,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
     # inverse permutations, for the fused pair backward (each factor's output row -> the
     # position where the next factor reads it)
     inv = np.empty_like(perms)
+    pfd = PREFETCH_DISTANCE if width * tile * x.itemsize > PREFETCH_MIN_BYTES else 0
     if paired:
         for t in range(depth):
             for j in range(width):
@@ -447,7 +479,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
                 _gather_rows(src, perms[t], gathered[t // 2], ts)
                 if t + 2 < depth:  # the next pair needs this pair's output
                     _apply_factor_pair2(src, dst, weight[t], perms[t], weight[t + 1],
-                                        perms[t + 1], ts, width)
+                                        perms[t + 1], ts, width, pfd)
                     src, dst = dst, (buf_b if dst is buf_a else buf_a)
         else:
             for t in range(depth):
