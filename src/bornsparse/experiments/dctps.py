@@ -11,6 +11,8 @@ imports happen inside functions.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import time
@@ -76,13 +78,20 @@ def dctps_run(cfg: dict[str, Any], data_dir: str | None = None) -> dict[str, Any
         stored_size,
     )
     from bornsparse.experiments.results_io import library_versions, run_key
+    from bornsparse.sparsity.dynamic import process_group_size
 
     splits = load_dataset(cfg["dataset"], data_dir=data_dir)
     memory = MemoryTracker()  # after the data: its tensors are not the method's memory
-    ctx = RunContext(splits=splits, model_name=cfg["model"],
-                     model_kwargs=dict(cfg["model_kwargs"]),
-                     train_cfg=TrainConfig(**cfg["train"]), seed=cfg["seed"], memory=memory)
     rec: dict[str, Any] = {"key": run_key(cfg), "config": cfg}
+    world = process_group_size()
+    if world > 1:
+        ctx = _data_parallel_context(splits, cfg, memory)
+        rec["data_parallel_ranks"] = world
+    else:
+        ctx = RunContext(splits=splits, model_name=cfg["model"],
+                         model_kwargs=dict(cfg["model_kwargs"]),
+                         train_cfg=TrainConfig(**cfg["train"]), seed=cfg["seed"],
+                         memory=memory)
     t0 = time.perf_counter()
     try:
         model, acc = run_method(cfg["method"], ctx, cfg["density"])
@@ -114,19 +123,6 @@ def _dense_weight_count(cfg: dict[str, Any], splits: Any) -> int:
                if type(mod) in (torch.nn.Linear, torch.nn.Conv2d))
 
 
-def _run_job(job: tuple[dict[str, Any], str | None]) -> dict[str, Any]:
-    return dctps_run(*job)
-
-
-def _init_worker(threads: int = 1) -> None:
-    # several runs share the cores: a fixed thread count each avoids oversubscription
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def _cost_order(cfg: dict[str, Any]) -> float:
     """Rough relative run time, to start the long runs first."""
     m = cfg["method"]
@@ -134,69 +130,38 @@ def _cost_order(cfg: dict[str, Any]) -> float:
     return -(rounds * (3 if m in ("dense", "force", "synflow", "snip") else 1))
 
 
+def _describe(rec: dict[str, Any]) -> str:
+    c = rec["config"]
+    acc = "error" if rec.get("error") else f"{100 * rec['accuracy']:.1f}%"
+    return f"{c['model']} {c['method']} P={c['density']} s={c['seed']} {acc}"
+
+
 def run_sweep(
     configs: Iterable[dict[str, Any]], results_path: str | os.PathLike, *,
-    workers: int = 1, threads: int = 1, data_dir: str | None = None, progress: bool = True,
-) -> list[dict[str, Any]]:
+    data_dir: str | None = None, progress: bool = True, **executor: Any,
+):
     """Run every configuration not already in ``results_path``, appending one record each.
 
-    ``workers`` > 1 runs in spawned processes, each run with ``threads`` torch threads (inline
-    runs too); records are written by this process only. Returns the records of the given
-    configurations, in the order given.
+    ``executor``: the :func:`bornsparse.experiments.sweep.run_sweep` options (executor,
+    workers, threads, address, cpus_per_run, max_retries); records are written by this
+    process only. Returns the :class:`~bornsparse.experiments.sweep.SweepOutcome`.
     """
-    from tqdm.auto import tqdm
+    from bornsparse.experiments import sweep
 
-    from bornsparse._checks import check_positive_int
-    from bornsparse.experiments.results_io import append_jsonl, read_jsonl, run_key
-
-    workers = check_positive_int("workers", workers)
-    threads = check_positive_int("threads", threads)
     configs = list(configs)
-    keys = [run_key(c) for c in configs]
-    wanted = set(keys)
-    done = {r["key"]: r for r in read_jsonl(results_path) if r.get("key") in wanted}
-    todo = [c for c, k in zip(configs, keys, strict=True) if k not in done]
     # seed by seed, model by model, longest runs first inside: a sweep stopped early leaves
     # whole tables for the first seeds rather than every method but the cheap ones
-    model_rank = {}
+    model_rank: dict[str, int] = {}
     for c in configs:
         model_rank.setdefault(repr((c["model"], c["model_kwargs"])), len(model_rank))
-    todo.sort(key=lambda c: (c["seed"], model_rank[repr((c["model"], c["model_kwargs"]))],
-                             _cost_order(c)))
-    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), disable=not progress,
-               desc="dctps runs", unit="run", file=sys.stderr)
 
-    def record(rec: dict[str, Any]) -> None:
-        append_jsonl(results_path, rec)
-        done[rec["key"]] = rec
-        c = rec["config"]
-        acc = "error" if rec.get("error") else f"{100 * rec['accuracy']:.1f}%"
-        bar.set_postfix_str(f"{c['model']} {c['method']} P={c['density']} s={c['seed']} {acc}")
-        bar.update(1)
+    def order(c: dict[str, Any]) -> tuple:
+        return (c["seed"], model_rank[repr((c["model"], c["model_kwargs"]))], _cost_order(c))
 
-    jobs = [(c, data_dir) for c in todo]
-    try:
-        if workers == 1 or len(jobs) <= 1:
-            import torch
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                for job in jobs:
-                    record(_run_job(job))
-            finally:
-                torch.set_num_threads(before)
-        else:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn").Pool(min(workers, len(jobs)),
-                                              initializer=_init_worker,
-                                              initargs=(threads,)) as pool:
-                for rec in pool.imap_unordered(_run_job, jobs):
-                    record(rec)
-    finally:
-        bar.close()
-    return [done[k] for k in keys if k in done]
+    return sweep.run_sweep(configs, results_path, functools.partial(dctps_run,
+                                                                    data_dir=data_dir),
+                           order=order, describe=_describe, progress=progress,
+                           desc="dctps runs", **executor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,6 +177,8 @@ def _positive_int_list(name: str, values: Sequence[int]) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bornsparse reproduce dctps``."""
+    from bornsparse.experiments.sweep import add_executor_arguments
+
     from_quick = (f"MNIST-1D, models {', '.join(QUICK['models'])}, {QUICK['epochs']} epochs, "
                   f"IMP {QUICK['imp_rounds']} rounds, SynFlow/FORCE {QUICK['pai_rounds']} "
                   "rounds, one seed")
@@ -257,11 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{JACOBIAN_INPUTS}; quick {QUICK['jacobian_inputs']})")
     parser.add_argument("--no-jacobian", action="store_true",
                         help="skip the Jacobian spectra at initialisation")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="parallel worker processes (one torch thread each when > 1)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (default 1: the runs, not the threads, "
-                        "share the cores)")
+    add_executor_arguments(parser, default_workers=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default="runs/dctps", metavar="DIR",
                         help="results.jsonl, table.md and figures go here; rerunning with the "
                         "same DIR skips finished runs")
@@ -319,8 +282,7 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
         args.jacobian_inputs if args.jacobian_inputs is not None
         else (QUICK["jacobian_inputs"] if quick else JACOBIAN_INPUTS))
     for name, v in (("--epochs", epochs), ("--batch-size", batch_size),
-                    ("--imp-rounds", imp_rounds), ("--workers", args.workers),
-                    ("--threads", args.threads)):
+                    ("--imp-rounds", imp_rounds)):
         if v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v}")
     if jac < 0:
@@ -375,38 +337,152 @@ def unavailable(modules: Sequence[str]) -> list[str]:
     return out
 
 
+def torchrun_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when not launched by torchrun)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer (torchrun sets it), got "
+                         f"{value!r}")
+    return int(value)
+
+
+def check_data_parallel(batch_size: int, world: int) -> None:
+    """ValueError unless the global batch splits evenly over ``world`` ranks."""
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} ranks "
+                         "of the torchrun launch (each rank trains on an equal share)")
+
+
+def _data_parallel_context(splits: Any, cfg: dict[str, Any], memory: Any) -> Any:
+    """This rank's RunContext in a torchrun launch: one run trained data-parallel.
+
+    Rank r trains on the r-th of ``world`` interleaved equal shards of the training set
+    (the last ``n mod world`` examples are left out) with batch ``batch_size / world``, in
+    DistributedDataParallel, so a step sees ``batch_size`` examples in all and the step
+    count is the single-process one. Pruning at initialisation scores the full data's
+    batches, as one process would; RigL/SET/IMP keep the ranks' supports identical
+    (sparsity/dynamic.py).
+    """
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bornsparse.experiments.dctps_methods import RunContext, TrainConfig
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    full = TrainConfig(**cfg["train"])
+    check_data_parallel(full.batch_size, world)
+    per_rank = dataclasses.replace(full, batch_size=full.batch_size // world)
+    n = splits.train_x.shape[0] // world * world
+    shard = dataclasses.replace(splits, train_x=splits.train_x[rank:n:world],
+                                train_y=splits.train_y[rank:n:world])
+
+    class DataParallelRunContext(RunContext):
+        def pai_batches(self):
+            self.splits, self.train_cfg = splits, full
+            try:
+                return super().pai_batches()
+            finally:
+                self.splits, self.train_cfg = shard, per_rank
+
+        def train(self, model, optimizer, **hooks):
+            # a new wrapper per call: IMP's to_sparse() replaces layers between trainings
+            return super().train(DistributedDataParallel(model), optimizer, **hooks)
+
+    return DataParallelRunContext(splits=shard, model_name=cfg["model"],
+                                  model_kwargs=dict(cfg["model_kwargs"]), train_cfg=per_rank,
+                                  seed=cfg["seed"], memory=memory)
+
+
+@contextlib.contextmanager
+def _process_group(world: int):
+    """torch.distributed's default group over torchrun's ranks (gloo: CPU runs), or nothing."""
+    if world == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # torchrun's env:// rendezvous
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def main(args: argparse.Namespace) -> int:
-    """Validate, load the data once (fail early), run the sweep, write table and figures."""
+    """Validate, load the data once (fail early), run the sweep, write table and figures.
+
+    Launched by torchrun (WORLD_SIZE > 1), every rank trains each run together,
+    data-parallel; rank 0 writes the records, table and figures.
+    """
     from bornsparse.experiments.results_io import ensure_writable_dir
+    from bornsparse.experiments.sweep import check_executor_arguments
 
     prog = "bornsparse reproduce dctps"
     try:
         configs, info = build_configs(args)
+        check_executor_arguments(args)
+        world = torchrun_world_size()
+        if world > 1:
+            if args.executor != "local":
+                raise ValueError(f"launched by torchrun (WORLD_SIZE={world}) the ranks run "
+                                 "each run together: use --executor local, got "
+                                 f"--executor {args.executor}")
+            check_data_parallel(info["train"]["batch_size"], world)
         out = ensure_writable_dir(args.out, name="--out directory")
+    except (ValueError, TypeError, ImportError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    with _process_group(world):
+        return _run_and_report(args, prog, configs, info, out, world)
+
+
+def _run_and_report(args, prog, configs, info, out, world) -> int:
+    """Load the data, run the sweep, write table and figures (rank 0); the exit code."""
+    from bornsparse.experiments.sweep import describe_executor, executor_options
+
+    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
+    try:
         from bornsparse.data import load_dataset
 
         # generates and caches MNIST-1D before workers start; CIFAR: missing files fail here
-        splits = load_dataset(info["dataset"], data_dir=args.data_dir)
+        if rank == 0:
+            splits = load_dataset(info["dataset"], data_dir=args.data_dir)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks read rank 0's cache instead of racing to write it
+            splits = load_dataset(info["dataset"], data_dir=args.data_dir)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
 
+    options = executor_options(args)
+    if world > 1:
+        options["workers"] = 1  # the ranks are the parallelism
     for m, mods in info["left_out"].items():
-        print(f"{prog}: leaving out {m}: needs {', '.join(mods)}", file=sys.stderr)
+        if rank == 0:
+            print(f"{prog}: leaving out {m}: needs {', '.join(mods)}", file=sys.stderr)
     t0 = time.perf_counter()
     tr = info["train"]
-    print(f"{len(configs)} runs on {info['dataset']} ({splits.train_x.shape[0]} train / "
-          f"{splits.test_x.shape[0]} test): models {', '.join(info['models'])}, densities "
-          f"{info['densities']}, {info['seeds']} seed(s), {tr['optimizer']} lr {tr['lr']} "
-          f"batch {tr['batch_size']} for {tr['epochs']} epochs, {args.workers} worker(s); "
-          f"results in {out / 'results.jsonl'}", file=sys.stderr)
-    records = run_sweep(configs, out / "results.jsonl", workers=args.workers,
-                        threads=args.threads, data_dir=args.data_dir,
-                        progress=not args.no_progress)
+    how = f"{world} data-parallel ranks" if world > 1 else describe_executor(args)
+    if rank == 0:
+        print(f"{len(configs)} runs on {info['dataset']} ({splits.train_x.shape[0]} train / "
+              f"{splits.test_x.shape[0]} test): models {', '.join(info['models'])}, "
+              f"densities {info['densities']}, {info['seeds']} seed(s), {tr['optimizer']} lr "
+              f"{tr['lr']} batch {tr['batch_size']} for {tr['epochs']} epochs, {how}; "
+              f"results in {out / 'results.jsonl'}", file=sys.stderr)
+    outcome = run_sweep(configs, out / "results.jsonl", data_dir=args.data_dir,
+                        progress=not args.no_progress, **options)
     wall = time.perf_counter() - t0
+    if rank > 0:
+        return 0
+    print(outcome.summary(), file=sys.stderr)
 
     from bornsparse.experiments.dctps_report import markdown_report, plot_accuracy, plot_spectra
 
+    records = outcome.records
     text = markdown_report(records, info)
     (out / "table.md").write_text(text)
     if not args.no_plots:
@@ -414,4 +490,4 @@ def main(args: argparse.Namespace) -> int:
             print(f"wrote {path}", file=sys.stderr)
     print(text)
     print(f"sweep wall time {wall:.1f} s", file=sys.stderr)
-    return 0
+    return 0 if outcome.complete else 1

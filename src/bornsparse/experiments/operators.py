@@ -258,15 +258,6 @@ def operator_run(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _init_worker() -> None:
-    # several runs share the cores: one thread each avoids oversubscription
-    os.environ["NUMBA_NUM_THREADS"] = "1"
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def finished_records(
     configs: Iterable[dict[str, Any]], results_path: str | os.PathLike
 ) -> list[dict[str, Any]]:
@@ -281,59 +272,29 @@ def finished_records(
     return [done[k] for k in keys if k in finished]
 
 
+def _describe(rec: dict[str, Any]) -> str:
+    c = rec["config"]
+    mse = "diverged" if rec["final_mse"] is None else f"{rec['final_mse']:.2e}"
+    return f"{c['task']} k={c['k']} N={c['depth']} mse={mse}"
+
+
 def run_sweep(
-    configs: Iterable[dict[str, Any]], results_path: str | os.PathLike, *, workers: int = 1,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
+    configs: Iterable[dict[str, Any]], results_path: str | os.PathLike, *,
+    progress: bool = True, **executor: Any,
+):
     """Run every configuration not already in ``results_path`` and append its record there.
 
-    Runs execute in ``workers`` spawned processes (inline when 1); records are written by
-    this process only, one fsynced line per finished run. Returns the records of all the
-    given configurations, old and new, in the order given.
+    ``executor``: the :func:`bornsparse.experiments.sweep.run_sweep` options (executor,
+    workers, threads, address, cpus_per_run, max_retries). Records are written by this
+    process only, one fsynced line per finished run. Returns the
+    :class:`~bornsparse.experiments.sweep.SweepOutcome`.
     """
-    from tqdm.auto import tqdm
+    from bornsparse.experiments import sweep
 
-    from bornsparse._checks import check_positive_int
-    from bornsparse.experiments.results_io import (
-        append_jsonl,
-        completed_keys,
-        read_jsonl,
-        run_key,
-    )
-
-    workers = check_positive_int("workers", workers)
-    configs = list(configs)
-    keys = [run_key(c) for c in configs]
-    done = {r["key"]: r for r in read_jsonl(results_path) if r.get("key") in set(keys)}
-    finished = completed_keys(done.values())
-    todo = [c for c, k in zip(configs, keys, strict=True) if k not in finished]
-    # deepest first: the longest runs start early and the pool ends evenly
-    todo.sort(key=lambda c: -c["depth"])
-    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), disable=not progress,
-               desc="operator runs", unit="run", file=sys.stderr)
-
-    def record(rec: dict[str, Any]) -> None:
-        append_jsonl(results_path, rec)
-        done[rec["key"]] = rec
-        c = rec["config"]
-        mse = "diverged" if rec["final_mse"] is None else f"{rec['final_mse']:.2e}"
-        bar.set_postfix_str(f"{c['task']} k={c['k']} N={c['depth']} mse={mse}")
-        bar.update(1)
-
-    try:
-        if workers == 1 or len(todo) <= 1:
-            for c in todo:
-                record(operator_run(c))
-        else:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn").Pool(min(workers, len(todo)),
-                                              initializer=_init_worker) as pool:
-                for rec in pool.imap_unordered(operator_run, todo):
-                    record(rec)
-    finally:
-        bar.close()
-    return [done[k] for k in keys if k in done]
+    # deepest first: the longest runs start early and the workers end evenly
+    return sweep.run_sweep(configs, results_path, operator_run,
+                           order=lambda c: -c["depth"], describe=_describe,
+                           progress=progress, desc="operator runs", **executor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,6 +364,8 @@ def _short(n: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bornsparse reproduce operators``."""
+    from bornsparse.experiments.sweep import add_executor_arguments
+
     parser.add_argument("--quick", action="store_true",
                         help=f"small and fast: width {QUICK_WIDTH}, {QUICK_STEPS_SCALE}× the "
                         f"paper's steps, depths {list(QUICK_DEPTHS)}, k in {list(QUICK_KS)} "
@@ -429,8 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_BATCH_SIZE})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
                         help="seeds (target, initialisation, data); figures average over them")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="parallel worker processes (one torch thread each when > 1)")
+    add_executor_arguments(parser, default_workers=min(2, os.cpu_count() or 1))
     parser.add_argument("--network", choices=NETWORKS, default="linear",
                         help="linear: G(θ) of §3.1 (the paper's experiments); tanh: h_θ of §3.2")
     parser.add_argument("--out", default="runs/operators", metavar="DIR",
@@ -466,8 +428,9 @@ def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
             raise ValueError(f"--depths: depth must be a positive integer, got {d}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be a positive integer, got {args.workers}")
+    from bornsparse.experiments.sweep import check_executor_arguments
+
+    check_executor_arguments(args)
 
     tasks = list(args.tasks) if args.tasks is not None else (
         [] if args.target_file else list(TASK_CHOICES))
@@ -506,11 +469,12 @@ def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
 def main(args: argparse.Namespace) -> int:
     """Validate, run the sweep (resuming), write figures and table; print the table."""
     from bornsparse.experiments.results_io import ensure_writable_dir
+    from bornsparse.experiments.sweep import describe_executor, executor_options
 
     try:
         configs, info = _build_configs(args)
         out = ensure_writable_dir(args.out, name="--out directory")
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ImportError) as err:
         print(f"bornsparse reproduce operators: error: {err}", file=sys.stderr)
         return 2
 
@@ -518,15 +482,18 @@ def main(args: argparse.Namespace) -> int:
     phases, window = scaled_schedule(info["steps_scale"])
     print(f"{len(configs)} runs: width {info['width']}, depths {info['depths']}, "
           f"steps {'/'.join(str(p.steps) for p in phases)} (final window {window}), "
-          f"batch {args.batch_size}, network {args.network}, {args.workers} worker(s); "
+          f"batch {args.batch_size}, network {args.network}, {describe_executor(args)}; "
           f"results in {out / 'results.jsonl'}", file=sys.stderr)
+    complete = True
     if args.report_only:
         records = finished_records(configs, out / "results.jsonl")
         print(f"report only: {len(records)} of the {len(configs)} runs are finished",
               file=sys.stderr)
     else:
-        records = run_sweep(configs, out / "results.jsonl", workers=args.workers,
-                            progress=not args.no_progress)
+        outcome = run_sweep(configs, out / "results.jsonl", progress=not args.no_progress,
+                            **executor_options(args))
+        records, complete = outcome.records, outcome.complete
+        print(outcome.summary(), file=sys.stderr)
     table = markdown_table(records)
     (out / "table.md").write_text(
         f"Final MSE (mean over the last {window} steps), width n = {info['width']}, "
@@ -539,4 +506,5 @@ def main(args: argparse.Namespace) -> int:
             print(f"wrote {path}", file=sys.stderr)
     print(table)
     print(f"sweep wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0
+    return 0 if complete else 1
+

@@ -23,6 +23,13 @@ The dense gradient RigL needs is never a parameter: on the forward/backward pass
 update step only, hooks keep each layer's input and output gradient, and at ``step()`` the
 dense gradient ``G = gᵀx`` (or ``conv2d_weight``) is formed for one layer at a time, used and
 freed — O(rows·cols) transiently, every ``delta`` steps (the seed's O(pmn + mn/ΔT)).
+
+Data-parallel training (``torch.distributed`` initialised, e.g. the model wrapped in
+DistributedDataParallel): every rank must construct RigL/SET and call ``step()`` alike. The
+seed is rank 0's (broadcast at construction), so supports and SET's draws agree even when
+the ranks were seeded differently; the magnitudes and the dense gradient that decide an
+update are averaged over the ranks first, so every rank takes the same decision and does the
+same optimizer-state surgery.
 """
 
 from __future__ import annotations
@@ -49,6 +56,40 @@ from bornsparse.sparsity.swap import (
 )
 
 _SCALAR_STATE = ("step",)
+
+
+def process_group_size() -> int:
+    """World size of torch.distributed's default process group; 1 when none is initialised."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def mean_over_ranks_(t: torch.Tensor) -> torch.Tensor:
+    """Average the contiguous ``t`` in place over the ranks of the default process group
+    (unchanged without one) and return it. The reduction hands every rank the same bits, so
+    a decision computed from the result is the same everywhere."""
+    world = process_group_size()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # ReduceOp.AVG is NCCL-only
+        t.div_(world)
+    return t
+
+
+def rank0_seed(seed: int) -> int:
+    """Rank 0's ``seed`` on every rank (``seed`` itself without a process group)."""
+    if process_group_size() == 1:
+        return seed
+    import torch.distributed as dist
+
+    # NCCL moves CUDA tensors only; gloo (CPU) takes CPU ones
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    t = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def _first_occurrences(c: torch.Tensor) -> torch.Tensor:
@@ -137,6 +178,8 @@ class _DynamicSparse(ABC):
             )
         self.kind = check_kind(kind)
         self.seed = int(torch.randint(2**62, ()).item()) if seed is None else int(seed)
+        # a collective: under torch.distributed every rank constructs its RigL/SET here
+        self.seed = rank0_seed(self.seed)
         self._gen = torch.Generator().manual_seed(self.seed)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -291,10 +334,11 @@ class _DynamicSparse(ABC):
             if k == 0 or n == rows * cols:
                 self._release(name)
                 continue
-            values = layer.values.detach()
             old_flat = indices_to_flat(layer.indices, cols)
+            # averaged over ranks: replicas whose values drifted by rounding still agree
+            magnitude = mean_over_ranks_(layer.values.detach().abs())
             # drop the k smallest magnitudes, ties to the lower position (stable)
-            order = torch.argsort(values.abs(), stable=True)
+            order = torch.argsort(magnitude, stable=True)
             kept_flat = torch.sort(old_flat[order[k:]]).values
             grown = self._grow(name, layer, kept_flat, k).to(kept_flat.device)
             new_flat = torch.sort(torch.cat([kept_flat, grown])).values
@@ -460,7 +504,8 @@ class RigL(_DynamicSparse):
             qualified layer names, or a callable ``(name, module) -> bool``) choosing the
             layers converted and updated; a layer shared under several names is chosen when
             any of them passes, and replaced at all of them.
-        seed: random seed of the initial supports (and of SET's growth).
+        seed: random seed of the initial supports (and of SET's growth); under
+            torch.distributed rank 0's seed is used on every rank.
         device: with ``density``, where the converted layers live (default: each dense
             layer's device). Born sparse: the model may be built on the meta device (no dense
             weight ever allocated); the sparse layers are then built on ``device`` (default:
@@ -482,7 +527,8 @@ class RigL(_DynamicSparse):
                 f"RigL update at step {self._t} found no gradient for layer {name!r}: run the "
                 "forward and backward pass in training mode before step()"
             )
-        score = grad.abs().flatten()
+        # each rank saw its own batch: the mean is the gradient of the global batch's loss
+        score = mean_over_ranks_(grad.contiguous()).abs().flatten()
         score[kept_flat] = -math.inf
         return torch.argsort(score, descending=True, stable=True)[:k]
 

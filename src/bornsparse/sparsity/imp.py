@@ -15,6 +15,11 @@ holding the rewound weights, ready for the final training run::
 
 IMP trains dense (the seed's cost table: O(mn) per step falling to O(pmn)); the rewind point
 is one copy of the model and optimizer state.
+
+Under torch.distributed (e.g. the model wrapped in DistributedDataParallel) every rank calls
+:meth:`IMP.prune` alike; the magnitudes are averaged over the ranks before the selection, so
+every rank keeps the same mask. :meth:`IMP.to_sparse` replaces layers: wrap the returned model
+in a new DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 
 from bornsparse._checks import check_fraction, check_positive_int
 from bornsparse.sparsity import scores as S
+from bornsparse.sparsity.dynamic import mean_over_ranks_
 from bornsparse.sparsity.swap import (
     DCTOffset,
     Selector,
@@ -169,8 +175,9 @@ class IMP:
                 f"no rewind point yet: rewind_iteration={self.rewind_iteration} but only "
                 f"{self.iteration} steps were taken in round 0"
             )
+        # averaged over ranks (a no-op alone): replicas that drifted by rounding still agree
         scores = [
-            (mod.weight.detach().abs().double()).masked_fill(~m, -torch.inf)
+            mean_over_ranks_(mod.weight.detach().abs().double()).masked_fill(~m, -torch.inf)
             for (_, mod), m in zip(self.targets, self.masks, strict=True)
         ]
         if self.scope == "global":

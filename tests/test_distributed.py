@@ -1,0 +1,215 @@
+"""Data-parallel training: every layer under DistributedDataParallel, and RigL, SET and IMP
+keeping the ranks identical.
+
+One ``torch.multiprocessing`` spawn of two gloo ranks (module fixture) runs every scenario and
+saves what each rank ends with; the tests compare the ranks with each other and with one
+process that sees both ranks' batches.
+"""
+
+from __future__ import annotations
+
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from bornsparse.nn import (
+    DCTPlusSparseConv2d,
+    DCTPlusSparseLinear,
+    PermutedBlockDiagonal,
+    PermutedTanhNetwork,
+    SparseConv2d,
+    SparseLinear,
+)
+from bornsparse.sparsity import IMP, SET, RigL
+
+WORLD = 2
+BATCH = 16  # per rank
+STEPS, DELTA = 100, 10
+
+# name -> (layer from a seed, input shape)
+LAYERS = {
+    "SparseLinear": (lambda s: SparseLinear(12, 10, density=0.3, seed=s), (8, 12)),
+    "DCTPlusSparseLinear": (lambda s: DCTPlusSparseLinear(12, 10, density=0.3, init="normal",
+                                                          seed=s), (8, 12)),
+    "SparseConv2d": (lambda s: SparseConv2d(3, 4, 3, padding=1, density=0.3, seed=s),
+                     (4, 3, 6, 6)),
+    "DCTPlusSparseConv2d": (lambda s: DCTPlusSparseConv2d(3, 4, 3, padding=1, density=0.3,
+                                                          init="normal", seed=s), (4, 3, 6, 6)),
+    "PermutedBlockDiagonal": (lambda s: PermutedBlockDiagonal(8, 8, width=16, depth=4, seed=s),
+                              (8, 8)),
+    "PermutedTanhNetwork": (lambda s: PermutedTanhNetwork(8, 8, width=16, depth=3, seed=s),
+                            (8, 8)),
+}
+
+
+def _reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's function from its dense weight, independent of its cached plan."""
+    if isinstance(layer, SparseConv2d):
+        return F.conv2d(x, layer.to_dense(), layer.bias, layer.stride, layer.padding)
+    if isinstance(layer, PermutedTanhNetwork):
+        return None
+    return F.linear(x, layer.to_dense(), getattr(layer, "bias", None))
+
+
+def _diverge(layer: nn.Module) -> None:
+    """Change rank 1's structure buffers, as a replica that went its own way would."""
+    with torch.no_grad():
+        if isinstance(layer, PermutedBlockDiagonal | PermutedTanhNetwork):
+            layer.perms[0] = layer.perms[0].flip(0)
+        else:
+            # a new support under the same values (DDP sends buffers, never parameters)
+            rows, cols = layer.dense_shape
+            flat = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(9))
+            flat = flat[:layer.nnz].sort().values
+            layer.indices.copy_(torch.stack([flat // cols, flat % cols]))
+            layer.refresh_plan()
+
+
+def _layers_under_ddp(rank: int) -> dict:
+    # torch >= 2.13 deprecates broadcast_buffers for forward_sync_buffers; the old flag is
+    # the one every supported torch has
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+    out = {}
+    for name, (make, shape) in LAYERS.items():
+        for broadcast in (True, False):
+            # broadcast_buffers=False never sends buffers, so the replicas must be built alike
+            layer = make(rank if broadcast else 0)
+            model = DDP(layer, broadcast_buffers=broadcast)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(3):
+                g = torch.Generator().manual_seed(100 * step + rank)
+                x = torch.randn(*shape, generator=g)
+                if broadcast and rank == 1 and step == 1:
+                    _diverge(layer)  # the next forward must restore rank 0's buffers
+                loss = model(x).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+            with torch.no_grad():
+                y, ref = layer(x), _reference(layer, x)
+            out[(name, broadcast)] = {"state": _cloned(layer), "y": y, "ref": ref}
+    return out
+
+
+def _cloned(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _batch(step: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s global batch, or rank ``rank``'s share of it."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(WORLD * BATCH, 20, generator=g)
+    y = x[:, :4].argmax(1)
+    if rank is None:
+        return x, y
+    return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+
+
+def _dynamic_run(cls, rank: int | None) -> dict:
+    """STEPS steps of ``cls`` at ΔT = DELTA on a small MLP; ``rank=None`` is one process on
+    the global batches, as rank 0 would build it."""
+    # ranks seeded differently: DDP (dense init) and RigL/SET (seed) must make them agree
+    r = 0 if rank is None else rank
+    torch.manual_seed(r)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dyn = cls(model, opt, density=0.2, total_steps=STEPS, delta=DELTA, seed=r + 1)
+    initial = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("indices")}
+    # wrapped after the conversion: DDP registers the sparse layers' parameters
+    net = model if rank is None else DDP(model)
+    for step in range(STEPS):
+        x, y = _batch(step, rank)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if dyn.step():
+            opt.step()
+    return {"state": _cloned(model), "initial": initial, "updates": dyn.updates}
+
+
+def _imp_masks(rank: int) -> list[torch.Tensor]:
+    """IMP's masks on replicas that differ (no DDP): the averaged magnitudes decide."""
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+    imp = IMP(model, rounds=2, density=0.25)
+    imp.prune()
+    imp.prune()
+    return [m.clone() for m in imp.masks]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        result = {"layers": _layers_under_ddp(rank), "rigl": _dynamic_run(RigL, rank),
+                  "set": _dynamic_run(SET, rank), "imp": _imp_masks(rank)}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_every_layer_trains_under_ddp(ranks, name, broadcast):
+    r0, r1 = (r["layers"][(name, broadcast)] for r in ranks)
+    _assert_same(r0["state"], r1["state"])
+    torch.testing.assert_close(r0["y"], r1["y"], rtol=0, atol=0)
+    if r0["ref"] is not None:  # the plan follows the indices DDP broadcast into the layer
+        for r in (r0, r1):
+            torch.testing.assert_close(r["y"], r["ref"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_dynamic_sparse_ranks_stay_identical_and_match_one_process(ranks, method):
+    r0, r1 = (r[method] for r in ranks)
+    _assert_same(r0["state"], r1["state"])
+    # ΔT = 10 with t_end = 75: updates at steps 10, 20, ..., 70, and the supports moved
+    assert r0["updates"] == r1["updates"] == 7
+    assert any(not torch.equal(r0["initial"][k], r0["state"][k]) for k in r0["initial"])
+    single = _dynamic_run(RigL if method == "rigl" else SET, None)
+    assert single["updates"] == 7
+    for k, v in single["state"].items():
+        if k.endswith("indices"):
+            assert torch.equal(v, r0["state"][k]), k
+        else:  # the gradient all-reduce sums in another order than one batch's backward
+            torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_imp_masks_agree_across_differing_replicas(ranks):
+    (m0, m1) = (r["imp"] for r in ranks)
+    assert all(torch.equal(a, b) for a, b in zip(m0, m1, strict=True))
+    # the replicas really differed: alone, each would have kept its own weights
+    assert not all(torch.equal(a, b) for a, b in zip(_imp_masks(0), _imp_masks(1),
+                                                      strict=True))
