@@ -94,7 +94,7 @@ def test_export_forward(name):
     x = torch.randn(*shape)
     program = torch.export.export(model, (x,))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    if name.startswith(("permuted", "tanh", "sparse", "dctps_fused")):
+    if name.startswith(("permuted", "tanh", "sparse", "dctps_fused", "conv")):
         assert any("bornsparse" in t for t in targets), targets
     torch.testing.assert_close(program.module()(x), model(x))
 
@@ -248,7 +248,8 @@ def test_dct_op_differentiates_twice():
     torch.testing.assert_close(h, torch.full_like(x, 2.0))
 
 
-@pytest.mark.parametrize("name", ["dctps_fused", "permuted_fused", "sparse", "tanh"])
+@pytest.mark.parametrize("name", ["dctps_fused", "permuted_fused", "sparse", "tanh", "conv",
+                                  "dctps_conv"])
 def test_reference_backend_is_plain_pytorch_all_the_way_down(name):
     make, shape = LAYERS[name]
     layer = make(backend="reference")

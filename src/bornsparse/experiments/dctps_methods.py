@@ -312,11 +312,20 @@ def _random(distribution: str, kind: str, *, train_alpha: bool = True):
         report = sparsify(model, kind=kind, density=density, distribution=distribution,
                           seed=ctx.seed, device=device)
         ctx.info["nnz"] = _report_nnz(report, model)
+        _record_dct_order(ctx, model)
         if not train_alpha:
             _freeze_alpha(model)
         return _static(ctx, model)
 
     return method
+
+
+def _record_dct_order(ctx: RunContext, model: nn.Module) -> None:
+    """Put the patch order of the model's DCT-plus-sparse convolutions in the run record:
+    it changes the function (``DCTPlusSparseConv2d(dct_order=...)``)."""
+    orders = sorted({m.dct_order for m in model.modules() if hasattr(m, "dct_order")})
+    if orders:
+        ctx.info["dct_order"] = orders[0] if len(orders) == 1 else orders
 
 
 def _report_nnz(report: Any, model: nn.Module) -> int:
@@ -406,6 +415,7 @@ def _dynamic(kind: str, cls_name: str = "RigL"):
             delta=delta, t_end=t_end, kind=kind, seed=ctx.seed, device=device,
         )
         ctx.info["nnz"] = _report_nnz(None, model)
+        _record_dct_order(ctx, model)
         ctx.info["rigl_delta"] = delta
         ctx.initialised(model)
         opt = ctx.make_optimizer(model)

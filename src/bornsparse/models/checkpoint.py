@@ -102,6 +102,10 @@ _CONV = {"in_channels": _is_int, "out_channels": _is_int, "kernel_size": _is_pai
          "groups": _is_int, "padding_mode": _is_str, "bias": _is_bool, "nnz": _is_int,
          "support": _is_str, "dtype": _is_dtype, "patch_layout": _is_str}
 _DCT = {"train_alpha": _is_bool, "offset": _is_str}
+# how a conv patch is flattened before its DCT; files written before the field existed
+# were computed in the F.unfold order
+_DCT_ORDERS = ("khkwc", "ckhkw")
+_DCT_ORDER_BEFORE_FIELD = "ckhkw"
 _PERMUTED = {"in_features": _is_int, "out_features": _is_int, "width": _is_int,
              "depth": _is_int, "block_size": lambda v: _is_int(v, 2), "dtype": _is_dtype,
              "perm_order": _is_str}
@@ -110,7 +114,8 @@ _SPECS = {
     "SparseLinear": _Spec("linear", True, False, _LINEAR),
     "DCTPlusSparseLinear": _Spec("linear", True, True, {**_LINEAR, **_DCT}),
     "SparseConv2d": _Spec("conv", True, False, _CONV),
-    "DCTPlusSparseConv2d": _Spec("conv", True, True, {**_CONV, **_DCT}),
+    "DCTPlusSparseConv2d": _Spec("conv", True, True, {**_CONV, **_DCT,
+                                                      "dct_order": _DCT_ORDERS.__contains__}),
     "PermutedBlockDiagonal": _Spec("permuted", False, False, {**_PERMUTED, "bias": _is_bool}),
     "PermutedTanhNetwork": _Spec("permuted", False, False, _PERMUTED),
 }
@@ -148,6 +153,8 @@ def _describe(layer: nn.Module) -> dict:
     if spec.dct:
         args["train_alpha"] = isinstance(layer.alpha, nn.Parameter)
         args["offset"] = DCT_OFFSET if spec.family == "linear" else CONV_DCT_OFFSET
+        if spec.family == "conv":
+            args["dct_order"] = layer.dct_order
     return args
 
 
@@ -368,6 +375,8 @@ def _check_doc(doc: object) -> None:
                 f"{sorted(_SPECS)}"
             )
         args, fields = entry["args"], _SPECS[cls].fields
+        if cls == "DCTPlusSparseConv2d" and isinstance(args, dict) and "dct_order" not in args:
+            args["dct_order"] = _DCT_ORDER_BEFORE_FIELD
         if not isinstance(args, dict) or set(args) != set(fields):
             got = sorted(args) if isinstance(args, dict) else args
             raise CheckpointError(
@@ -508,6 +517,8 @@ def _build(cls: str, args: dict, t: dict[str, torch.Tensor], device: torch.devic
                   indices=t["indices"].to(torch.int64), **common)
         if spec.dct:
             kw["train_alpha"] = args["train_alpha"]
+            if spec.family == "conv":
+                kw["dct_order"] = args["dct_order"]
         if spec.family == "linear":
             layer = klass(args["in_features"], args["out_features"], **kw)
         else:

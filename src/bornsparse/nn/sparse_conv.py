@@ -2,13 +2,21 @@
 
 The kernel (out_channels, in_channels/groups, kh, kw) is addressed as a (rows, cols) matrix
 with rows = out channels and cols = the flattened (in_channels/groups, kh, kw) patch, the
-order F.unfold uses. forward() scatters the values into a transient dense kernel and calls
-F.conv2d: the dense kernel lives only inside the call, while parameters, gradients and
-optimizer state stay O(nnz) (the kernel's gradient is gathered back to the values).
+order F.unfold uses. SparseConv2d.forward runs ``ops.sparse_conv.sparse_conv2d``: with the
+numba backend (CPU float32/float64, "auto") each stored weight adds one shifted input plane
+to one output plane, so no dense kernel, im2col or dense weight gradient exists at any
+time; the reference backend scatters the values into a transient dense kernel and calls
+F.conv2d. DCTPlusSparseConv2d is a dense conv by nature (its offset) and folds S into the
+cached offset kernel for one F.conv2d. Parameters, gradients and optimizer state are
+O(nnz) either way.
 
 For the DCT layer, output channel o adds α·D[:, o] with D = dct_matrix(L, out_channels),
 L = in_channels/groups·kh·kw and q = max(L, out_channels): each flattened patch is mapped
-to the first out_channels DCT-II coefficients of the patch zero-padded to q.
+to the first out_channels DCT-II coefficients of the patch zero-padded to q. The patch is
+flattened in ``dct_order``: "khkwc" (c fastest, as the public DCTpS code reshapes its
+basis to (kh, kw, c_in/groups, out)) or "ckhkw" (the F.unfold order). The two coincide for
+depthwise and 1×1 kernels. The offset kernel is a fixed dense conv kernel, kept as a
+non-persistent buffer (rebuilt when the layer moves or changes dtype, never saved).
 NOTE: with groups > 1 the same rule holds per output channel (channel o of group g sees
 its own group's patch and uses DCT column o), so groups and depthwise convs get distinct
 offsets per channel instead of copies of the first columns.
@@ -26,8 +34,12 @@ from bornsparse._checks import check_float_tensor, check_positive_int
 from bornsparse.nn.dct_plus_sparse import register_alpha
 from bornsparse.nn.sparse_linear import SparseWeightBase, _copy_given_values, check_choice
 from bornsparse.ops.discrete_cosine import dct_matrix
+from bornsparse.ops.sparse_conv import ConvPlan, build_conv_plan, sparse_conv2d
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+DCT_ORDERS = ("khkwc", "ckhkw")
+# the conv op's own plan (ConvPlan's int64 tensors), beside the base class's plan buffers
+_CONV_PLAN_BUFFERS = ("_conv_rows", "_conv_cols", "_conv_rowptr", "_chan_perm", "_chan_ptr")
 
 
 def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
@@ -92,14 +104,31 @@ class _SparseConvBase(SparseWeightBase):
             )
         self._check_dtype(x)
 
-    def _conv(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
-            padding = 0
-        return F.conv2d(x, kernel, self.bias, self.stride, padding, self.dilation, self.groups)
+    @torch.no_grad()
+    def refresh_plan(self) -> None:
+        """The base class's plan, plus the conv op's (:class:`ConvPlan`: int64 rows,
+        columns and row pointers, the entries grouped by input channel), as five more
+        non-persistent buffers, O(nnz + channels)."""
+        super().refresh_plan()
+        plan = None
+        if self.indices.device.type != "meta":
+            plan = build_conv_plan(self.indices, self.kernel_shape, self.groups)
+        tensors = (None,) * 5 if plan is None else plan.tensors()
+        for name, t in zip(_CONV_PLAN_BUFFERS, tensors, strict=True):
+            self.register_buffer(name, t, persistent=False)
+
+    def conv_plan(self) -> ConvPlan:
+        """The support's structure as the conv op takes it (:class:`ConvPlan`)."""
+        self.plan()  # eagerly, rebuilds every plan buffer if indices changed; raises on meta
+        return ConvPlan(self.kernel_shape, self.groups, self._conv_rows, self._conv_cols,
+                        self._conv_rowptr, self._chan_perm, self._chan_ptr)
+
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | str]:
+        """x padded by the non-zero padding modes (then padding 0), and the padding left."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
 
     def _make_bias(self, bias: bool, device, dtype) -> None:
         if bias:
@@ -181,15 +210,28 @@ class SparseConv2d(_SparseConvBase):
         return self.sparse_dense().view(self.kernel_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, self.to_dense())
+        self._check_input(x)
+        x, padding = self._padded(x)
+        return sparse_conv2d(x, self.values, self.indices, self.kernel_shape, self.bias,
+                             self.stride, padding, self.dilation, self.groups,
+                             plan=self.conv_plan(), backend=self._backend)
 
 
 class DCTPlusSparseConv2d(SparseConv2d):
     """Conv with kernel α·D + S: a fixed DCT offset on each patch plus a sparse S (seed 001).
 
     Arguments as :class:`SparseConv2d` plus ``alpha``/``train_alpha`` as
-    :class:`DCTPlusSparseLinear`; ``init`` defaults to "zeros". The offset is regenerated
-    in closed form at every forward (O(out·L), no FFT, never stored).
+    :class:`DCTPlusSparseLinear`; ``init`` defaults to "zeros". ``dct_order``: how a patch
+    is flattened before its DCT, "khkwc" (the public DCTpS code's, default) or "ckhkw"
+    (the F.unfold order); see the module docstring.
+
+    forward = conv2d(x, α·D + S) + bias with one F.conv2d: D, the dense offset kernel, is
+    cached in a non-persistent buffer (built in the constructor and whenever the layer is
+    moved or cast, never saved) and S scattered into it. The offset is a dense conv, so
+    the layer costs a dense conv whatever S is; running S through the direct sparse kernel
+    beside α·conv2d(x, D) measured slower (1.04× dense at 64 → 64 3×3, 1.54× depthwise,
+    against 1.00× and 1.005× folded; docs/design.md "Convolutions: the direct sparse
+    kernel").
     """
 
     _inits = ("zeros", "normal", "kaiming")
@@ -210,6 +252,7 @@ class DCTPlusSparseConv2d(SparseConv2d):
         density: float | None = None,
         alpha: float = 1.0,
         train_alpha: bool = True,
+        dct_order: str = "khkwc",
         support: str = "random",
         init: str = "zeros",
         seed: int | None = None,
@@ -223,19 +266,41 @@ class DCTPlusSparseConv2d(SparseConv2d):
             padding_mode, nnz=nnz, density=density, support=support, init=init, seed=seed,
             indices=indices, backend=backend, device=device, dtype=dtype,
         )
+        self.dct_order = check_choice("dct_order", dct_order, DCT_ORDERS)
         register_alpha(self, alpha, train_alpha)
+        self.register_buffer("_dct_kernel", self.dct_dense(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # the cached offset is recomputed, not converted: after to_empty() (meta
+        # materialisation) a converted buffer would hold garbage
+        out = super()._apply(fn, recurse)
+        if "_dct_kernel" in self._buffers:
+            self._dct_kernel = self.dct_dense()
+        return out
 
     def dct_dense(self) -> torch.Tensor:
-        """The fixed offset kernel (out, in/groups, kh, kw), without α."""
+        """The fixed offset kernel (out, in/groups, kh, kw), without α: channel o is column
+        o of dct_matrix(L, out) laid out over the patch in ``dct_order``."""
         d = dct_matrix(
             self.patch_size, self.out_channels, dtype=self.values.dtype,
             device=self.values.device,
-        )
-        return d.T.reshape(self.kernel_shape)
+        ).T  # (out, L)
+        if self.dct_order == "ckhkw":
+            return d.reshape(self.kernel_shape)
+        out, cg, kh, kw = self.kernel_shape
+        return d.reshape(out, kh, kw, cg).permute(0, 3, 1, 2).contiguous()
 
     def to_dense(self) -> torch.Tensor:
         """The effective kernel α·D + S; differentiable in α and the values."""
         return self.alpha * self.dct_dense() + self.sparse_dense().view(self.kernel_shape)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x, padding = self._padded(x)
+        kernel = self.alpha * self._dct_kernel + self.sparse_dense().view(self.kernel_shape)
+        return F.conv2d(x, kernel, self.bias, self.stride, padding, self.dilation,
+                        self.groups)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", train_alpha={isinstance(self.alpha, nn.Parameter)}"
+        return (super().extra_repr() + f", train_alpha={isinstance(self.alpha, nn.Parameter)}"
+                f", dct_order={self.dct_order!r}")

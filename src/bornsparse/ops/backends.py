@@ -28,8 +28,7 @@ OP_BACKENDS = {
     "permuted": ("reference", "numba"),
     "sparse": ("reference", "numba", "torch_sparse"),
     "dct": ("reference", "numba"),
-    # the sparse convolutions have no kernel of their own yet: "auto" is the reference
-    "conv": ("reference",),
+    "conv": ("reference", "numba"),
 }
 
 
