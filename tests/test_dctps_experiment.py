@@ -279,3 +279,19 @@ def test_born_sparse_methods_are_reproducible_per_seed(name):
     assert acc_a == acc_b
     c, _ = run_method(name, _ctx(seed=3), 0.1)
     assert not all(torch.equal(sa[k], v) for k, v in c.state_dict().items())
+
+
+def test_run_key_carries_the_conv_dct_order_the_layers_use():
+    import inspect
+
+    from bornsparse.experiments.dctps import DEFAULT_DCT_ORDER, make_config
+    from bornsparse.experiments.results_io import run_key
+    from bornsparse.nn import DCTPlusSparseConv2d
+
+    default = inspect.signature(DCTPlusSparseConv2d).parameters["dct_order"].default
+    assert default == DEFAULT_DCT_ORDER
+    cfg = make_config(dataset="digits", model="lenet5", model_kwargs={}, method="dctps",
+                      density=0.01, seed=0, train={})
+    assert cfg["dct_order"] == default
+    old = {k: v for k, v in cfg.items() if k != "dct_order"}
+    assert run_key(old) != run_key(cfg)  # records from before the field never resume as these

@@ -55,14 +55,22 @@ JACOBIAN_INPUTS = 16
 # Configurations and runs
 
 
+DEFAULT_DCT_ORDER = "khkwc"
+
+
 def make_config(
     *, dataset: str, model: str, model_kwargs: dict[str, Any], method: str,
     density: float | None, seed: int, train: dict[str, Any],
 ) -> dict[str, Any]:
-    """The JSON-serialisable configuration of one run; its hash is the resume key."""
+    """The JSON-serialisable configuration of one run; its hash is the resume key.
+
+    ``dct_order`` is the patch flattening of the DCT conv layers' offset
+    (``DCTPlusSparseConv2d``'s default): it changes the function, so runs made under another
+    order (records written before it was a field used "ckhkw") never resume as these.
+    """
     return {"experiment": "dctps", "dataset": dataset, "model": model,
             "model_kwargs": model_kwargs, "method": method, "density": density,
-            "seed": seed, "train": train}
+            "seed": seed, "train": train, "dct_order": DEFAULT_DCT_ORDER}
 
 
 def dctps_run(cfg: dict[str, Any], data_dir: str | None = None) -> dict[str, Any]:
