@@ -21,7 +21,6 @@ float32:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -32,61 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import PermutedBlockDiagonal  # noqa: E402
-from common import machine_tag, print_json_line, set_threads  # noqa: E402
+from common import machine_tag, peak_growth, print_json_line, saved_bytes, set_threads  # noqa: E402
 
 MIB = 2**20
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd saves for backward, parameters excluded."""
-    exclude = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    exclude |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
-    exclude.add(x.untyped_storage().data_ptr())  # the input exists anyway
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    del y
-    return sum(seen.values())
-
-
-def peak_growth(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int | None:
-    """Growth of peak RSS over one forward+backward, in bytes (None if unavailable)."""
-    gc.collect()
-    if not _reset_peak():
-        return None
-    base = _status_kib("VmRSS")
-    layer(x).backward(grad)
-    peak = _status_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return (peak - base) * 1024
 
 
 def measure_one(depth: int, backend: str, batch: int, n: int, width: int) -> dict[str, object]:

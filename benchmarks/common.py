@@ -7,6 +7,7 @@ JIT compilation out of the timings.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -80,3 +81,58 @@ def time_interleaved(
 
 def print_json_line(record: dict[str, object]) -> None:
     print(json.dumps(record, sort_keys=True))
+
+
+# ---- memory: peak RSS over one step (Linux /proc) and what autograd saves -----------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward, parameters excluded."""
+    exclude = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    exclude |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
+    exclude.add(x.untyped_storage().data_ptr())  # the input exists anyway
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    del y
+    return sum(seen.values())
+
+
+def peak_growth(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int | None:
+    """Growth of peak RSS over one forward+backward, in bytes (None if unavailable)."""
+    gc.collect()
+    if not _reset_peak():
+        return None
+    base = _status_kib("VmRSS")
+    layer(x).backward(grad)
+    peak = _status_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return (peak - base) * 1024
