@@ -15,7 +15,10 @@ from bornsparse.models.checkpoint import METADATA_KEY, VERSION_KEY, CheckpointEr
 from bornsparse.nn import (
     DCTPlusSparseConv2d,
     DCTPlusSparseLinear,
+    LowRankLinear,
+    MonarchLinear,
     PermutedBlockDiagonal,
+    PermutedOffsetSparseLinear,
     PermutedTanhNetwork,
     SparseConv2d,
     SparseLinear,
@@ -51,6 +54,16 @@ CASES = {
                  lambda: nn.Linear(6, 5), (3, 6)),
     "permuted_tanh": (lambda s, n: PermutedTanhNetwork(6, 5, depth=4, seed=s),
                       lambda: nn.Linear(6, 5), (3, 6)),
+    "permuted_offset": (lambda s, n: PermutedOffsetSparseLinear(7, 12, nnz=n, init="normal",
+                                                                offset_depth=3, seed=s),
+                        lambda: nn.Linear(7, 12), (3, 7)),
+    "permuted_offset_fixed_alpha": (
+        lambda s, n: PermutedOffsetSparseLinear(12, 7, nnz=n, bias=False, train_alpha=False,
+                                                offset_width=14, seed=s),
+        lambda: nn.Linear(12, 7, bias=False), (3, 12)),
+    "lowrank": (lambda s, n: LowRankLinear(12, 7, 3, seed=s), lambda: nn.Linear(12, 7), (3, 12)),
+    "monarch": (lambda s, n: MonarchLinear(12, 8, 4, bias=False, seed=s),
+                lambda: nn.Linear(12, 8, bias=False), (3, 12)),
 }
 
 
@@ -402,6 +415,34 @@ def test_bad_file_raises_and_leaves_model_unchanged(bad, target, tmp_path):
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _bad_offset_perms(ts):
+    p = ts["0.offset_perms"].clone()
+    p[2, 0] = p[2, 1]
+    ts["0.offset_perms"] = p
+
+
+@pytest.mark.parametrize("edits, message", [
+    (dict(tensors=_bad_offset_perms), r"'0.offset_perms': rows \[2\] are not perm"),
+    (dict(metadata=edit_doc(set_arg(0, "offset_depth", 4))),
+     r"tensor '0.offset_weight' must have shape \(4, 6, 2, 2\)"),
+    (dict(metadata=edit_doc(set_arg(1, "nblocks", 3))),
+     "a MonarchLinear's nblocks must divide in_features and out_features, got nblocks=3"),
+    (dict(metadata=edit_doc(set_arg(1, "monarch_layout", "transposed"))),
+     r"layers\[1\].args.monarch_layout is 'transposed'"),
+    (dict(metadata=edit_doc(set_arg(2, "rank", 2))), r"'2.u' must have shape \(4, 2\)"),
+], ids=["offset_perms", "offset_depth", "monarch_nblocks", "monarch_layout", "lowrank_rank"])
+def test_bad_structured_layer_files_raise(edits, message, tmp_path):
+    model = nn.Sequential(PermutedOffsetSparseLinear(12, 8, nnz=5, offset_depth=3, seed=0),
+                          MonarchLinear(8, 8, 2, seed=1), LowRankLinear(8, 4, 3, seed=2))
+    good = tmp_path / "good.safetensors"
+    bornsparse.save(model, good)
+    path = rewrite(good, tmp_path / "bad.safetensors", **edits)
+    fresh = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    with pytest.raises(CheckpointError, match=message):
+        bornsparse.load(fresh, path)
+    assert all(type(m) is nn.Linear for m in fresh)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a safetensors file at all", "truncated"])

@@ -10,7 +10,10 @@ from torch import nn
 from bornsparse.nn import (
     DCTPlusSparseConv2d,
     DCTPlusSparseLinear,
+    LowRankLinear,
+    MonarchLinear,
     PermutedBlockDiagonal,
+    PermutedOffsetSparseLinear,
     PermutedTanhNetwork,
     SparseConv2d,
     SparseLinear,
@@ -32,6 +35,13 @@ LAYERS = {
              (2, 3, 9, 7)),
     "dctps_conv": (lambda **k: DCTPlusSparseConv2d(4, 6, 3, stride=2, density=0.3,
                                                    init="normal", seed=7, **k), (2, 4, 11, 9)),
+    "permuted_offset": (lambda **k: PermutedOffsetSparseLinear(
+        30, 20, density=0.1, init="normal", alpha=0.8, seed=8, **k), (3, 30)),
+    # G₀ at 256 wide, even depth, batch 256: the offset takes the fused cycle walk
+    "permuted_offset_fused": (lambda **k: PermutedOffsetSparseLinear(
+        256, 256, density=1e-2, init="normal", seed=9, **k), (256, 256)),
+    "lowrank": (lambda **k: LowRankLinear(30, 20, 4, seed=10, **k), (3, 30)),
+    "monarch": (lambda **k: MonarchLinear(32, 32, 4, seed=11, **k), (3, 32)),
 }
 
 

@@ -38,6 +38,7 @@ DCT_OFFSET = "dct-ii-ortho: first out coefficients of the input zero-padded to m
 CONV_DCT_OFFSET = "dct-ii-ortho: channel o adds column o of dct_matrix(patch, out_channels)"
 PATCH_LAYOUT = "(in_channels/groups, kh, kw) row-major, as F.unfold"
 PERM_ORDER = "application order: factor 0 first"
+MONARCH_LAYOUT = "y = P_s^T L P_q R x: right (k, q, p) on x as (k, p), u[l*q + r] = z[r*k + l]"
 
 _INDEX_LIMIT = 2**31  # int32 holds every index below this
 _DTYPES = {str(d).removeprefix("torch."): d
@@ -55,17 +56,20 @@ def _nn_classes() -> dict[str, type]:
     # imported late: bornsparse.models must not pull in nn (and numba) before it is used
     from bornsparse.nn.dct_plus_sparse import DCTPlusSparseLinear
     from bornsparse.nn.permuted import PermutedBlockDiagonal, PermutedTanhNetwork
+    from bornsparse.nn.permuted_offset import PermutedOffsetSparseLinear
     from bornsparse.nn.sparse_conv import DCTPlusSparseConv2d, SparseConv2d
     from bornsparse.nn.sparse_linear import SparseLinear
+    from bornsparse.nn.structured import LowRankLinear, MonarchLinear
 
     return {c.__name__: c for c in (SparseLinear, DCTPlusSparseLinear, SparseConv2d,
                                     DCTPlusSparseConv2d, PermutedBlockDiagonal,
-                                    PermutedTanhNetwork)}
+                                    PermutedTanhNetwork, PermutedOffsetSparseLinear,
+                                    LowRankLinear, MonarchLinear)}
 
 
 @dataclass(frozen=True)
 class _Spec:
-    family: str  # "linear", "conv" or "permuted": which dense layers it may stand for
+    family: str  # "linear", "conv", "permuted" or "structured": how it is described
     sparse: bool  # values + indices (a dense "weight" tensor is never right for it)
     dct: bool
     fields: dict[str, Callable[[object], bool]]  # constructor argument -> type check
@@ -109,6 +113,8 @@ _DCT_ORDER_BEFORE_FIELD = "ckhkw"
 _PERMUTED = {"in_features": _is_int, "out_features": _is_int, "width": _is_int,
              "depth": _is_int, "block_size": lambda v: _is_int(v, 2), "dtype": _is_dtype,
              "perm_order": _is_str}
+_STRUCTURED = {"in_features": _is_int, "out_features": _is_int, "bias": _is_bool,
+               "dtype": _is_dtype}
 
 _SPECS = {
     "SparseLinear": _Spec("linear", True, False, _LINEAR),
@@ -118,9 +124,18 @@ _SPECS = {
                                                       "dct_order": _DCT_ORDERS.__contains__}),
     "PermutedBlockDiagonal": _Spec("permuted", False, False, {**_PERMUTED, "bias": _is_bool}),
     "PermutedTanhNetwork": _Spec("permuted", False, False, _PERMUTED),
+    # S as a sparse linear layer's; the fixed offset G₀ as its blocks and permutations
+    "PermutedOffsetSparseLinear": _Spec("linear", True, False, {
+        **_LINEAR, "train_alpha": _is_bool, "offset_depth": _is_int,
+        "offset_width": lambda v: _is_int(v, 2), "perm_order": _is_str}),
+    # plain-torch baselines: constructor arguments, then their whole state_dict
+    "LowRankLinear": _Spec("structured", False, False, {**_STRUCTURED, "rank": _is_int}),
+    "MonarchLinear": _Spec("structured", False, False, {
+        **_STRUCTURED, "nblocks": _is_int, "monarch_layout": _is_str}),
 }
 # the fixed conventions each format-1 field must hold
-_CONSTANTS = {"patch_layout": PATCH_LAYOUT, "perm_order": PERM_ORDER}
+_CONSTANTS = {"patch_layout": PATCH_LAYOUT, "perm_order": PERM_ORDER,
+              "monarch_layout": MONARCH_LAYOUT}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -137,6 +152,15 @@ def _describe(layer: nn.Module) -> dict:
                     dtype=_dtype_name(layer.weight.dtype), perm_order=PERM_ORDER)
         if cls == "PermutedBlockDiagonal":
             args["bias"] = layer.bias is not None
+        return args
+    if spec.family == "structured":
+        args = dict(in_features=layer.in_features, out_features=layer.out_features,
+                    bias=layer.bias is not None,
+                    dtype=_dtype_name(next(iter(layer.parameters())).dtype))
+        if cls == "LowRankLinear":
+            args["rank"] = layer.rank
+        else:
+            args.update(nblocks=layer.nblocks, monarch_layout=MONARCH_LAYOUT)
         return args
     common = dict(nnz=layer.nnz, bias=layer.bias is not None,
                   # support= does not change the function; kept so a rebuilt layer reads alike
@@ -155,6 +179,10 @@ def _describe(layer: nn.Module) -> dict:
         args["offset"] = DCT_OFFSET if spec.family == "linear" else CONV_DCT_OFFSET
         if spec.family == "conv":
             args["dct_order"] = layer.dct_order
+    if cls == "PermutedOffsetSparseLinear":
+        args.update(train_alpha=isinstance(layer.alpha, nn.Parameter),
+                    offset_depth=layer.offset_depth, offset_width=layer.offset_width,
+                    perm_order=PERM_ORDER)
     return args
 
 
@@ -169,12 +197,32 @@ def _expected_tensors(cls: str, a: dict) -> dict[str, tuple[tuple[int, ...], str
         elif a["bias"]:
             out["bias"] = ((a["out_features"],), "float")
         return out
+    if spec.family == "structured":
+        n_in, n_out = a["in_features"], a["out_features"]
+        if cls == "LowRankLinear":
+            out = {"u": ((n_out, a["rank"]), "float"), "v": ((n_in, a["rank"]), "float")}
+        else:
+            k = a["nblocks"]
+            if n_in % k or n_out % k:
+                raise CheckpointError(
+                    f"a MonarchLinear's nblocks must divide in_features and out_features, "
+                    f"got nblocks={k} for {n_in} -> {n_out}"
+                )
+            q = min(n_in, n_out) // k
+            out = {"right": ((k, q, n_in // k), "float"), "left": ((k, n_out // k, q), "float")}
+        if a["bias"]:
+            out["bias"] = ((n_out,), "float")
+        return out
     out = {"values": ((a["nnz"],), "float"), "indices": ((2, a["nnz"]), "index")}
     if a["bias"]:
         rows = a["out_features"] if spec.family == "linear" else a["out_channels"]
         out["bias"] = ((rows,), "float")
     if spec.dct:
         out["alpha"] = ((), "float")
+    if cls == "PermutedOffsetSparseLinear":
+        d, w = a["offset_depth"], a["offset_width"]
+        out.update(alpha=((), "float"), offset_weight=((d, w // 2, 2, 2), "float"),
+                   offset_perms=((d, w), "index"))
     return out
 
 
@@ -512,6 +560,11 @@ def _build(cls: str, args: dict, t: dict[str, torch.Tensor], device: torch.devic
         if cls == "PermutedBlockDiagonal":
             kw["bias"] = args["bias"]
         layer = klass(args["in_features"], args["out_features"], **kw)
+    elif spec.family == "structured":
+        size = args["rank"] if cls == "LowRankLinear" else args["nblocks"]
+        # seed: the drawn factors are overwritten
+        layer = klass(args["in_features"], args["out_features"], size, bias=args["bias"],
+                      seed=0, **common)
     else:
         kw = dict(bias=args["bias"], support=args["support"], init="zeros", seed=0,
                   indices=t["indices"].to(torch.int64), **common)
@@ -519,6 +572,9 @@ def _build(cls: str, args: dict, t: dict[str, torch.Tensor], device: torch.devic
             kw["train_alpha"] = args["train_alpha"]
             if spec.family == "conv":
                 kw["dct_order"] = args["dct_order"]
+        if cls == "PermutedOffsetSparseLinear":
+            kw.update(train_alpha=args["train_alpha"], offset_depth=args["offset_depth"],
+                      offset_width=args["offset_width"])
         if spec.family == "linear":
             layer = klass(args["in_features"], args["out_features"], **kw)
         else:
@@ -607,7 +663,7 @@ def load(
             _check_tensor(key, t, shape, role, dtype)
             if k == "indices":
                 _check_support(key, t.to(torch.int64), _dense_shape(cls, args))
-            elif k == "perms":
+            elif k in ("perms", "offset_perms"):
                 _check_perms(key, t.to(torch.int64))
             own[k] = t
         new = _build(cls, args, own, device)

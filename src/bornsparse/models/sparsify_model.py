@@ -2,8 +2,9 @@
 
 The budget density·(Σ dense weights of the chosen layers) is split across them by
 bornsparse.sparsity.allocate_nnz; each layer is rebuilt on a fresh random support (the
-DCTpS recipe: no dense training first) and keeps the original layer's bias Parameter,
-device and dtype. Finding, filtering, building and swapping the layers is
+DCTpS recipe: no dense training first), or for the structured kinds as a permuted operator
+of about its share of weights, and keeps the original layer's bias Parameter, device and
+dtype. Finding, filtering, building and swapping the layers is
 bornsparse.sparsity.swap's (shared with pruning at init, IMP and RigL/SET); this module adds
 the budget, the seeds and the report. The swap happens in place; the returned
 :class:`SparsifyReport` lists what was stored before and after.
@@ -13,23 +14,33 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from bornsparse._checks import check_positive_int
 from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 from bornsparse.sparsity.swap import (
     LAYER_KINDS,
+    STRUCTURED_KINDS,
     Selector,
     default_device,
     dense_targets,
     has_meta,
     materialize_meta,
     swap_in_sparse_layers,
+    swap_in_structured_layers,
 )
 
-KINDS = LAYER_KINDS  # "sparse", "dctps": the layer kinds of sparsity.swap
+# "sparse", "dctps" (a support per layer, shared with sparsity/), "permuted",
+# "permuted_offset" (nn.Linear only)
+KINDS = LAYER_KINDS + STRUCTURED_KINDS
+# the keyword arguments of PermutedBlockDiagonal.from_dense that fit= may set (depth and
+# seed are sparsify's)
+FIT_OPTIONS = ("steps", "lr", "batch_size", "penalty", "progress")
 
 
 @dataclass(frozen=True)
@@ -38,9 +49,10 @@ class LayerReport:
     replaced: str  # class name of the original layer
     now: str  # class name of the sparse layer
     shape: tuple[int, ...]  # dense weight shape
-    nnz: int
+    nnz: int  # trainable weights of the new layer, bias and α not counted
     stored_bytes: int  # the new layer's state_dict
     dense_bytes: int  # the original layer's state_dict
+    detail: str = ""  # structured kinds: what the layer got ("depth 12", fit error, ...)
 
     @property
     def numel(self) -> int:
@@ -70,6 +82,8 @@ class SparsifyReport:
     layers: list[LayerReport] = field(default_factory=list)
     dense_model_bytes: int = 0
     sparse_model_bytes: int = 0
+    # selected layers the kind has no layer for (convolutions for the structured kinds)
+    left_dense: list[str] = field(default_factory=list)
 
     @property
     def total_nnz(self) -> int:
@@ -97,6 +111,10 @@ class SparsifyReport:
         rows.append(("total", "", "", "", str(self.total_nnz),
                      f"{self.total_nnz / max(1, self.total_dense_weights):.3g}",
                      _human(self.stored_bytes), _human(self.dense_bytes)))
+        if any(r.detail for r in self.layers):
+            head = (*head, "layer got")
+            details = [r.detail for r in self.layers] + [""]
+            rows = [(*row, d) for row, d in zip(rows, details, strict=True)]
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
         lines = [f"sparsify(kind={self.kind!r}, density={self.density:g}, "
                  f"distribution={self.distribution!r})"]
@@ -104,6 +122,9 @@ class SparsifyReport:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
             if j == 0 or j == len(rows) - 1:
                 lines.append("  ".join("-" * w for w in widths))
+        if self.left_dense:
+            lines.append(f"left dense (kind {self.kind!r} has no layer for them): "
+                         + ", ".join(self.left_dense))
         lines.append(f"model state: {_human(self.sparse_model_bytes)} "
                      f"(dense model: {_human(self.dense_model_bytes)})")
         return "\n".join(lines)
@@ -130,6 +151,8 @@ def sparsify(
     exclude: Selector = None,
     seed: int | None = None,
     device: torch.device | str | None = None,
+    offset_depth: int | None = None,
+    fit: bool | Mapping[str, Any] = False,
     method: str | None = None,
 ) -> SparsifyReport:
     """Replace ``model``'s nn.Linear and nn.Conv2d layers in place; return a report.
@@ -142,6 +165,18 @@ def sparsify(
     entries per output row). ``include``/``exclude``: glob patterns on qualified module
     names (e.g. "features.*"), or a callable (name, module) -> bool. ``seed`` fixes every
     layer's support and values.
+
+    Structured kinds (nn.Linear only; selected convolutions are left as they are and
+    listed in ``report.left_dense``, and the budget is shared among the linear layers):
+    "permuted" makes each a :class:`~bornsparse.nn.PermutedBlockDiagonal` (2×2 blocks,
+    width 2·max(in, out)) whose depth · width · 2 weights come closest to its share of the
+    budget (depth >= 1, so a share below one factor gets one); ``fit=True`` (or a dict of
+    ``from_dense``'s keyword arguments among :data:`FIT_OPTIONS`) fits each to the dense
+    weight it replaces (:meth:`PermutedBlockDiagonal.from_dense`, a real weight needed)
+    instead of drawing it, on the same permutations. "permuted_offset" makes each a
+    :class:`~bornsparse.nn.PermutedOffsetSparseLinear` with its share as the nnz of S and
+    an offset of ``offset_depth`` factors (default 2·⌈log2 n⌉, n = max(in, out) rounded up
+    to even). The report's ``detail`` says what each layer got (depth, fit error).
 
     Born sparse: ``model`` may be built on the meta device (``with torch.device("meta"):``),
     so no dense weight is ever allocated; the sparse layers are built on ``device`` from the
@@ -168,6 +203,12 @@ def sparsify(
     support = support_layout(distribution)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    fit_options = _check_fit(fit, kind)
+    if offset_depth is not None:
+        if kind != "permuted_offset":
+            raise ValueError(f"offset_depth is an option of kind='permuted_offset', got "
+                             f"kind={kind!r} with offset_depth={offset_depth!r}")
+        offset_depth = check_positive_int("offset_depth", offset_depth)
 
     meta = has_meta(model)
     # a dense model keeps each layer's own device unless one is asked for
@@ -176,6 +217,15 @@ def sparsify(
     if device.type == "meta":
         raise ValueError(f"device must be a real device, not the meta device, got {device}")
     layers = dense_targets(model, include=include, exclude=exclude, allow_meta=meta)
+    left_dense = []
+    if kind in STRUCTURED_KINDS:
+        left_dense = [name for name, m in layers if type(m) is not nn.Linear]
+        layers = [(name, m) for name, m in layers if type(m) is nn.Linear]
+        if not layers:
+            raise ValueError(
+                f"kind={kind!r} replaces nn.Linear layers only, and the selected layers are "
+                f"all convolutions: {left_dense}"
+            )
     dense_model_bytes = _state_bytes(model)
     counts = allocate_nnz([tuple(m.weight.shape) for _, m in layers], density, distribution)
     gen = torch.Generator()
@@ -185,24 +235,64 @@ def sparsify(
         gen.manual_seed(seed)
     seeds = torch.randint(2**62, (len(layers),), generator=gen).tolist()
     names = [name for name, _ in layers]
-    new = swap_in_sparse_layers(
-        model, dict(zip(names, counts, strict=True)), kind=kind, support=support,
-        seeds=dict(zip(names, seeds, strict=True)),
-        device=None if keep_devices else device,
-    )
+    if kind in STRUCTURED_KINDS:
+        new = swap_in_structured_layers(
+            model, dict(zip(names, counts, strict=True)), kind=kind,
+            seeds=dict(zip(names, seeds, strict=True)),
+            device=None if keep_devices else device, offset_depth=offset_depth,
+            fit=fit_options,
+        )
+    else:
+        new = swap_in_sparse_layers(
+            model, dict(zip(names, counts, strict=True)), kind=kind, support=support,
+            seeds=dict(zip(names, seeds, strict=True)),
+            device=None if keep_devices else device,
+        )
     if meta:
         # drawn after the layer seeds, so the dense path's stream is untouched
         rest_seed = int(torch.randint(2**62, (), generator=gen))
         materialize_meta(model, device, seed=rest_seed if seed is not None else None)
     report = SparsifyReport(
         kind=kind, distribution=distribution, density=float(density),
-        dense_model_bytes=dense_model_bytes,
+        dense_model_bytes=dense_model_bytes, left_dense=left_dense,
     )
-    for name, old in layers:
+    for (name, old), budget in zip(layers, counts, strict=True):
         report.layers.append(LayerReport(
             name=name, replaced=type(old).__name__, now=type(new[name]).__name__,
-            shape=tuple(old.weight.shape), nnz=new[name].nnz,
+            shape=tuple(old.weight.shape), nnz=_trainable_weights(new[name]),
             stored_bytes=_state_bytes(new[name]), dense_bytes=_state_bytes(old),
+            detail=_detail(new[name], budget) if kind in STRUCTURED_KINDS else "",
         ))
     report.sparse_model_bytes = _state_bytes(model)
     return report
+
+
+def _check_fit(fit: object, kind: str) -> dict[str, Any] | None:
+    """``fit`` as from_dense's keyword arguments, or None for no fit."""
+    if fit is False:
+        return None
+    if kind != "permuted":
+        raise ValueError(f"fit is an option of kind='permuted', got kind={kind!r} with "
+                         f"fit={fit!r}")
+    if fit is True:
+        return {}
+    if not isinstance(fit, Mapping) or not set(fit) <= set(FIT_OPTIONS):
+        raise ValueError(
+            f"fit must be a bool or a dict with keys among {FIT_OPTIONS}, got {fit!r}"
+        )
+    return dict(fit)
+
+
+def _trainable_weights(layer: nn.Module) -> int:
+    """The weights a layer trains, not counting bias and α: the sparse layers' nnz, the
+    permuted operator's blocks."""
+    return layer.nnz if hasattr(layer, "nnz") else layer.weight.numel()
+
+
+def _detail(layer: nn.Module, budget: int) -> str:
+    if hasattr(layer, "offset_depth"):
+        return f"S nnz {layer.nnz}, offset depth {layer.offset_depth} × width {layer.offset_width}"
+    text = f"depth {layer.depth} × width {layer.width} (budget {budget})"
+    if hasattr(layer, "fit_error"):
+        text += f", fit error {layer.fit_error:.3g}"
+    return text

@@ -9,6 +9,9 @@ _TABLE = {
     "DCTPlusSparseLinear": "dct_plus_sparse",
     "SparseConv2d": "sparse_conv",
     "DCTPlusSparseConv2d": "sparse_conv",
+    "PermutedOffsetSparseLinear": "permuted_offset",
+    "LowRankLinear": "structured",
+    "MonarchLinear": "structured",
 }
 __all__ = sorted(_TABLE)
 __getattr__, __dir__ = lazy_module(__name__, _TABLE)

@@ -175,6 +175,62 @@ class PermutedBlockDiagonal(_PermutedBase):
             y = y + self.bias
         return y
 
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        *,
+        depth: int | None = None,
+        width: int | None = None,
+        block_size: int = 2,
+        steps: int = 2000,
+        lr: float = 1e-2,
+        batch_size: int = 64,
+        penalty: float = 1.0,
+        seed: int | None = None,
+        progress: bool = True,
+        backend: str = "auto",
+    ) -> PermutedBlockDiagonal:
+        """A bias-free layer whose ``to_dense()`` approximates ``weight``, fitted by training.
+
+        ``weight``: (out_features, in_features), as ``nn.Linear.weight``; the layer gets its
+        device and dtype. ``depth``/``width``/``block_size``/``backend`` as the constructor
+        (defaults: 2·max(in, out) wide, 2·⌈log_k(width)⌉ deep). The blocks are trained by
+        the operator-learning objective (random Gaussian inputs, Adam at ``lr``, the
+        orthogonality penalty's schedule scaled by ``penalty``, ``steps`` steps of
+        ``batch_size`` inputs; see :mod:`bornsparse.nn.fit`), with a tqdm bar unless
+        ``progress=False``. ``seed`` fixes the permutations, the start and the inputs.
+        The penalty biases the fit towards orthogonal blocks: ``penalty=0`` fits a matrix
+        whose factors are far from orthogonal more closely.
+
+        Returns the layer; its attribute ``fit_error`` (a float, not part of the state_dict)
+        is the relative Frobenius error ‖to_dense() − weight‖_F / ‖weight‖_F. The
+        permutations stay the random ones drawn from ``seed``: only the blocks are fitted,
+        so how close it gets depends on the depth and on how much structure ``weight`` has
+        (``depth · width · block_size`` parameters against its out·in entries).
+        """
+        from bornsparse.nn.fit import fit_operator_
+
+        check_float_tensor("weight", weight)
+        if weight.dim() != 2:
+            raise ValueError(
+                f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+            )
+        if weight.device.type == "meta":
+            raise ValueError("weight is on the meta device: from_dense needs its values")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("weight must be finite, got NaN or infinite entries")
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features, out_features, width=width, depth=depth, block_size=block_size,
+            seed=seed, backend=backend, device=weight.device, dtype=weight.dtype,
+        )
+        layer.fit_error = fit_operator_(
+            layer, weight, steps=steps, lr=lr, batch_size=batch_size, penalty=penalty,
+            seed=seed, progress=progress,
+        )
+        return layer
+
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The (out_features, in_features) matrix W with forward(x) == x @ W.T (+ bias)."""

@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 LAYER_KINDS = ("sparse", "dctps")
+# layer kinds that only models.sparsify builds: G(θ) has no support to score, prune or
+# regrow, and the permuted offset layer is left out of the support methods
+STRUCTURED_KINDS = ("permuted", "permuted_offset")
 
 Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 """Which layers to take: glob pattern(s) on the qualified module name ("features.*"), or a
@@ -42,6 +45,12 @@ def sparse_layer_types() -> tuple[type, ...]:
 
 
 def check_kind(kind: object) -> str:
+    """``kind`` if it is one of :data:`LAYER_KINDS` (the kinds with a support), else raise."""
+    if kind in STRUCTURED_KINDS:
+        raise ValueError(
+            f"kind={kind!r} is a layer kind of bornsparse.sparsify only (no support to score, "
+            f"prune or regrow); pruning at init, IMP and RigL/SET take kind in {LAYER_KINDS}"
+        )
     if kind not in LAYER_KINDS:
         raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
     return str(kind)
@@ -225,15 +234,89 @@ def make_sparse_layer(
             values = weight_matrix(module).detach()[indices[0], indices[1]]
         new = cls.from_indices(*args, indices.to(device), _copy(values, device), **common)
     if has_bias:
-        b = module.bias
-        if b.device.type == "meta":
-            new.bias = nn.Parameter(_default_bias(b, dense_shape(module)[1], seed, device),
-                                    requires_grad=b.requires_grad)
-        elif b.device == device:
-            # the same Parameter object, so an optimizer built on the dense model still holds it
-            new.bias = b
+        _take_bias(module, new, seed, device)
+    new.train(module.training)
+    return new
+
+
+def _take_bias(module: nn.Module, new: nn.Module, seed: int | None, device: torch.device) -> None:
+    """Give ``new`` the dense ``module``'s bias: the same Parameter where it can (an
+    optimizer built on the dense model still holds it), a copy on another device, or for a
+    meta bias nn.Linear/nn.Conv2d's default init drawn from ``seed``."""
+    b = module.bias
+    if b.device.type == "meta":
+        new.bias = nn.Parameter(_default_bias(b, dense_shape(module)[1], seed, device),
+                                requires_grad=b.requires_grad)
+    elif b.device == device:
+        new.bias = b
+    else:
+        new.bias = nn.Parameter(b.detach().to(device), requires_grad=b.requires_grad)
+
+
+def permuted_depth(budget: int, width: int, block_size: int = 2) -> int:
+    """The depth whose depth · width · block_size weights come closest to ``budget`` (>= 1)."""
+    per_factor = width * block_size
+    return max(1, math.floor(budget / per_factor + 0.5))
+
+
+def make_structured_layer(
+    module: nn.Module,
+    kind: str,
+    *,
+    budget: int,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    offset_depth: int | None = None,
+    fit: Mapping[str, object] | None = None,
+) -> nn.Module:
+    """A layer of a :data:`STRUCTURED_KINDS` kind for the dense ``nn.Linear`` ``module``.
+
+    ``budget``: trainable weights to aim for (the bias comes on top, as for the sparse
+    kinds). "permuted": a :class:`~bornsparse.nn.PermutedBlockDiagonal` with 2×2 blocks, the
+    default width 2·max(in, out) and the depth of :func:`permuted_depth`; drawn from
+    ``seed``, or with ``fit`` (keyword arguments of ``PermutedBlockDiagonal.from_dense``)
+    fitted to the dense weight, which must then be real. "permuted_offset": a
+    :class:`~bornsparse.nn.PermutedOffsetSparseLinear` with ``budget`` entries in S and an
+    offset of ``offset_depth`` factors (None: its default). The bias is taken as in
+    :func:`make_sparse_layer`; ``device`` as there (default: the dense weight's, needed
+    for a meta ``module``). Device and dtype are the dense layer's, and so is train/eval.
+    """
+    if kind not in STRUCTURED_KINDS:
+        raise ValueError(f"kind must be one of {STRUCTURED_KINDS}, got {kind!r}")
+    if type(module) is not nn.Linear:
+        raise TypeError(f"kind={kind!r} replaces nn.Linear layers only, got "
+                        f"{type(module).__name__}")
+    w = module.weight
+    device = w.device if device is None else torch.device(device)
+    if device.type == "meta":
+        raise ValueError(f"make_structured_layer needs a real device, got device={device}")
+    has_bias = module.bias is not None
+    shape = dict(in_features=module.in_features, out_features=module.out_features)
+    if kind == "permuted":
+        from bornsparse.nn.permuted import PermutedBlockDiagonal, default_width
+
+        depth = permuted_depth(budget, default_width(module.in_features, module.out_features, 2))
+        if fit is None:
+            new = PermutedBlockDiagonal(**shape, depth=depth, bias=has_bias, seed=seed,
+                                        device=device, dtype=w.dtype)
         else:
-            new.bias = nn.Parameter(b.detach().to(device), requires_grad=b.requires_grad)
+            if w.device.type == "meta":
+                raise ValueError(
+                    "fit needs the dense weights, but the layer's weight is on the meta "
+                    "device; build the model on a real device, or pass fit=False"
+                )
+            # the same seed as the unfitted path: the same permutations, fitted blocks;
+            # bias-free, the bias Parameter is put in below
+            new = PermutedBlockDiagonal.from_dense(w.detach(), depth=depth, seed=seed,
+                                                   **fit).to(device)
+    else:
+        from bornsparse.nn.permuted_offset import PermutedOffsetSparseLinear
+
+        new = PermutedOffsetSparseLinear(**shape, nnz=budget, offset_depth=offset_depth,
+                                         bias=has_bias, seed=seed, device=device,
+                                         dtype=w.dtype)
+    if has_bias:
+        _take_bias(module, new, seed, device)
     new.train(module.training)
     return new
 
@@ -371,8 +454,39 @@ def swap_in_sparse_layers(
         else:
             new = make_sparse_layer(old, kind=kind, nnz=sup, seed=seed, support=support,
                                     device=device)
-        for parent_name, attr in places[id(old)]:
-            setattr(model.get_submodule(parent_name), attr, new)
+        _put(model, places[id(old)], new)
+        new_layers[name] = new
+    return new_layers
+
+
+def _put(model: nn.Module, places: list[tuple[str, str]], new: nn.Module) -> None:
+    for parent_name, attr in places:
+        setattr(model.get_submodule(parent_name), attr, new)
+
+
+def swap_in_structured_layers(
+    model: nn.Module,
+    budgets: Mapping[str, int],
+    *,
+    kind: str,
+    seeds: Mapping[str, int] | None = None,
+    device: torch.device | str | None = None,
+    offset_depth: int | None = None,
+    fit: Mapping[str, object] | None = None,
+) -> dict[str, nn.Module]:
+    """Replace each ``nn.Linear`` named in ``budgets`` (name -> trainable weights) by a
+    :func:`make_structured_layer` layer, at every place it is reachable; one at a time.
+    Returns name -> new layer."""
+    places = _places(model)
+    new_layers = {}
+    for name, budget in budgets.items():
+        old = model.get_submodule(name)
+        if id(old) not in places:
+            raise ValueError(f"budgets must name submodules of model, got {name!r}")
+        seed = None if seeds is None else seeds.get(name)
+        new = make_structured_layer(old, kind, budget=budget, seed=seed, device=device,
+                                    offset_depth=offset_depth, fit=fit)
+        _put(model, places[id(old)], new)
         new_layers[name] = new
     return new_layers
 

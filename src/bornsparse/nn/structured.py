@@ -1,0 +1,181 @@
+"""Structured dense-replacement baselines: low rank (U Vᵀ) and Monarch, in plain PyTorch.
+
+They are what the permuted operator G(θ) and the DCTpS layers are compared against at equal
+parameter counts, so they are written from their definitions with matmul / bmm only (no
+custom op): easy to check against their dense matrices, and any device, dtype or order of
+derivative works. Both start with nn.Linear's output scale: for inputs of unit variance each
+output has variance 1/3 (nn.Linear's U(±1/√in) weights), and the bias is nn.Linear's
+U(±1/√in).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bornsparse._checks import check_float_tensor, check_positive_int
+from bornsparse._random import make_generator
+
+
+def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator,
+             dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Parameter:
+    # drawn in float64 on the CPU so a seed gives the same start on every device and dtype
+    t = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a real floating torch.dtype, got {dtype!r}")
+    return nn.Parameter(t.to(device=device, dtype=dtype))
+
+
+class _StructuredLinear(nn.Module):
+    """Shape checks, bias and repr shared by the two layers."""
+
+    in_features: int
+    out_features: int
+
+    def _init_bias(self, bias: object, gen: torch.Generator, dtype, device) -> None:
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        if bias:
+            self.bias = _uniform((self.out_features,), 1 / math.sqrt(self.in_features), gen,
+                                 dtype, device)
+        else:
+            self.register_parameter("bias", None)
+
+    def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        check_float_tensor("input", x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        if x.dtype != dtype:
+            raise TypeError(f"input must have the layer's dtype {dtype}, got {x.dtype}")
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
+
+
+class LowRankLinear(_StructuredLinear):
+    """y = x (U Vᵀ)ᵀ + b = (x V) Uᵀ + b with U (out_features, rank) and V (in_features, rank).
+
+    Parameters: rank · (in_features + out_features), plus out_features for the bias.
+    ``rank`` at most min(in_features, out_features) (a larger one adds parameters, not
+    expressiveness). Init: V ~ U(±1/√in), U ~ U(±√(3/rank)), so every entry of U Vᵀ has
+    nn.Linear's weight variance 1/(3·in); ``seed`` fixes U, V and the bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = True,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.rank = check_positive_int("rank", rank)
+        if self.rank > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"rank must be at most min(in_features, out_features) = "
+                f"{min(self.in_features, self.out_features)}, got {rank}"
+            )
+        gen = make_generator(seed)
+        self.v = _uniform((self.in_features, self.rank), 1 / math.sqrt(self.in_features),
+                          gen, dtype, device)
+        self.u = _uniform((self.out_features, self.rank), math.sqrt(3 / self.rank), gen,
+                          dtype, device)
+        self._init_bias(bias, gen, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, self.u.dtype)
+        return self._add_bias((x @ self.v) @ self.u.T)
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) weight U Vᵀ, with forward(x) = x Wᵀ + b;
+        differentiable in U and V."""
+        return self.u @ self.v.T
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+class MonarchLinear(_StructuredLinear):
+    """y = Pₛᵀ L P_q R x + b, the Monarch matrix of Dao et al. (ICML 2022) with ``nblocks``
+    blocks per factor.
+
+    With k = ``nblocks`` (dividing in_features and out_features), p = in/k,
+    m = min(in, out), q = m/k and s = out/k:
+
+    * R = diag(R_1, …, R_k), blocks q×p (``right``, shape (k, q, p)), on x seen as (k, p);
+    * P_q: the stride permutation of the m outputs of R, z ↦ u with u[l·q + r] = z[r·k + l]
+      (block l of the next factor reads every k-th entry, starting at l);
+    * L = diag(L_1, …, L_k), blocks s×q (``left``, shape (k, s, q));
+    * Pₛᵀ: y[t·k + l] = (L P_q R x)[l·s + t], the inverse stride permutation.
+
+    For a square n × n layer with k = √n this is the paper's M = P L Pᵀ R (P an involution
+    there); for other k it is the block layout of the authors' reference code
+    (``blockdiag_butterfly_multiply`` in HazyResearch/fly). Parameters:
+    m · (in + out) / k (2n²/k when square), plus out_features for the bias. Init: R ~
+    U(±1/√p), L ~ U(±√(3/q)), so each output has nn.Linear's variance (1/3 for inputs of
+    unit variance); ``seed`` fixes both factors and the bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        nblocks: int,
+        *,
+        bias: bool = True,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.nblocks = check_positive_int("nblocks", nblocks)
+        for name, n in (("in_features", self.in_features), ("out_features", self.out_features)):
+            if n % self.nblocks:
+                raise ValueError(f"nblocks must divide {name} = {n}, got nblocks={nblocks}")
+        k = self.nblocks
+        p, q = self.in_features // k, min(self.in_features, self.out_features) // k
+        s = self.out_features // k
+        gen = make_generator(seed)
+        self.right = _uniform((k, q, p), 1 / math.sqrt(p), gen, dtype, device)
+        self.left = _uniform((k, s, q), math.sqrt(3 / q), gen, dtype, device)
+        self._init_bias(bias, gen, dtype, device)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """M x for the rows of x2 (batch, in) -> (batch, out), without the bias."""
+        k, q, p = self.right.shape
+        s = self.left.shape[1]
+        batch = x2.shape[0]
+        h = torch.bmm(x2.reshape(batch, k, p).transpose(0, 1), self.right.transpose(1, 2))
+        # h is (k, batch, q); flat index b·q + i of R x, read as (r, l) with index r·k + l
+        u = h.transpose(0, 1).reshape(batch, q, k).permute(2, 0, 1)  # (k, batch, q)
+        o = torch.bmm(u, self.left.transpose(1, 2))  # (k, batch, s)
+        return o.permute(1, 2, 0).reshape(batch, s * k)  # y[t·k + l] = o[l, :, t]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, self.right.dtype)
+        y = self._matmul(x.reshape(-1, self.in_features))
+        return self._add_bias(y.reshape(*x.shape[:-1], self.out_features))
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) Monarch matrix M, with forward(x) = x Mᵀ + b;
+        differentiable in both factors."""
+        eye = torch.eye(self.in_features, dtype=self.right.dtype, device=self.right.device)
+        return self._matmul(eye).T
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"nblocks={self.nblocks}, bias={self.bias is not None}")
