@@ -440,19 +440,22 @@ def _backward_pair(act, gbuf, w1, w2, st, tmp, gw1, gw2, ts):
 @numba.njit(**_JIT)
 def backward_tiles(z, weight, sched, final_loc, grad_out, grad_x, gw, tile, c, nchunks):
     """Backward of tiles c, c + nchunks, ...: their rows of grad_x (batch, n_in), and gw
-    (depth, width // 2, 2, 2) set to the weight gradient summed over those tiles. The
-    walk runs in place in z's slabs, which end up holding the rebuilt inputs: z can serve
-    one backward only (the caller recomputes for any further one)."""
+    (depth, width // 2, 2, 2) set to the weight gradient summed over those tiles. z is
+    left unchanged: each slab is first copied into a per-thread buffer, where the walk
+    rebuilds the inputs in place. The copy leaves the slab in L2 for the walk's first pass,
+    so it costs about nothing, where a copy of all of z before the kernel (so that a
+    retained graph can run backward twice) measured ~0.1 ms at batch 256, width 2048."""
     batch, n_in = grad_x.shape
     width = 2 * weight.shape[1]
     n_out = grad_out.shape[1]
     gbuf = np.empty((width, tile), dtype=z.dtype)
+    act = np.empty((width, tile), dtype=z.dtype)
     tmp = np.empty((8, tile), dtype=z.dtype)
     gw[:] = 0
     for it in range(c, (batch + tile - 1) // tile, nchunks):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        act = z[it]
+        act[:, :] = z[it]
         for i in range(n_out, width):  # rows the output slice dropped get no gradient
             gbuf[final_loc[i], :ts] = 0
         _load_tile_scattered(grad_out, s0, ts, final_loc, gbuf)

@@ -198,10 +198,15 @@ def _fused_setup(ctx, inputs, output):
     x, alpha, values, bias, *plan = inputs
     ctx.save_for_backward(x, output[1], alpha, values, *plan)
     ctx.mark_non_differentiable(output[1])
+    # no zero-filled gradient for that saved-for-backward output (it is batch-sized): the
+    # backward gets None for it, and for the main output when nothing used it
+    ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_out, _grad_x_ts):
     x, x_ts, alpha, values, *plan = ctx.saved_tensors
+    if grad_out is None:  # the layer's output itself was not used
+        return (None,) * (4 + len(plan))
     need = ctx.needs_input_grad[:4]
     grads = torch.ops.bornsparse.dct_sparse_affine_backward(
         grad_out, x, x_ts, alpha, values, *plan, *need

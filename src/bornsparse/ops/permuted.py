@@ -300,8 +300,9 @@ def _permuted_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight) of ``permuted_block_diagonal``. With a kept ``final``
     (non-empty) and blocks still well conditioned, activations are rebuilt through the
-    blocks' inverses in a copy of ``final`` (the op leaves its inputs unchanged, so a
-    retained graph can run backward twice); otherwise they are recomputed from ``x``."""
+    blocks' inverses (the kernel copies each slab of ``final`` into a per-thread buffer
+    first, so the op leaves its inputs unchanged and a retained graph can run backward
+    twice); otherwise they are recomputed from ``x``."""
     from bornsparse.ops._parallel import launch
     from bornsparse.ops._permuted_numba import _backward_body
 
@@ -312,7 +313,7 @@ def _permuted_backward_op(
     grad_out = grad_out.contiguous()
     batch, n_in = x.shape
     if final.numel() and cycle_tile and inverse_backward_is_safe(weight):
-        return _cycle_backward(final.clone(), weight, perms, grad_out, batch, n_in, cycle_tile)
+        return _cycle_backward(final, weight, perms, grad_out, batch, n_in, cycle_tile)
     tile, nchunks = _plan(max(batch, 1), BACKWARD_TILE)
     grad_x = torch.empty_like(x)
     partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
@@ -336,7 +337,7 @@ def _(grad_out, x, weight, perms, final, cycle_tile):
 
 def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor,
                     grad_out: torch.Tensor, batch: int, n_in: int, tile: int):
-    """Backward through the blocks' inverses from the final activation (overwritten)."""
+    """Backward through the blocks' inverses from the final activation (left unchanged)."""
     from bornsparse.ops._parallel import launch
     from bornsparse.ops._permuted_cycles import _backward_body
 
@@ -368,9 +369,14 @@ def _permuted_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, perms, output[1])
     ctx.cycle_tile = cycle_tile
     ctx.mark_non_differentiable(output[1])
+    # no zero-filled gradient for that saved-for-backward output (it is batch-sized): the
+    # backward gets None for it, and for the main output when nothing used it
+    ctx.set_materialize_grads(False)
 
 
 def _permuted_backward(ctx, grad_out, _grad_final):
+    if grad_out is None:  # the product itself was not used
+        return (None,) * 6
     x, weight, perms, final = ctx.saved_tensors
     grad_x, grad_w = torch.ops.bornsparse.permuted_block_diagonal_backward(
         grad_out, x, weight, perms, final, ctx.cycle_tile

@@ -286,10 +286,15 @@ def _sparse_matmul_setup(ctx, inputs, output):
     x, values, *plan = inputs
     ctx.save_for_backward(output[1], values, *plan)
     ctx.mark_non_differentiable(output[1])
+    # no zero-filled gradient for that saved-for-backward output (it is batch-sized): the
+    # backward gets None for it, and for the main output when nothing used it
+    ctx.set_materialize_grads(False)
 
 
 def _sparse_matmul_backward(ctx, grad_y, _grad_x_t):
     x_t, values, *plan = ctx.saved_tensors
+    if grad_y is None:  # the product itself was not used
+        return (None,) * (2 + len(plan))
     need_x, need_v = ctx.needs_input_grad[:2]
     grad_x, grad_v = torch.ops.bornsparse.sparse_matmul_backward(
         grad_y, x_t, values, *plan, need_x, need_v
