@@ -1,7 +1,8 @@
 """torch.compile on bornsparse layers: compile time, and compiled vs eager f+b in one run.
 
-For the permuted layer (1024 -> 1024, width 2048, depth 20, batch 256) and DCTpS layers
-(512² at density 1e-2 and 4096² at 1e-3, batch 128), each in a small model (the layer and a
+For the permuted layer (1024 -> 1024, width 2048, depth 20, batch 256: bench_permuted's
+case) and DCTpS layers (4096² at 1e-3, batch 256: bench_dctps's case; 512² at 1e-2, batch
+128, where torch.compile's fixed per-call cost shows), each in a small model (the layer and a
 tanh), it reports the wall time of the first compiled forward+backward (tracing plus
 inductor's code generation) and the interleaved median f+b times of eager and compiled
 models as ratios to a dense nn.Linear of the same shape measured side by side, plus the
@@ -31,7 +32,7 @@ CASES = {
         lambda: DCTPlusSparseLinear(512, 512, density=1e-2, init="normal", seed=0), 512, 128),
     "dctps 4096x4096 1e-3": (
         lambda: DCTPlusSparseLinear(4096, 4096, density=1e-3, init="normal", seed=0), 4096,
-        128),
+        256),
 }
 
 
