@@ -283,7 +283,7 @@ def test_reference_kernels_block_overrides_every_layer():
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("value", ["triton", "fast", None])
+@pytest.mark.parametrize("value", ["gpu", "fast", None])
 def test_backend_argument_is_checked_at_the_constructor(value):
     with pytest.raises(ValueError, match="backend must be one of"):
         SparseLinear(4, 3, nnz=2, backend=value)
@@ -291,6 +291,11 @@ def test_backend_argument_is_checked_at_the_constructor(value):
         PermutedBlockDiagonal(4, 4, backend=value)
     with pytest.raises(ValueError, match="backend must be one of"):
         SparseConv2d(2, 2, 3, nnz=2, backend=value)
+
+
+def test_convolutions_have_no_triton_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SparseConv2d(2, 2, 3, nnz=2, backend="triton")
 
 
 def test_grasp_on_dctps_layers_at_fused_size():

@@ -79,7 +79,8 @@ def test_float32_error_is_comparable_to_dense(backend):
     assert (ours - exact).abs().max() <= 4 * (dense32 - exact).abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# "triton" runs on CPU tensors only under Triton's interpreter: tests/test_triton.py
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_leading_dims_and_plan_reuse(backend):
     idx = random_support(6, 5, 11)
     plan = build_plan(idx, (6, 5))

@@ -245,7 +245,8 @@ def dct_sparse_affine(
             f"plan and values must describe a ({out_features}, {x.shape[-1]}) weight, got "
             f"plan shape {plan.shape}, nnz {plan.nnz}, values {tuple(values.shape)}"
         )
-    kind = resolve_backend(backend, x, "sparse")
+    # the sparse part has a Triton kernel; the DCT has none, so it runs as torch there
+    kind = resolve_backend(backend, x, "sparse", has_triton=True)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     fused = (
@@ -258,6 +259,6 @@ def dct_sparse_affine(
     else:
         indices = torch.stack((plan.rows, plan.cols))
         y = sparse_matmul(x2, values, indices, plan.shape, plan=plan, backend=kind)
-        dct_backend = "reference" if kind in ("reference", "torch_sparse") else kind
+        dct_backend = "numba" if kind == "numba" else "reference"
         out = dct_project_affine(x2, out_features, alpha, y, bias, backend=dct_backend)
     return out.reshape(*lead, out_features)

@@ -414,14 +414,20 @@ def permuted_block_diagonal(
     ``torch.ops.bornsparse.permuted_block_diagonal`` (the fused numba kernel) on CPU
     float32/float64 tensors and the reference otherwise; "reference" forces plain PyTorch
     (any device, gradients of any order); "numba" forces the kernel and raises if the
-    tensors do not suit it. The kernel supports first-order gradients (``x`` and
-    ``weight``); double backward through it raises, so use ``backend="reference"`` for
-    higher-order derivatives.
+    tensors do not suit it; "triton" runs the Triton kernels (CUDA tensors, or CPU ones
+    under ``TRITON_INTERPRET=1``; "auto" picks them on CUDA when triton imports). The
+    kernels support first-order gradients (``x`` and ``weight``); double backward through
+    them raises, so use ``backend="reference"`` for higher-order derivatives.
     """
     _, out_features = _check_operands(x, weight, perms, out_features, backend)
-    if resolve_backend(backend, x, "permuted") == "reference":
+    kind = resolve_backend(backend, x, "permuted", has_triton=True)
+    if kind == "reference":
         _check_reference_perms(perms)
         return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
+    if kind == "triton":
+        from bornsparse.ops._permuted_triton import permuted_block_diagonal_triton
+
+        return permuted_block_diagonal_triton(x, weight, perms, out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     plan = _cycle_plan(weight, x2.shape[0])

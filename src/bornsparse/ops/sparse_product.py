@@ -12,8 +12,10 @@ Conventions shared by every backend:
 
 Backends: ``"reference"`` (plain PyTorch index_add, any device, differentiable twice),
 ``"numba"`` (CPU kernels in ``_sparse_numba``), ``"torch_sparse"`` (torch.sparse CSR
-matmuls and sampled_addmm). ``"auto"`` picks numba for CPU float32/float64 — it measured
-faster than torch.sparse, see docs/results.md — and the reference elsewhere.
+matmuls and sampled_addmm), ``"triton"`` (GPU kernels in ``_sparse_triton``; CPU tensors
+only under ``TRITON_INTERPRET=1``). ``"auto"`` picks triton for CUDA tensors when it
+imports, numba for CPU float32/float64 — it measured faster than torch.sparse, see
+docs/results.md — and the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -402,12 +404,17 @@ def sparse_matmul(
         )
     if values.numel() != plan.nnz:
         raise ValueError(f"values must have shape ({plan.nnz},), got {tuple(values.shape)}")
-    backend = resolve_backend(backend, x, "sparse")
+    backend = resolve_backend(backend, x, "sparse", has_triton=True)
     lead = x.shape[:-1]
     if backend == "reference":
         return sparse_matmul_reference(x, values, indices, shape)
     x2 = x.reshape(-1, shape[1])
     if backend == "torch_sparse":
         return _TorchSparseMatmulFn.apply(x2, values, plan).reshape(*lead, shape[0])
+    if backend == "triton":
+        import bornsparse.ops._sparse_triton  # noqa: F401  (registers the op)
+
+        y, _ = torch.ops.bornsparse.sparse_matmul_triton(x2, values, *plan.tensors())
+        return y.reshape(*lead, shape[0])
     y, _ = torch.ops.bornsparse.sparse_matmul(x2, values, *plan.tensors())
     return y.reshape(*lead, shape[0])
