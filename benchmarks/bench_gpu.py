@@ -15,9 +15,8 @@ faster). Without a CUDA device it says so and exits with status 0.
 
     python benchmarks/bench_gpu.py [--batch 1024] [--repeats 15]
 
-DCTPlusSparseLinear reaches the Triton sparse kernel only once ops/dct_sparse_affine.py
-resolves its backend with ``has_triton=True``; until then its "triton" row times the
-reference path.
+DCTPlusSparseLinear's "triton" row runs its sparse part through the Triton kernel and its
+DCT through torch.fft (no fused Triton kernel for the layer yet).
 """
 
 from __future__ import annotations
