@@ -73,3 +73,44 @@ def test_name_equal_to_its_submodule_stays_the_function():
         assert callable(again) and callable(again2)
     assert callable(sparsify) and callable(prune_at_init)
     assert bornsparse.sparsify is sparsify
+
+
+def test_no_two_modules_import_each_other():
+    # every import statement of the package, at module level or inside a function: the
+    # module graph must have no cycle (the layering ops -> nn -> sparsity -> models ->
+    # experiments -> cli reads one way)
+    import ast
+    from pathlib import Path
+
+    import bornsparse
+
+    root = Path(bornsparse.__file__).resolve().parent.parent
+
+    def name(path: Path) -> str:
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    mods = {name(p): p for p in (root / "bornsparse").rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges[m] |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bornsparse"):
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    edges[m].add(sub if sub in mods else node.module)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges[m] & mods.keys()):
+            assert state.get(n) != 1, f"import cycle: {' -> '.join(path + [m, n])}"
+            if n not in state:
+                visit(n, path + [m])
+        state[m] = 2
+
+    assert len(mods) > 40
+    for m in sorted(mods):
+        if m not in state:
+            visit(m, [])

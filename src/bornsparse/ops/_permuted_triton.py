@@ -31,6 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from bornsparse.ops._permuted_operands import (
+    INVERSE_MAX_AMPLIFICATION,
+    check_operands,
+    check_permutations,
+)
 from bornsparse.ops._validated import check_once
 from bornsparse.ops.backends import suits_triton
 
@@ -171,13 +176,12 @@ def inverse_amplification(weight: torch.Tensor) -> float:
 
 
 def _check_op_operands(x, weight, perms, out_features):
-    from bornsparse.ops.permuted import _check_operands, _check_permutations
 
-    _check_operands(x, weight, perms, out_features, "triton")
+    check_operands(x, weight, perms, out_features, "triton")
     if x.dim() != 2:
         raise ValueError(f"x must have shape (batch, n_in), got {tuple(x.shape)}")
     check_triton_tensor("x", x)
-    check_once("permutations", (perms,), lambda: _check_permutations(perms))
+    check_once("permutations", (perms,), lambda: check_permutations(perms))
 
 
 def _final_shape(batch: int, width: int, keep_final: bool) -> tuple[int, ...]:
@@ -221,7 +225,6 @@ def _permuted_triton_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight
     (non-empty) and blocks well conditioned, each factor's input is rebuilt from its output
     through the blocks' inverses (two activations alive at a time); otherwise the forward is
     recomputed from ``x`` and its depth activations are held during this op."""
-    from bornsparse.ops.permuted import INVERSE_MAX_AMPLIFICATION
 
     _check_op_operands(x, weight, perms, grad_out.shape[1])
     if grad_out.shape[0] != x.shape[0]:

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from bornsparse.ops._permuted_triton import acc_dtype, check_triton_tensor
 from bornsparse.ops._validated import check_once
+from bornsparse.ops.backends import INDEX_DTYPES
 
 BLOCK_N = 32  # samples per program
 BLOCK_E = 16  # nonzeros per step
@@ -107,7 +108,6 @@ def sampled_dot_t(rows: torch.Tensor, cols: torch.Tensor, gy_t: torch.Tensor,
 def _check_op_operands(x: torch.Tensor, values: torch.Tensor, plan: tuple[torch.Tensor, ...]
                        ) -> tuple[int, int]:
     """Validate what the kernels trust; return the (rows, cols) shape of S."""
-    from bornsparse.ops.sparse_product import INDEX_DTYPES
 
     rows, cols, rowptr, colptr, csc_perm, csc_rows = plan
     shape = (rowptr.numel() - 1, colptr.numel() - 1)

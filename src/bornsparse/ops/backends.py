@@ -29,6 +29,8 @@ import torch
 
 BACKENDS = ("auto", "reference", "numba", "torch_sparse", "triton")
 NUMBA_DTYPES = (torch.float32, torch.float64)
+# index dtypes every kernel takes (supports, plans)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 # the backends each op family has, besides "auto"
 OP_BACKENDS = {

@@ -28,7 +28,7 @@ import torch
 
 from bornsparse._checks import check_float_tensor
 from bornsparse.ops._validated import check_once
-from bornsparse.ops.backends import NUMBA_DTYPES, resolve_backend
+from bornsparse.ops.backends import INDEX_DTYPES, NUMBA_DTYPES, resolve_backend
 
 
 def check_shape_pair(name: str, shape: object) -> tuple[int, int]:
@@ -39,9 +39,6 @@ def check_shape_pair(name: str, shape: object) -> tuple[int, int]:
     ):
         raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {shape!r}")
     return int(shape[0]), int(shape[1])
-
-
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def index_dtype(*extents: int) -> torch.dtype:
