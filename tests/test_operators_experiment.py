@@ -13,10 +13,10 @@ from bornsparse.data import make_target
 from bornsparse.experiments.operators import (
     PAPER_SCHEDULE,
     Phase,
-    markdown_table,
     scaled_schedule,
     train_operator,
 )
+from bornsparse.experiments.operators_report import markdown_table
 from bornsparse.experiments.results_io import (
     append_jsonl,
     ensure_writable_dir,
@@ -24,6 +24,7 @@ from bornsparse.experiments.results_io import (
     run_key,
 )
 from bornsparse.nn import PermutedBlockDiagonal
+from bornsparse.nn.permuted import default_depth
 
 # a tiny sweep: width 16, 14/6/4 steps with a 2-step final window
 TINY = ["reproduce", "operators", "--width", "16", "--steps-scale", "0.002", "--batch-size", "8",
@@ -69,9 +70,48 @@ def test_training_learns_a_permutation_and_accepts_numpy():
                          schedule=[Phase(300, 0.01, 3.0), Phase(100, 0.01, 0.3)],
                          final_window=50, curve_points=10)
     first, last = out["curve"][0][1], out["curve"][-1][1]
-    assert len(out["curve"]) == 10 and out["curve"][-1][0] == 400
-    assert last < 0.2 * first
-    assert out["final_mse"] == pytest.approx(out["curve"][-1][1], rel=1.0)
+    assert [s for s, _ in out["curve"]] == list(range(40, 401, 40))
+    assert last < 0.2 * first and out["final_mse"] < 0.2 * first
+
+
+def test_curve_and_final_mse_are_means_over_windows_of_steps():
+    # a frozen G (lr 0) sees the same inputs in both runs: one point per step unthinned
+    a = make_target("band", 6, 2, seed=0)
+    args = {"depth": 3, "batch_size": 4, "seed": 1, "schedule": [Phase(120, 0.0, 0.0)],
+            "final_window": 30}
+    full = train_operator(a, curve_points=120, **args)
+    thin = train_operator(a, curve_points=6, **args)
+    mses = [v for _, v in full["curve"]]
+    assert [s for s, _ in full["curve"]] == list(range(1, 121))
+    assert len(set(mses)) > 100  # a fresh batch every step
+    assert [s for s, _ in thin["curve"]] == list(range(20, 121, 20))
+    for i, (_, v) in enumerate(thin["curve"]):
+        assert v == pytest.approx(sum(mses[20 * i:20 * (i + 1)]) / 20, rel=1e-9)
+    assert full["final_mse"] == pytest.approx(sum(mses[-30:]) / 30, rel=1e-9)
+    assert thin["final_mse"] == pytest.approx(full["final_mse"], rel=1e-9)
+
+
+def test_default_operator_is_the_layers_and_any_model_trains_on_the_same_loop():
+    m = 8
+    a = make_target("lowrank", m, 1, seed=0)
+    phases = [Phase(40, 0.01, 3.0)]
+    g = train_operator(a, schedule=phases, final_window=10)
+    assert g["params"] == default_depth(2 * m, 2) * 2 * m * 2  # width 2m, depth 2·log2(2m)
+    assert g["final_penalty"] is not None
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(m, m, bias=False)
+    before = dense.weight.detach().clone()
+    out = train_operator(a, model=dense, schedule=phases, final_window=10)
+    assert out["params"] == m * m and out["final_penalty"] is None and out["steps"] == 40
+    assert not torch.equal(dense.weight.detach(), before)  # trained in place
+    assert out["curve"][-1][1] < out["curve"][0][1]
+    # the same inputs whatever the model: a zero map scores the MSE of ‖A x‖² alone
+    zero = torch.nn.Linear(m, m, bias=False)
+    torch.nn.init.zeros_(zero.weight)
+    frozen = train_operator(a, model=zero, schedule=[Phase(10, 0.0, 0.0)], final_window=10)
+    expected = float((a ** 2).sum() / m)  # E (1/m)‖A x‖² for x ~ N(0, I)
+    assert frozen["final_mse"] == pytest.approx(expected, rel=0.3)
 
 
 def test_tanh_network_trains_and_counts_its_biases():
@@ -89,6 +129,9 @@ def test_tanh_network_trains_and_counts_its_biases():
     ({"depth": 2, "final_window": 99}, ValueError, "final_window"),
     ({"depth": 2, "schedule": []}, TypeError, "schedule"),
     ({"depth": 2, "width": 3}, ValueError, "width must be at least"),
+    ({"model": "linear"}, TypeError, "model must be a torch.nn.Module"),
+    ({"model": torch.nn.Linear(4, 4), "depth": 2}, ValueError, "leave them out"),
+    ({"model": torch.nn.Linear(4, 4), "network": "tanh"}, ValueError, "leave them out"),
 ])
 def test_train_operator_rejects_bad_arguments(kwargs, exc, match):
     args = {"schedule": [Phase(3, 0.01, 0.0)], "final_window": 3, **kwargs}

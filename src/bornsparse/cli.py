@@ -17,11 +17,13 @@ from bornsparse import __version__
 # (subcommand path, module, one-line help)
 _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("demo",), "bornsparse.experiments.demo",
-     "the main job: quick reproductions of both seeds, tables printed and figures written"),
+     "the quick tour: a small operator table, then quick reproductions of the permuted "
+     "block-diagonal paper (§5) and the DCTpS slides, tables printed and figures written"),
     (("reproduce", "operators"), "bornsparse.experiments.operators",
      "operator-learning experiments of the permuted block-diagonal paper (§5, Figures 1-4)"),
     (("reproduce", "dctps"), "bornsparse.experiments.dctps",
-     "DCT-plus-sparse comparison: Δ accuracy against dense at densities 1e-2, 1e-3, 1e-4"),
+     "the DCTpS slides' comparison: Δ accuracy of DCT-plus-sparse and sparse-training methods "
+     "against dense at densities 1e-2, 1e-3, 1e-4"),
 ]
 
 
@@ -39,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(path[0], help=help_, description=help_)
         else:
             if path[0] not in groups:
-                g = sub.add_parser(path[0], help="reproduce an experiment of the seeds",
-                                   description="reproduce an experiment of the seeds")
+                g = sub.add_parser(path[0], help="reproduce an experiment of the papers",
+                                   description="reproduce an experiment of the permuted "
+                                   "block-diagonal paper (operators) or the DCTpS slides "
+                                   "(dctps)")
                 groups[path[0]] = g.add_subparsers(dest="experiment", metavar="EXPERIMENT")
                 groups[path[0]].required = True
             p = groups[path[0]].add_parser(path[1], help=help_, description=help_)

@@ -1,1 +1,2 @@
-"""The seeds' experiments as code: runs, sweeps, JSONL results and figures."""
+"""The papers' experiments as code (the permuted block-diagonal paper's operator learning,
+the DCTpS slides' comparison): runs, sweeps, JSONL results, tables and figures."""

@@ -1,8 +1,8 @@
-"""The DCTpS comparison of seed 001: Δ accuracy against dense at densities 1e-2, 1e-3, 1e-4.
+"""The comparison of the DCTpS slides: Δ accuracy against dense at densities 1e-2, 1e-3, 1e-4.
 
 ``bornsparse reproduce dctps`` trains every method of :mod:`dctps_methods` at every density
 and seed on an offline data set, appends one JSON line per run to ``DIR/results.jsonl``
-(rerunning skips finished runs), and writes the seed's table as markdown (Δ accuracy, mean ±
+(rerunning skips finished runs), and writes the slides' table as markdown (Δ accuracy, mean ±
 std over seeds, and the cost columns as measured numbers), accuracy-against-density plots
 and Jacobian-spectrum plots. ``add_arguments`` and ``main`` are the CLI entry points; heavy
 imports happen inside functions.
@@ -26,7 +26,7 @@ DENSITIES = (1e-2, 1e-3, 1e-4)
 # MNIST-1D / digits: Adam, lr 1e-2 (the MNIST-1D paper's) cosine-annealed to 0, batch 128, no
 # weight decay. The layers are wider than the MNIST-1D paper's (40-100-100-10 MLP, 15k weights;
 # 25-channel CNN, 5k) so that 1e-4 of the weights is still a few weights per layer: 29 in
-# the 288k-weight MLP, 11 in the 105k-weight CNN. The seed's models have 0.5M-23M weights.
+# the 288k-weight MLP, 11 in the 105k-weight CNN. The slides' models have 0.5M-23M weights.
 # CIFAR: SGD with Nesterov momentum 0.9, lr 0.1 cosine to 0, weight decay 5e-4, batch 128,
 # pad-4 crop + flip, as in the DCTpS code base's CIFAR runs.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -191,8 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   f"IMP {QUICK['imp_rounds']} rounds, SynFlow/FORCE {QUICK['pai_rounds']} "
                   "rounds, one seed")
     parser.add_argument("--quick", action="store_true",
-                        help=f"the main job's small version: {from_quick} (explicit flags "
-                        "still override)")
+                        help=f"the small version that bornsparse demo runs: {from_quick} "
+                        "(explicit flags still override)")
     parser.add_argument("--dataset", default=None,
                         help=f"one of {', '.join(DATASET_CHOICES)} (default mnist1d)")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
@@ -202,9 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         + "; ".join(f"{d}: {', '.join(v['models'])}"
                                     for d, v in DATASET_DEFAULTS.items()) + ")")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help="methods to compare (default: all of the issue: dense, "
-                        "random_uniform, random_epl, snip, force, synflow, imp, rigl, dctps, "
-                        "dctps_rigl, dctps_fixed_alpha; also grasp); dense is always added")
+                        help="methods to compare (default: dense, random_uniform, random_epl, "
+                        "snip, force, synflow, imp, rigl, dctps, dctps_rigl, dctps_fixed_alpha; "
+                        "grasp is available too); dense is always added")
     parser.add_argument("--densities", nargs="+", type=float, default=None, metavar="P",
                         help="global densities in (0, 1) (default 1e-2 1e-3 1e-4)")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",

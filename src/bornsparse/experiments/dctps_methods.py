@@ -1,4 +1,4 @@
-"""The methods of seed 001's comparison, one small function each, and what they share.
+"""The methods of the DCTpS slides' comparison, one small function each, and what they share.
 
 Every method is ``fn(ctx, density) -> nn.Module``: it builds the model through ``ctx``, makes
 it sparse its own way, calls ``ctx.initialised(model)`` once the network it will train exists
@@ -476,7 +476,8 @@ METHODS: dict[str, Method] = {
                                        "bornsparse.nn.dct_plus_sparse")),
 }
 
-#: the methods of the issue, in table order (GraSP is available but not in the seed's table)
+#: the methods compared by default, in table order (GraSP is available but not in the DCTpS
+#: slides' table)
 DEFAULT_METHODS: tuple[str, ...] = (
     "dense", "random_uniform", "random_epl", "snip", "force", "synflow", "imp", "rigl",
     "dctps", "dctps_rigl", "dctps_fixed_alpha",

@@ -1,4 +1,5 @@
-"""Operator learning with the permuted block-diagonal operator (seed 000, §5, Figures 1-4).
+"""Operator learning with the permuted block-diagonal operator (the permuted block-diagonal
+paper, §5, Figures 1-4).
 
 A run trains G(θ) (or the tanh network h_θ) of width n and depth N to multiply by a
 ground truth A ∈ R^{n/2×n/2}: inputs x ~ N(0, I) are drawn online every step, zero-padded
@@ -7,10 +8,11 @@ averaged over the batch. The schedule is the paper's: Adam, lr 0.01 with orthogo
 penalty weight 3 for 7000 steps, weight 0.3 for 3000, then lr 0.001 for 2000; the reported
 number is the mean MSE over the last 1000 steps.
 
-Python API: ``train_operator(A, depth=...)`` for any matrix, ``operator_run`` /
-``run_sweep`` for configured runs. CLI: ``bornsparse reproduce operators`` (``add_arguments``
-and ``main`` below). Heavy imports (torch, matplotlib) happen inside functions so that
-``bornsparse --help`` stays fast.
+Python API: ``train_operator(A, depth=...)`` for any matrix (or any model given as
+``model=``, as ``bornsparse demo`` trains its baselines), ``operator_run`` / ``run_sweep``
+for configured runs; the table and figures are in ``operators_report``. CLI: ``bornsparse
+reproduce operators`` (``add_arguments`` and ``main`` below). Heavy imports (torch,
+matplotlib) happen inside functions so that ``bornsparse --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def _target_matmul(a):
 def train_operator(
     target: Any,
     *,
-    depth: int,
+    depth: int | None = None,
     width: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     schedule: Sequence[Phase] = PAPER_SCHEDULE,
@@ -114,29 +116,42 @@ def train_operator(
     network: str = "linear",
     seed: int = 0,
     curve_points: int = 120,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Train G(θ) (``network="linear"``) or h_θ (``"tanh"``) to multiply by ``target``.
 
     ``target``: a tensor or numpy array of shape (m, m); the operator has width ``width``
-    (default 2m, the paper's) and ``depth`` factors of 2×2 blocks. Returns a dict with
+    and ``depth`` factors of 2×2 blocks, by default the layer's (width 2m as in the paper,
+    depth 2·⌈log2(width)⌉: ``bornsparse.nn.permuted.default_width``/``default_depth``).
+    ``model``: any ``torch.nn.Module`` mapping (B, m) to (B, m) to train instead, on the
+    same inputs, loss and schedule (the penalty applies when it has an
+    ``orthogonality_penalty()``); ``depth``, ``width`` and ``network`` must then be left
+    out. ``seed`` seeds G's initialisation and the input stream. Returns a dict with
     ``final_mse`` (mean MSE over the last ``final_window`` steps; None if training diverged),
     ``curve`` ([step, mean MSE of the window ending there], thinned to ``curve_points``),
-    ``params`` (trainable parameter count), ``steps``, ``wall_s`` and ``steps_per_s``.
+    ``params`` (trainable parameter count), ``steps``, ``wall_s``, ``steps_per_s`` and
+    ``final_penalty`` (None for a model without a penalty).
     """
     import torch
 
-    from bornsparse._checks import check_positive_int
+    from bornsparse._checks import check_optional_positive_int, check_positive_int
     from bornsparse.data.operators import validate_target
     from bornsparse.nn import PermutedBlockDiagonal, PermutedTanhNetwork
 
     a = validate_target(target)
     m = a.shape[0]
-    depth = check_positive_int("depth", depth)
+    depth = check_optional_positive_int("depth", depth)
+    width = check_optional_positive_int("width", width)
     batch_size = check_positive_int("batch_size", batch_size)
     curve_points = check_positive_int("curve_points", curve_points)
-    width = 2 * m if width is None else check_positive_int("width", width)
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if depth is not None or width is not None or network != "linear":
+            raise ValueError("depth, width and network describe the G(θ) that train_operator "
+                             "builds: leave them out when model is given")
     if not schedule or not all(isinstance(p, Phase) for p in schedule):
         raise TypeError("schedule must be a non-empty sequence of Phase")
     total = sum(check_positive_int("Phase.steps", p.steps) for p in schedule)
@@ -144,8 +159,10 @@ def train_operator(
     if final_window > total:
         raise ValueError(f"final_window must be at most the {total} steps, got {final_window}")
 
-    cls = PermutedBlockDiagonal if network == "linear" else PermutedTanhNetwork
-    model = cls(m, m, width=width, depth=depth, seed=seed)
+    if model is None:
+        cls = PermutedBlockDiagonal if network == "linear" else PermutedTanhNetwork
+        model = cls(m, m, width=width, depth=depth, seed=seed)  # None: the layer's defaults
+    penalty = getattr(model, "orthogonality_penalty", None)
     params = sum(p.numel() for p in model.parameters())
     apply_target = _target_matmul(a)
     data = torch.Generator().manual_seed(seed + 0x5EED)  # inputs: a stream apart from the init
@@ -163,7 +180,7 @@ def train_operator(
             with torch.no_grad():
                 y = apply_target(x)
             mse = (model(x) - y).pow(2).mean()  # = (2/n)‖Gx − Ax‖², averaged over the batch
-            loss = mse + phase.penalty * model.orthogonality_penalty()
+            loss = mse if penalty is None else mse + phase.penalty * penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -188,7 +205,7 @@ def train_operator(
         "steps": int(step),
         "wall_s": wall,
         "steps_per_s": step / wall if wall > 0 else None,
-        "final_penalty": float(model.orthogonality_penalty().detach()),
+        "final_penalty": None if penalty is None else float(penalty().detach()),
     }
 
 
@@ -295,67 +312,6 @@ def run_sweep(
     return sweep.run_sweep(configs, results_path, operator_run,
                            order=lambda c: -c["depth"], describe=_describe,
                            progress=progress, desc="operator runs", **executor)
-
-
-# ---------------------------------------------------------------------------------------
-# Tables
-
-
-def _label(cfg: dict[str, Any]) -> str:
-    if cfg["task"] == "file":
-        return f"file:{Path(cfg['target_file']).name}"
-    return cfg["task"] if cfg["k"] is None else f"{cfg['task']} k={cfg['k']}"
-
-
-def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, Any]]]:
-    """{(task, k, file): {depth: {"params", "dof", "mse" (mean over seeds), "seeds", "wall_s"}}}."""
-    out: dict[tuple, dict[int, dict[str, Any]]] = {}
-    for r in records:
-        c = r["config"]
-        row = out.setdefault((c["task"], c["k"], c.get("target_file")), {})
-        cell = row.setdefault(c["depth"], {"params": r["params"], "dof": r["dof"], "mses": [],
-                                           "wall_s": 0.0, "label": _label(c)})
-        cell["mses"].append(r["final_mse"])
-        cell["wall_s"] += r["wall_s"]
-    for row in out.values():
-        for cell in row.values():
-            ok = [v for v in cell["mses"] if v is not None]
-            cell["mse"] = sum(ok) / len(ok) if ok else None
-            cell["seeds"] = len(cell["mses"])
-    return out
-
-
-def markdown_table(records: Iterable[dict[str, Any]]) -> str:
-    """Final MSE (mean over seeds) per target (rows) and depth N (columns, with #params)."""
-    summary = summarize(records)
-    if not summary:
-        return "(no runs)\n"
-    depths = sorted({d for row in summary.values() for d in row})
-    params = {}
-    for row in summary.values():
-        for d, cell in row.items():
-            params.setdefault(d, cell["params"])
-    head = ["target", "dof"] + [f"N={d} ({_short(params[d])})" for d in depths]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = {t: i for i, t in enumerate(TASK_CHOICES + ("file",))}
-    for key in sorted(summary, key=lambda t: (order[t[0]], t[1] or 0, t[2] or "")):
-        row = summary[key]
-        any_cell = next(iter(row.values()))
-        cells = [any_cell["label"], "—" if any_cell["dof"] is None else str(any_cell["dof"])]
-        for d in depths:
-            cell = row.get(d)
-            if cell is None:
-                cells.append("")
-            elif cell["mse"] is None:
-                cells.append("diverged")
-            else:
-                cells.append(f"{cell['mse']:.2e}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _short(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,6 +424,7 @@ def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
 
 def main(args: argparse.Namespace) -> int:
     """Validate, run the sweep (resuming), write figures and table; print the table."""
+    from bornsparse.experiments.operators_report import markdown_table, plot_operator_figures
     from bornsparse.experiments.results_io import ensure_writable_dir
     from bornsparse.experiments.sweep import describe_executor, executor_options
 
@@ -500,8 +457,6 @@ def main(args: argparse.Namespace) -> int:
         f"batch {args.batch_size}, network {args.network}; column headers give depth N and "
         f"the parameter count.\n\n{table}")
     if not args.no_plots:
-        from bornsparse.experiments.figures import plot_operator_figures
-
         for path in plot_operator_figures(records, out, width=info["width"]):
             print(f"wrote {path}", file=sys.stderr)
     print(table)

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bornsparse._checks import check_float_tensor, check_positive_int
+from bornsparse._checks import check_choice, check_float_tensor, check_positive_int
 from bornsparse.nn.dct_plus_sparse import register_alpha
-from bornsparse.nn.sparse_linear import SparseWeightBase, _copy_given_values, check_choice
+from bornsparse.nn.sparse_linear import SparseWeightBase, copy_given_values
 from bornsparse.ops.discrete_cosine import dct_matrix
 from bornsparse.ops.sparse_conv import ConvPlan, build_conv_plan, sparse_conv2d
 
@@ -202,7 +202,7 @@ class SparseConv2d(_SparseConvBase):
     ):
         """A layer on the given support (2, nnz) of the (out, L) kernel matrix."""
         layer = cls(in_channels, out_channels, kernel_size, indices=indices, **kwargs)
-        _copy_given_values(layer, indices, values)
+        copy_given_values(layer, indices, values)
         return layer
 
     def to_dense(self) -> torch.Tensor:
@@ -218,7 +218,8 @@ class SparseConv2d(_SparseConvBase):
 
 
 class DCTPlusSparseConv2d(SparseConv2d):
-    """Conv with kernel α·D + S: a fixed DCT offset on each patch plus a sparse S (seed 001).
+    """Conv with kernel α·D + S: a fixed DCT offset on each patch plus a sparse S (the DCTpS
+    slides).
 
     Arguments as :class:`SparseConv2d` plus ``alpha``/``train_alpha`` as
     :class:`DCTPlusSparseLinear`; ``init`` defaults to "zeros". ``dct_order``: how a patch

@@ -283,7 +283,7 @@ class SparseLinear(SparseWeightBase):
     ) -> SparseLinear:
         """A layer on the given support (2, nnz); ``values`` (nnz,) in the same order."""
         layer = cls(in_features, out_features, indices=indices, **kwargs)
-        _copy_given_values(layer, indices, values)
+        copy_given_values(layer, indices, values)
         return layer
 
     def _sparse_part(self, x2: torch.Tensor) -> torch.Tensor:
@@ -316,7 +316,7 @@ class SparseLinear(SparseWeightBase):
         )
 
 
-def _copy_given_values(
+def copy_given_values(
     layer: SparseWeightBase, indices: torch.Tensor, values: torch.Tensor | None
 ) -> None:
     """Put ``values`` (ordered like the caller's ``indices``) into the sorted layer."""

@@ -1,4 +1,8 @@
-"""Figures in the style of seed 000's Figures 1-4 (matplotlib, Agg backend, PNG files)."""
+"""Table and figures of the operator-learning experiment from its JSONL records.
+
+The figures are in the style of Figures 1-4 of the permuted block-diagonal paper (§5):
+final MSE against the parameter count of G(θ), one PNG per task (matplotlib, Agg backend).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,70 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    if cfg["task"] == "file":
+        return f"file:{Path(cfg['target_file']).name}"
+    return cfg["task"] if cfg["k"] is None else f"{cfg['task']} k={cfg['k']}"
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, Any]]]:
+    """{(task, k, file): {depth: {"params", "dof", "mse" (mean over seeds), "seeds", "wall_s"}}}."""
+    out: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        c = r["config"]
+        row = out.setdefault((c["task"], c["k"], c.get("target_file")), {})
+        cell = row.setdefault(c["depth"], {"params": r["params"], "dof": r["dof"], "mses": [],
+                                           "wall_s": 0.0, "label": _label(c)})
+        cell["mses"].append(r["final_mse"])
+        cell["wall_s"] += r["wall_s"]
+    for row in out.values():
+        for cell in row.values():
+            ok = [v for v in cell["mses"] if v is not None]
+            cell["mse"] = sum(ok) / len(ok) if ok else None
+            cell["seeds"] = len(cell["mses"])
+    return out
+
+
+def markdown_table(records: Iterable[dict[str, Any]]) -> str:
+    """Final MSE (mean over seeds) per target (rows) and depth N (columns, with #params)."""
+    from bornsparse.data.operators import TARGETS
+
+    summary = summarize(records)
+    if not summary:
+        return "(no runs)\n"
+    depths = sorted({d for row in summary.values() for d in row})
+    params = {}
+    for row in summary.values():
+        for d, cell in row.items():
+            params.setdefault(d, cell["params"])
+    head = ["target", "dof"] + [f"N={d} ({_short(params[d])})" for d in depths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {t: i for i, t in enumerate(TARGETS + ("file",))}
+    for key in sorted(summary, key=lambda t: (order[t[0]], t[1] or 0, t[2] or "")):
+        row = summary[key]
+        any_cell = next(iter(row.values()))
+        cells = [any_cell["label"], "—" if any_cell["dof"] is None else str(any_cell["dof"])]
+        for d in depths:
+            cell = row.get(d)
+            if cell is None:
+                cells.append("")
+            elif cell["mse"] is None:
+                cells.append("diverged")
+            else:
+                cells.append(f"{cell['mse']:.2e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+
 
 _TITLES = {
     "lowrank": "Figure 1: rank-k matrices",
@@ -28,8 +96,6 @@ def plot_operator_figures(
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-
-    from bornsparse.experiments.operators import summarize
 
     summary = summarize(records)
     out_dir = Path(out_dir)
