@@ -1,7 +1,8 @@
-"""Wall time of one full-scale operator-learning run (seed 000 §5) and its steps per second.
+"""Wall time of one full-scale operator-learning run (the permuted block-diagonal paper,
+§5) and its steps per second.
 
 Default: n = 2048, depth 12, low rank k = 1, batch 64, the paper's 12000-step schedule,
-one thread. Target (issue 3): at most 60 s per run. ``--steps-scale`` shortens the run for
+one thread. Target: at most 60 s per run. ``--steps-scale`` shortens the run for
 a smoke test; the JSON line says which scale was used.
 
     .venv/bin/python benchmarks/bench_operator_run.py [--steps-scale 0.1] [--threads 1]

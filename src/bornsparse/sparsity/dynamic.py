@@ -22,7 +22,7 @@ keeps its value and optimizer state (it never left, in effect).
 The dense gradient RigL needs is never a parameter: on the forward/backward pass preceding an
 update step only, hooks keep each layer's input and output gradient, and at ``step()`` the
 dense gradient ``G = gᵀx`` (or ``conv2d_weight``) is formed for one layer at a time, used and
-freed — O(rows·cols) transiently, every ``delta`` steps (the seed's O(pmn + mn/ΔT)).
+freed — O(rows·cols) transiently, every ``delta`` steps (the DCTpS slides' O(pmn + mn/ΔT)).
 
 Data-parallel training (``torch.distributed`` initialised, e.g. the model wrapped in
 DistributedDataParallel): every rank must construct RigL/SET and call ``step()`` alike. The

@@ -13,7 +13,7 @@ holding the rewound weights, ready for the final training run::
         imp.prune()                          # prune + rewind weights and optimizer
     imp.to_sparse()                          # sparse layers, optimizer rebound; train on
 
-IMP trains dense (the seed's cost table: O(mn) per step falling to O(pmn)); the rewind point
+IMP trains dense (the DCTpS slides' cost table: O(mn) per step falling to O(pmn)); the rewind point
 is one copy of the model and optimizer state.
 
 Under torch.distributed (e.g. the model wrapped in DistributedDataParallel) every rank calls

@@ -5,7 +5,7 @@
 ``density·N`` weights (globally, or per layer with a support distribution) and swaps each
 layer for a ``SparseLinear``/``SparseConv2d`` (``kind="sparse"``) or for the S of a
 ``DCTPlusSparseLinear``/``DCTPlusSparseConv2d`` (``kind="dctps"``). Kept weights keep their
-initial values. The dense weights exist only because the input model is dense (the seed's
+initial values. The dense weights exist only because the input model is dense (the DCTpS slides'
 cost table grants O(N) at initialisation for these methods); scores are one tensor per layer.
 """
 
