@@ -197,3 +197,30 @@ def test_fused_backward_kernel_matches_reference(rows, cols, batch, frac, seed, 
     gv[plan.csc_perm] = gv_csc
     torch.testing.assert_close(gx_t.t(), x.grad)
     torch.testing.assert_close(gv, v.grad)
+
+
+def test_support_checks_run_once_per_support_version(monkeypatch):
+    # a layer hands the op fresh views of its indices every call; the O(nnz) support check
+    # must still run once per version of the buffer, not once per call
+    import bornsparse.ops._validated as V
+    from bornsparse.nn import SparseLinear
+
+    calls = []
+    real = V.check_once
+
+    def counting(tag, tensors, check):
+        return real(tag, tensors, lambda: (calls.append(tag), check()))
+
+    monkeypatch.setattr("bornsparse.ops.sparse_product.check_once", counting)
+    layer = SparseLinear(30, 20, density=0.2, seed=0)
+    x = torch.randn(4, 30, requires_grad=True)
+    for _ in range(3):
+        layer(x).sum().backward()
+    assert calls == ["sparse plan"]  # forward and backward, three steps: checked once
+    # a new support of the same size (written in place): checked again, then cached again
+    g = torch.Generator().manual_seed(1)
+    lin = torch.randperm(600, generator=g)[: layer.nnz]
+    layer.update_support_(torch.stack((lin // 30, lin % 30)), layer.values.detach())
+    for _ in range(2):
+        layer(x).sum().backward()
+    assert calls == ["sparse plan", "sparse plan"]

@@ -18,19 +18,29 @@ import torch
 _SEEN: dict[tuple, tuple] = {}
 
 
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor object that owns ``t``'s memory: its base for a view. Layers hand the ops
+    fresh views of their buffers each call (a support's rows and columns are rows of
+    ``indices``), so identity is checked on the base, which lives as long as the buffer."""
+    return t if t._base is None else t._base
+
+
 def _stamp(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+    # a view's version is its base's; the offset and strides tell which part of it
+    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype)
 
 
 def check_once(tag: str, tensors: Sequence[torch.Tensor], check: Callable[[], None]) -> None:
-    """Call ``check()`` (which raises on bad input) unless it passed for these very tensor
-    objects at their current versions. Entries hold weak references, so a freed tensor
-    whose id is reused never matches, and they disappear with the tensors."""
-    key = (tag, *map(id, tensors))
+    """Call ``check()`` (which raises on bad input) unless it passed for these very tensors
+    (or views of the same base tensor objects) at their current versions. Entries hold weak
+    references to the owners, so a freed tensor whose id is reused never matches, and they
+    disappear with the tensors."""
+    owners = tuple(map(_owner, tensors))
+    key = (tag, *map(id, owners))
     stamps = tuple(map(_stamp, tensors))
     hit = _SEEN.get(key)
     if hit is not None and hit[1] == stamps and all(
-        r() is t for r, t in zip(hit[0], tensors, strict=True)
+        r() is t for r, t in zip(hit[0], owners, strict=True)
     ):
         return
     check()
@@ -38,5 +48,5 @@ def check_once(tag: str, tensors: Sequence[torch.Tensor], check: Callable[[], No
     def forget(_ref: weakref.ref, key: tuple = key) -> None:
         _SEEN.pop(key, None)
 
-    refs = tuple(weakref.ref(t, forget) for t in tensors)
+    refs = tuple(weakref.ref(t, forget) for t in owners)
     _SEEN[key] = (refs, stamps)
