@@ -53,10 +53,13 @@ def test_cli_end_to_end_writes_records_table_and_figures(tiny_run):
         assert set(r["memory_bytes"]) == {"init", "training", "final"}
         assert len(r["jacobian_sv"]) == 2  # two inputs, min(10, 64) values each
         assert all(len(row) == 10 for row in r["jacobian_sv"])
+        # the method's time excludes its measurements (memory scans, Jacobian spectra)
+        assert r["measure_s"] > 0 and r["train_wall_s"] > 0
+        assert r["train_wall_s"] + r["measure_s"] <= r["wall_s"]
         if r["config"]["method"] != "dense":
             n = r["dense_weights"]
             assert r["nnz"] == round(0.05 * n) or abs(r["nnz"] - 0.05 * n) <= 3
-            # values (float) and their (row, col) indices (int64) are what is stored
+            # values (float) and their (row, col) indices (int32) are what is stored
             assert r["stored"]["index_entries"] == 2 * r["nnz"]
             assert r["stored"]["params"] < 0.2 * n
     dense = next(r for r in recs if r["config"]["method"] == "dense")

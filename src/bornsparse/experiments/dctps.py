@@ -110,8 +110,10 @@ def dctps_run(cfg: dict[str, Any], data_dir: str | None = None) -> dict[str, Any
         rec.update(accuracy=acc, stored=stored_size(model), dense_weights=dense_total,
                    finite=ctx.info.get("finite", True), nnz=ctx.info.get("nnz"),
                    init_s=ctx.info.get("init_s"), train_wall_s=ctx.info.get("wall_s"),
+                   measure_s=ctx.info.get("measure_s"),
                    extra={k: v for k, v in ctx.info.items()
-                          if k not in ("t_start", "init_s", "wall_s", "finite", "nnz")})
+                          if k not in ("t_start", "init_s", "wall_s", "finite", "nnz",
+                                       "measure_s", "jacobian_s")})
     rec.update(memory_bytes=dict(ctx.memory.peaks), jacobian_sv=ctx.jacobian_sv,
                wall_s=time.perf_counter() - t0, torch_threads=torch.get_num_threads(),
                versions=library_versions(),
