@@ -153,3 +153,18 @@ def test_executor_flags_fail_before_training(tmp_path, capsys, monkeypatch, extr
     assert cli_main(argv + extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_default_workers_never_oversubscribe_the_cores(monkeypatch):
+    import argparse
+
+    from bornsparse.experiments.sweep import add_executor_arguments, executor_options
+
+    parser = argparse.ArgumentParser()
+    add_executor_arguments(parser, default_workers=2)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert executor_options(parser.parse_args([]))["workers"] == 2  # 2 runs × 1 thread
+    assert executor_options(parser.parse_args(["--threads", "2"]))["workers"] == 1
+    assert executor_options(parser.parse_args(["--threads", "4"]))["workers"] == 1
+    assert executor_options(parser.parse_args(["--threads", "2", "--workers", "2"]))[
+        "workers"] == 2  # asked for explicitly: as asked

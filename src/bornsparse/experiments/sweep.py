@@ -82,9 +82,11 @@ def add_executor_arguments(parser: argparse.ArgumentParser, *, default_workers: 
     parser.add_argument("--cpus-per-run", type=int, default=None, metavar="N",
                         help="with --executor ray: CPUs Ray reserves per run (default "
                         "--threads)")
-    parser.add_argument("--workers", type=int, default=default_workers,
+    parser.add_argument("--workers", type=int, default=None,
                         help="with --executor local: parallel worker processes (inline "
-                        "when 1)")
+                        f"when 1; default: as many as the cores hold at --threads each, at "
+                        f"most {default_workers})")
+    parser.set_defaults(workers_cap=default_workers)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and numba threads of every run, on any executor (default "
                         "1: the runs, not the threads, share the cores)")
@@ -96,7 +98,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser, *, default_workers: 
 def check_executor_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the flag for bad executor flags, ImportError if Ray is missing."""
     for name, value in (("--workers", args.workers), ("--threads", args.threads)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     if args.cpus_per_run is not None and args.cpus_per_run < 1:
         raise ValueError(f"--cpus-per-run must be a positive integer, got {args.cpus_per_run}")
@@ -111,7 +113,13 @@ def check_executor_arguments(args: argparse.Namespace) -> None:
 
 def executor_options(args: argparse.Namespace) -> dict[str, Any]:
     """The :func:`run_sweep` keyword arguments of the executor flags."""
-    return {"executor": args.executor, "workers": args.workers, "threads": args.threads,
+    workers = args.workers
+    if workers is None:
+        # workers × threads never more than the cores: oversubscribed runs slow each other
+        # (and their timings) several times on a small machine
+        cap = getattr(args, "workers_cap", 1)
+        workers = max(1, min(cap, (os.cpu_count() or 1) // args.threads))
+    return {"executor": args.executor, "workers": workers, "threads": args.threads,
             "address": args.address, "cpus_per_run": args.cpus_per_run,
             "max_retries": args.max_retries}
 
