@@ -229,3 +229,21 @@ def test_gradcheck_through_the_cycle_path(dtype):
             err = (ours[i].grad.double() - exact[i].grad).abs().max().item()
             ref_err = (ref32[i].grad.double() - exact[i].grad).abs().max().item()
             assert err <= 8 * ref_err + 1e-6
+
+
+def test_conditioning_is_tested_once_per_weight_version(monkeypatch):
+    # forward and backward ask the same question of the same weight: one answer per step
+    import bornsparse.ops.permuted as P
+    from bornsparse.nn import PermutedBlockDiagonal
+
+    calls = []
+    real = P.inverse_backward_is_safe
+    monkeypatch.setattr(P, "inverse_backward_is_safe", lambda w: calls.append(1) or real(w))
+    layer = PermutedBlockDiagonal(64, 64, seed=0)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(256, 64)
+    for _ in range(3):  # the optimizer's in-place step makes a new version each time
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    assert len(calls) == 3

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # single dict operations are atomic under the GIL; no lock, since a weakref callback may
 # run during garbage collection at any allocation, where a held lock would deadlock
@@ -30,11 +33,11 @@ def _stamp(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype)
 
 
-def check_once(tag: str, tensors: Sequence[torch.Tensor], check: Callable[[], None]) -> None:
-    """Call ``check()`` (which raises on bad input) unless it passed for these very tensors
-    (or views of the same base tensor objects) at their current versions. Entries hold weak
-    references to the owners, so a freed tensor whose id is reused never matches, and they
-    disappear with the tensors."""
+def once_per_version(tag: str, tensors: Sequence[torch.Tensor], compute: Callable[[], T]) -> T:
+    """``compute()``'s result, computed again only when one of ``tensors`` (or its base)
+    changed: another object, another version, another view. Entries hold weak references
+    to the owners, so a freed tensor whose id is reused never matches, and they disappear
+    with the tensors."""
     owners = tuple(map(_owner, tensors))
     key = (tag, *map(id, owners))
     stamps = tuple(map(_stamp, tensors))
@@ -42,11 +45,19 @@ def check_once(tag: str, tensors: Sequence[torch.Tensor], check: Callable[[], No
     if hit is not None and hit[1] == stamps and all(
         r() is t for r, t in zip(hit[0], owners, strict=True)
     ):
-        return
-    check()
+        return hit[2]
+    value = compute()
 
     def forget(_ref: weakref.ref, key: tuple = key) -> None:
         _SEEN.pop(key, None)
 
     refs = tuple(weakref.ref(t, forget) for t in owners)
-    _SEEN[key] = (refs, stamps)
+    _SEEN[key] = (refs, stamps, value)
+    return value
+
+
+def check_once(tag: str, tensors: Sequence[torch.Tensor], check: Callable[[], None]) -> None:
+    """Call ``check()`` (which raises on bad input) unless it passed for these very tensors
+    (or views of the same base tensor objects) at their current versions: an O(size) check
+    of index tensors is redone only after they changed."""
+    once_per_version(tag, tensors, check)
