@@ -29,10 +29,10 @@ from bornsparse.ops._parallel import (
     finish_chunk,
     float_slot,
     header_address,
+    launch,
     lazy_body,
     make_header,
     put_addresses,
-    run_chunks,
     view,
 )
 
@@ -560,10 +560,10 @@ def _gather_scale_dot_t_body(header):
 # ---- Python side: operand checks, headers, launch ---------------------------------------
 
 
-def _launch(chunks, body, units: int, work: int, sizes: tuple, arrays: tuple,
+def _launch(body, units: int, work: int, sizes: tuple, arrays: tuple,
             n_outputs: int) -> None:
-    """Check dtypes, make ``arrays`` C-contiguous and run the chunk loop ``chunks`` (or its
-    region ``body``) over ``units`` rows or tiles, chunked by chunk_plan; header: dtype code,
+    """Check dtypes, make ``arrays`` C-contiguous and run the region body ``body`` over
+    ``units`` rows or tiles, chunked by chunk_plan; header: dtype code,
     ``sizes`` (ints, or float64 bits), then the arrays' pointers.
 
     The last ``n_outputs`` arrays are written: where one is not contiguous the body writes a
@@ -581,7 +581,7 @@ def _launch(chunks, body, units: int, work: int, sizes: tuple, arrays: tuple,
     f64 = dtype == np.float64
     header = make_header(nchunks, int(f64), *sizes, length=HEADER_LEN)
     put_addresses(header, 4 + len(sizes), *bufs)
-    run_chunks(chunks, body, header, nthreads, _F64 if f64 else _F32)
+    launch(body.address, header, nthreads)
     for a, b in zip(arrays[len(arrays) - n_outputs:], bufs[len(bufs) - n_outputs:],
                     strict=True):
         if b is not a:
@@ -599,8 +599,8 @@ def _tiles(nb: int) -> int:
     return (nb + _TILE - 1) // _TILE
 
 
-# The Python-callable kernels. With one thread (small work, or one torch thread) the chunk
-# loop is called directly instead of as a region (ops/_parallel.run_chunks).
+# The Python-callable kernels. With one thread (small work, or one torch thread) the body
+# runs on the calling thread, not as a region (ops/_parallel.launch).
 
 
 def _twiddle_take_kernel(spec: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -611,7 +611,7 @@ def _twiddle_take_kernel(spec: np.ndarray, w: np.ndarray, out: np.ndarray) -> No
     nb, n = out.shape
     half = spec.shape[1]
     _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)))
-    _launch(_twiddle_take_chunks, _twiddle_take_body, nb, nb * n, (nb, half, n),
+    _launch(_twiddle_take_body, nb, nb * n, (nb, half, n),
             (spec, w, out), 1)
 
 
@@ -623,7 +623,7 @@ def _untake_twiddle_kernel(coef: np.ndarray, w_inv: np.ndarray, spec: np.ndarray
     nb, n = coef.shape
     half = spec.shape[1]
     _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
-    _launch(_untake_twiddle_chunks, _untake_twiddle_body, nb, nb * n,
+    _launch(_untake_twiddle_body, nb, nb * n,
             (nb, n, half), (coef, w_inv, spec), 1)
 
 
@@ -643,7 +643,7 @@ def _affine_take_kernel(
     _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)), y=(y, (nb, m)))
     if bias.shape[0]:
         _check_shapes(bias=(bias, (m,)))
-    _launch(_affine_take_chunks, _affine_take_body, nb, nb * max(m, half),
+    _launch(_affine_take_body, nb, nb * max(m, half),
             (nb, half, n, m, bias.shape[0], float_slot(alpha)), (spec, w, y, bias, out), 1)
 
 
@@ -653,7 +653,7 @@ def _padded_untake_kernel(g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.nda
     nb, m = g.shape
     half = spec.shape[1]
     _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
-    _launch(_padded_untake_chunks, _padded_untake_body, nb, nb * half * 2,
+    _launch(_padded_untake_body, nb, nb * half * 2,
             (nb, m, n, half), (g, w_inv, spec), 1)
 
 
@@ -671,7 +671,7 @@ def _gather_scale_dot_kernel(
     _check_shapes(v=(v, (nb, q)), unorder=(unorder, (q,)), gx=(gx, (nb, d)),
                   dots=(dots, (nb,)))
     unorder = unorder.astype(np.int64, copy=False)
-    _launch(_gather_scale_dot_chunks, _gather_scale_dot_body, nb, nb * d,
+    _launch(_gather_scale_dot_body, nb, nb * d,
             (nb, q, d, float_slot(alpha)), (v, unorder, x, gx, dots), 2)
 
 
@@ -686,7 +686,7 @@ def _reorder_transpose_kernel(
     nb, n = x.shape
     q = v.shape[1]
     _check_shapes(v=(v, (nb, q)), x_t=(x_t, (n, nb)))
-    _launch(_reorder_transpose_chunks, _reorder_transpose_body, _tiles(nb), nb * (q + n),
+    _launch(_reorder_transpose_body, _tiles(nb), nb * (q + n),
             (nb, n, q), (x, v, x_t), 2)
 
 
@@ -700,7 +700,7 @@ def _affine_take_t_kernel(
     _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)), y_t=(y_t, (m, nb)))
     if bias.shape[0]:
         _check_shapes(bias=(bias, (m,)))
-    _launch(_affine_take_t_chunks, _affine_take_t_body, _tiles(nb), nb * max(m, half),
+    _launch(_affine_take_t_body, _tiles(nb), nb * max(m, half),
             (nb, half, n, m, bias.shape[0], float_slot(alpha)), (spec, w, y_t, bias, out), 1)
 
 
@@ -713,7 +713,7 @@ def _padded_untake_t_kernel(
     _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
     if g_t.shape[0]:
         _check_shapes(g_t=(g_t, (m, nb)))
-    _launch(_padded_untake_t_chunks, _padded_untake_t_body, _tiles(nb),
+    _launch(_padded_untake_t_body, _tiles(nb),
             nb * (half * 2 + g_t.shape[0]), (nb, m, n, half, g_t.shape[0]),
             (g, w_inv, spec, g_t), 2)
 
@@ -732,6 +732,6 @@ def _gather_scale_dot_t_kernel(
     _check_shapes(v=(v, (nb, q)), gx=(gx, (nb, d)), dots=(dots, (nb,)))
     if gs_t.shape[0]:
         _check_shapes(gs_t=(gs_t, (d, nb)))
-    _launch(_gather_scale_dot_t_chunks, _gather_scale_dot_t_body, _tiles(nb),
+    _launch(_gather_scale_dot_t_body, _tiles(nb),
             nb * (d + gs_t.shape[0]), (nb, q, d, float_slot(alpha), gs_t.shape[0]),
             (v, x, gs_t, gx, dots), 2)

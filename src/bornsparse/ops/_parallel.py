@@ -232,20 +232,6 @@ def header_address(header):
     return _as_voidptr(np.int64(header.ctypes.data))
 
 
-def run_chunks(chunks, body, header: np.ndarray, nthreads: int, *likes) -> None:
-    """Run every chunk of ``header``: as a region of ``body`` (a lazy_body whose cfunc calls
-    ``chunks(numba.carray(header, (HEADER_LEN,), np.int64), *likes)``) on ``nthreads`` > 1
-    threads, else by calling the njit ``chunks`` loop directly, which costs ~1 µs instead of
-    a cfunc call and lets exceptions through. Both paths run the same compiled chunk loop,
-    so their results agree bitwise: calling the per-chunk function itself instead measured
-    last-bit differences (fastmath lets LLVM reassociate it differently once inlined).
-    """
-    if nthreads > 1:
-        launch(body.address, header, nthreads)
-    else:
-        chunks(header, *likes)
-
-
 def make_header(nchunks: int, *values: int, length: int = 0) -> np.ndarray:
     """The int64 header of a body: the two chunk counters, the chunk count, then ``values``
     (dtype code, sizes, data pointers, ``float_slot`` floats) in the body's order, zero-padded

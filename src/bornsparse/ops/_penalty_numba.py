@@ -20,9 +20,9 @@ from bornsparse.ops._parallel import (
     claim_chunk,
     finish_chunk,
     header_address,
+    launch,
     lazy_body,
     make_header,
-    run_chunks,
     view,
 )
 
@@ -121,6 +121,5 @@ def orthogonality_penalty_kernel(w: np.ndarray, grad: np.ndarray | None,
         scale.ctypes.data, w.ctypes.data, out.ctypes.data, partial.ctypes.data,
         length=HEADER_LEN,
     )
-    run_chunks(_penalty_chunks, _penalty_body, header, nthreads,
-               _F64 if w.dtype == np.float64 else _F32)
+    launch(_penalty_body.address, header, nthreads)
     return float(partial.sum()) / max(nblocks, 1)

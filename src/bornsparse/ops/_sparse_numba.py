@@ -28,10 +28,10 @@ from bornsparse.ops._parallel import (
     claim_chunk,
     finish_chunk,
     header_address,
+    launch,
     lazy_body,
     make_header,
     put_addresses,
-    run_chunks,
     view,
 )
 
@@ -269,9 +269,6 @@ def _c(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-_LIKES = {0: (_F32, _I64), 1: (_F64, _I64), 2: (_F32, _I32), 3: (_F64, _I32)}
-
-
 def _spmm_t_run(ptr, idx, vals, x_t, out_t, nchunks: int, nthreads: int) -> None:
     """_spmm_t_kernel as ``nchunks`` chunks on up to ``nthreads`` threads."""
     code = _float_code(vals, x_t, out_t)
@@ -282,7 +279,7 @@ def _spmm_t_run(ptr, idx, vals, x_t, out_t, nchunks: int, nthreads: int) -> None
     header = make_header(nchunks, code | icode, n_out, x_t.shape[0], batch, nnz,
                          length=HEADER_LEN)
     put_addresses(header, 8, ptr, idx, vals, x_t, dst)
-    run_chunks(_spmm_t_chunks, _spmm_t_body, header, nthreads, *_LIKES[code | icode])
+    launch(_spmm_t_body.address, header, nthreads)
     if dst is not out_t:
         out_t[...] = dst
 
@@ -298,8 +295,7 @@ def _sampled_dot_run(rows, cols, gy_t, x_t, out, nchunks: int, nthreads: int) ->
     header = make_header(nchunks, code | icode, nnz, gy_t.shape[0], x_t.shape[0], batch,
                          length=HEADER_LEN)
     put_addresses(header, 8, rows, cols, gy_t, x_t, dst)
-    run_chunks(_sampled_dot_chunks, _sampled_dot_body, header, nthreads,
-               *_LIKES[code | icode])
+    launch(_sampled_dot_body.address, header, nthreads)
     if dst is not out:
         out[...] = dst
 
@@ -318,16 +314,15 @@ def _spmm_t_sampled_dot_run(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc,
     header = make_header(nchunks, code | icode, n_cols, gy_t.shape[0], batch, nnz,
                          length=HEADER_LEN)
     put_addresses(header, 8, colptr, csc_rows, vals_csc, gy_t, x_t, gx_dst, gv_dst)
-    run_chunks(_spmm_t_sampled_dot_chunks, _spmm_t_sampled_dot_body, header, nthreads,
-               *_LIKES[code | icode])
+    launch(_spmm_t_sampled_dot_body.address, header, nthreads)
     if gx_dst is not gx_t:
         gx_t[...] = gx_dst
     if gv_dst is not gv_csc:
         gv_csc[...] = gv_dst
 
 
-# The Python-callable kernels. With one thread (small work, or one torch thread) the chunk
-# loop is called directly instead of as a region (ops/_parallel.run_chunks).
+# The Python-callable kernels. With one thread (small work, or one torch thread) the body
+# runs on the calling thread, not as a region (ops/_parallel.launch).
 
 
 def _spmm_t_kernel(ptr, idx, vals, x_t, out_t) -> None:
