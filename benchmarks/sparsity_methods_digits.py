@@ -95,7 +95,7 @@ if "counts" in sys.argv:
         for method in ("synflow", "force"):
             m = net(arch, 0)
             t0 = time.process_time()
-            _, rep = prune_at_init(m, method, 1e-3, data=batches())
+            rep = prune_at_init(m, method, 1e-3, data=batches())
             print(f"\n{arch} {method} density 1e-3, {rep.rounds} rounds, floor moved "
                   f"{rep.floor_moved} (final round) / {rep.floor_moved_total} (all rounds), "
                   f"{time.process_time() - t0:.1f} s CPU\n")

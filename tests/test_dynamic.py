@@ -441,3 +441,16 @@ def test_state_dict_names_class_and_topology(tmp_path):
     old_format = {k: loaded[k] for k in ("t", "updates", "total_steps", "t_end", "delta",
                                          "alpha", "seed", "rng")}
     rigl.load_state_dict(old_format)  # written before class/kind/layers existed
+
+
+@pytest.mark.parametrize("cls", [RigL, SET])
+def test_density_on_an_already_sparse_model_says_to_leave_it_out(cls):
+    from bornsparse import sparsify
+
+    model = mlp()
+    sparsify(model, kind="sparse", density=0.1, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"density=0.1 converts .* leave density out"):
+        cls(model, opt, density=0.1, total_steps=10)
+    sched = cls(model, opt, total_steps=10)  # adopted as they are
+    assert [n for n, _ in sched.layers] == [n for n, _ in sparse_targets(model)]

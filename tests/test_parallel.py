@@ -130,3 +130,42 @@ def test_backend_reports_serial_in_a_forked_child(monkeypatch):
     assert _parallel.backend() == "serial"
     monkeypatch.setattr(_parallel, "in_forked_child", lambda: False)
     assert _parallel.backend() in ("openmp", "threads")
+
+
+def test_header_layout_names_every_slot_and_pack_header_checks_them():
+    layout = _parallel.header_layout("ToySlot", "n alpha x y")
+    assert [int(layout.nchunks), int(layout.code), int(layout.n), int(layout.y)] == [2, 3, 4, 7]
+    assert len(layout) == 8
+    x, y = np.zeros(3), np.ones(2)
+    h = _parallel.pack_header(layout, 5, 1, n=3, alpha=7, x=x, y=y)
+    assert h.tolist()[2:6] == [5, 1, 3, 7]
+    assert h[layout.x] == x.ctypes.data and h[layout.y] == y.ctypes.data
+    with pytest.raises(TypeError, match="no value for header field 'alpha'"):
+        _parallel.pack_header(layout, 1, 0, n=3, x=x, y=y)
+    with pytest.raises(TypeError, match=r"unknown header fields \['z'\]"):
+        _parallel.pack_header(layout, 1, 0, n=3, alpha=0, x=x, y=y, z=1)
+    with pytest.raises(TypeError, match="pointer fields must be consecutive"):
+        _parallel.pack_header(layout, 1, 0, n=x, alpha=0, x=1, y=y)
+    with pytest.raises(ValueError, match="repeated field"):
+        _parallel.header_layout("Bad", "n n")
+
+
+def test_region_bodies_from_one_template_run_their_own_chunk_loop():
+    # two bodies built from the same template must not share code or on-disk cache entries
+    from bornsparse.ops import _dct_numba, _sparse_numba
+
+    names = {b._pyfunc.__name__ for b in (_dct_numba._twiddle_take_body,
+                                          _dct_numba._affine_take_t_body,
+                                          _sparse_numba._spmm_t_body)}
+    assert names == {"_twiddle_take_chunks_body", "_affine_take_t_chunks_body",
+                     "_spmm_t_chunks_body"}
+    assert _dct_numba._twiddle_take_body._pyfunc.__code__.co_filename == _dct_numba.__file__
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):  # code 0 and 1 reach their own specialisation
+        spec = rng.standard_normal((3, 5, 2)).astype(dtype)
+        w = rng.standard_normal((5, 2)).astype(dtype)
+        out = np.empty((3, 8), dtype)
+        _dct_numba._twiddle_take_kernel(spec, w, out)
+        z = (spec[..., 0] + 1j * spec[..., 1]) * (w[:, 0] + 1j * w[:, 1])
+        np.testing.assert_allclose(out[:, :5], z.real, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[:, 5:], -z.imag[:, 3:0:-1], rtol=1e-5, atol=1e-5)

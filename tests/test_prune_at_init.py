@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bornsparse.sparsity import prune_at_init
+from bornsparse.sparsity import PruneReport, prune_at_init
 from bornsparse.sparsity import scores as S
 from bornsparse.sparsity.swap import (
     DCTOffset,
@@ -208,7 +208,8 @@ def test_invariants_and_determinism(method, kind, digits):
     density = 0.05
     runs = []
     for _ in range(2):
-        model, report = prune_at_init(convnet(), method, density, data=data, kind=kind, rounds=8)
+        model = convnet()
+        report = prune_at_init(model, method, density, data=data, kind=kind, rounds=8)
         runs.append((model, report))
     model, report = runs[0]
     layers = sparse_targets(model)
@@ -230,7 +231,8 @@ def test_kept_values_are_the_initial_weights(digits):
     x, y, *_ = digits
     dense = mlp()
     w = [m.weight.detach().clone() for _, m in dense_targets(dense)]
-    model, _ = prune_at_init(dense, "snip", 0.1, data=(x[:256], y[:256]))
+    model = dense
+    prune_at_init(model, "snip", 0.1, data=(x[:256], y[:256]))
     for wi, (_, layer) in zip(w, sparse_targets(model), strict=True):
         torch.testing.assert_close(layer.to_dense(), wi * (layer.to_dense() != 0))
         assert torch.equal(layer.values.detach(), wi[layer.indices[0], layer.indices[1]])
@@ -238,7 +240,8 @@ def test_kept_values_are_the_initial_weights(digits):
 
 def test_same_after_save_and_load(digits):
     x, y, *_ = digits
-    model, report = prune_at_init(mlp(), "force", 0.05, data=(x[:256], y[:256]), rounds=5)
+    model = mlp()
+    report = prune_at_init(model, "force", 0.05, data=(x[:256], y[:256]), rounds=5)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     # a skeleton with the same counts on other supports, then load the checkpoint into it
@@ -262,12 +265,13 @@ def test_distribution_fixes_per_layer_counts(digits):
     x, y, *_ = digits
     dense = mlp()
     shapes = [tuple(m.weight.shape) for _, m in dense_targets(dense)]
-    model, report = prune_at_init(dense, "snip", 0.1, data=(x[:256], y[:256]),
-                                  distribution="erk")
+    model = dense
+    report = prune_at_init(model, "snip", 0.1, data=(x[:256], y[:256]), distribution="erk")
     assert [l.nnz for l in report.layers] == list(allocate_nnz(shapes, 0.1, "erk"))
     # equal per filter: every row of every layer holds the same count (give or take one)
-    model, report = prune_at_init(mlp(), "force", 0.1, data=(x[:256], y[:256]),
-                                  distribution="epf", rounds=4)
+    model = mlp()
+    report = prune_at_init(model, "force", 0.1, data=(x[:256], y[:256]), distribution="epf",
+                           rounds=4)
     assert [l.nnz for l in report.layers] == list(allocate_nnz(shapes, 0.1, "epf"))
     for _, layer in sparse_targets(model):
         per_row = torch.bincount(layer.indices[0], minlength=layer.dense_shape[0])
@@ -279,9 +283,10 @@ def test_accepts_a_dataloader(digits):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:200], y[:200]),
                                          batch_size=64)
     # FORCE cycles through the loader (4 batches) for 10 rounds; SNIP reads it once
-    m1, r1 = prune_at_init(mlp(), "force", 0.05, data=loader, rounds=10)
-    m2, r2 = prune_at_init(mlp(), "snip", 0.05, data=loader)
-    m3, r3 = prune_at_init(mlp(), "snip", 0.05, data=batches(x[:200], y[:200], 64))
+    m1, m2, m3 = mlp(), mlp(), mlp()
+    r1 = prune_at_init(m1, "force", 0.05, data=loader, rounds=10)
+    r2 = prune_at_init(m2, "snip", 0.05, data=loader)
+    r3 = prune_at_init(m3, "snip", 0.05, data=batches(x[:200], y[:200], 64))
     assert r1.nnz == r2.nnz == r3.nnz
     for (_, a), (_, b) in zip(sparse_targets(m2), sparse_targets(m3), strict=True):
         assert torch.equal(a.indices, b.indices)
@@ -290,7 +295,8 @@ def test_accepts_a_dataloader(digits):
 @pytest.mark.parametrize("method", ["synflow", "force"])
 def test_no_layer_collapse_at_density_1e_3(method, digits):
     x, y, *_ = digits
-    model, report = prune_at_init(mlp(), method, 1e-3, data=batches(x[:512], y[:512]))
+    model = mlp()
+    report = prune_at_init(model, method, 1e-3, data=batches(x[:512], y[:512]))
     assert report.rounds == 100
     counts = [l.nnz for l in report.layers]
     assert all(c >= 1 for c in counts) and sum(counts) == round(1e-3 * report.total)
@@ -300,7 +306,8 @@ def test_no_layer_collapse_at_density_1e_3(method, digits):
 @pytest.mark.parametrize("method", METHODS)
 def test_trains_digits_above_chance(method, digits):
     x, y, xt, yt = digits
-    model, _ = prune_at_init(mlp(), method, 0.1, data=batches(x[:512], y[:512]), rounds=20)
+    model = mlp()
+    prune_at_init(model, method, 0.1, data=batches(x[:512], y[:512]), rounds=20)
     acc = train(model, x, y, xt, yt)
     assert acc > 0.6, f"{method}: test accuracy {acc:.3f}"
 
@@ -328,7 +335,7 @@ def test_rejects_bad_arguments(digits):
         prune_at_init(mlp(), "synflow", 0.1)
     with pytest.raises(ValueError, match=r"input_shape\[1\] must be a positive integer"):
         prune_at_init(mlp(), "synflow", 0.1, input_shape=(1, 0, 8))
-    _, report = prune_at_init(mlp(), "synflow", 0.1, input_shape=64, rounds=2)
+    report = prune_at_init(mlp(), "synflow", 0.1, input_shape=64, rounds=2)
     assert report.nnz == round(0.1 * report.total)
     with pytest.raises(ValueError, match="kind must be one of"):
         prune_at_init(mlp(), "snip", 0.1, data=data, kind="dense")
@@ -338,3 +345,13 @@ def test_rejects_bad_arguments(digits):
         prune_at_init(mlp(), "snip", "0.1", data=data)
     with pytest.raises(ValueError, match="distribution"):
         prune_at_init(mlp(), "snip", 0.1, data=data, distribution="nope")
+
+
+def test_returns_the_report_and_converts_in_place():
+    model = mlp()
+    report = prune_at_init(model, "snip", 0.1, data=(torch.randn(16, 64), torch.arange(16) % 10))
+    assert isinstance(report, PruneReport) and report.nnz == round(0.1 * report.total)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    with pytest.warns(DeprecationWarning, match="returns the report alone"):
+        same, rep = report  # the old (model, report) unpacking, for one release
+    assert same is model and rep is report

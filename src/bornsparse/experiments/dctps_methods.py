@@ -377,7 +377,7 @@ def _pai(name: str):
             calls.append(1)
             return F.cross_entropy(logits, y)
 
-        model, report = prune_at_init(
+        report = prune_at_init(
             model, name, density, data=ctx.pai_batches(), kind="sparse", loss_fn=loss_fn,
             rounds=ctx.train_cfg.pai_rounds, input_shape=ctx.splits.input_shape,
         )

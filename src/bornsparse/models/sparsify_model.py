@@ -22,7 +22,11 @@ import torch
 from torch import nn
 
 from bornsparse._checks import check_positive_int
-from bornsparse.sparsity.distributions import allocate_nnz, support_layout
+from bornsparse.sparsity.distributions import (
+    DEFAULT_DISTRIBUTION,
+    allocate_nnz,
+    support_layout,
+)
 from bornsparse.sparsity.swap import (
     LAYER_KINDS,
     STRUCTURED_KINDS,
@@ -146,7 +150,7 @@ def sparsify(
     *,
     kind: str = "dctps",
     density: float,
-    distribution: str = "epl",
+    distribution: str = DEFAULT_DISTRIBUTION["sparsify"],
     include: Selector = None,
     exclude: Selector = None,
     seed: int | None = None,

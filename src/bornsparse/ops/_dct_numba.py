@@ -6,8 +6,8 @@ pass, parallel over rows.
 
 Each kernel is a function of a range of rows (or of _TILE-sample tiles), run over chunks of
 the batch as a parallel region of torch's own OpenMP team (ops/_parallel.py): the
-Python-callable ``*_kernel`` functions at the end build the int64 header (slot 3 the dtype:
-0 float32, 1 float64; then sizes, α as float64 bits, data pointers) and launch the cfunc
+Python-callable ``*_kernel`` functions at the end build the int64 header (named slots:
+``code`` 0 float32, 1 float64; then sizes, α as float64 bits, data pointers) and launch the cfunc
 body. Numba's ``parallel=True`` would start a second OpenMP runtime whose threads, and
 torch's, spin while the other works (docs/design.md). Every row is computed the same way
 whichever chunk holds it, so results depend neither on the chunking nor on the threads.
@@ -22,22 +22,19 @@ import numba
 import numpy as np
 
 from bornsparse.ops._parallel import (
-    HEADER_LEN,
     NoAliasCompiler,
     chunk_plan,
     claim_chunk,
     finish_chunk,
     float_slot,
     header_address,
+    header_layout,
     launch,
-    lazy_body,
-    make_header,
-    put_addresses,
+    pack_header,
+    region_body,
     view,
 )
 
-_F32 = np.empty(0, np.float32)
-_F64 = np.empty(0, np.float64)
 _I64 = np.empty(0, np.int64)
 _JIT = dict(cache=True, nogil=True, fastmath=True, pipeline_class=NoAliasCompiler)
 # Below this many elements a pass runs as one chunk on the calling thread. Lower than the
@@ -295,9 +292,8 @@ def _gather_scale_dot_t_tiles(v, x, alpha, gs_t, gx, dots, t0, t1):
 
 
 # ---- chunk loops: unpack the header, run every chunk this thread claims ----------------
-# Header (an int64 array of HEADER_LEN slots): 0-2 as in ops/_parallel.py, 3 the dtype code,
-# then the sizes, α (float64 bits) where the kernel has one, and the data pointers, outputs
-# last (see _launch). The same compiled loop runs from a region body or called directly.
+# Headers: one named layout per loop (below), read here and filled by _launch by name: the
+# sizes, α (float64 bits) where the kernel has one, and the data pointers, outputs last.
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -312,13 +308,25 @@ def _span(units, c, nchunks):
     return units * c // nchunks, units * (c + 1) // nchunks
 
 
+# The headers (ops/_parallel.header_layout): sizes, α as float64 bits, then pointers.
+TwiddleTakeSlot = header_layout("TwiddleTakeSlot", "nb half n spec w out")
+UntakeTwiddleSlot = header_layout("UntakeTwiddleSlot", "nb n half coef w_inv spec")
+AffineTakeSlot = header_layout("AffineTakeSlot", "nb half n m nbias alpha spec w y bias out")
+PaddedUntakeSlot = header_layout("PaddedUntakeSlot", "nb m n half g w_inv spec")
+GatherScaleDotSlot = header_layout("GatherScaleDotSlot", "nb q d alpha v unorder x gx dots")
+ReorderTransposeSlot = header_layout("ReorderTransposeSlot", "nb n q x v x_t")
+PaddedUntakeTSlot = header_layout("PaddedUntakeTSlot", "nb m n half mt g w_inv spec g_t")
+GatherScaleDotTSlot = header_layout("GatherScaleDotTSlot", "nb q d alpha ds v x gs_t gx dots")
+
+
 @numba.njit(cache=True, nogil=True)
 def _twiddle_take_chunks(a, like):
+    S = TwiddleTakeSlot
     hp = header_address(a)
-    nchunks, nb, half, n = a[2], a[4], a[5], a[6]
-    spec = view(a[7], (nb, half, 2), like)
-    w = view(a[8], (half, 2), like)
-    out = view(a[9], (nb, n), like)
+    nchunks, nb, half, n = a[S.nchunks], a[S.nb], a[S.half], a[S.n]
+    spec = view(a[S.spec], (nb, half, 2), like)
+    w = view(a[S.w], (half, 2), like)
+    out = view(a[S.out], (nb, n), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -330,11 +338,12 @@ def _twiddle_take_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _untake_twiddle_chunks(a, like):
+    S = UntakeTwiddleSlot
     hp = header_address(a)
-    nchunks, nb, n, half = a[2], a[4], a[5], a[6]
-    coef = view(a[7], (nb, n), like)
-    w_inv = view(a[8], (half, 2), like)
-    spec = view(a[9], (nb, half, 2), like)
+    nchunks, nb, n, half = a[S.nchunks], a[S.nb], a[S.n], a[S.half]
+    coef = view(a[S.coef], (nb, n), like)
+    w_inv = view(a[S.w_inv], (half, 2), like)
+    spec = view(a[S.spec], (nb, half, 2), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -346,14 +355,15 @@ def _untake_twiddle_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _affine_take_chunks(a, like):
+    S = AffineTakeSlot
     hp = header_address(a)
-    nchunks, nb, half, n, m, nbias = a[2], a[4], a[5], a[6], a[7], a[8]
-    alpha = _alpha(a, 9, like)
-    spec = view(a[10], (nb, half, 2), like)
-    w = view(a[11], (half, 2), like)
-    y = view(a[12], (nb, m), like)
-    bias = view(a[13], (nbias,), like)
-    out = view(a[14], (nb, m), like)
+    nchunks, nb, half, n, m, nbias = a[S.nchunks], a[S.nb], a[S.half], a[S.n], a[S.m], a[S.nbias]
+    alpha = _alpha(a, S.alpha, like)
+    spec = view(a[S.spec], (nb, half, 2), like)
+    w = view(a[S.w], (half, 2), like)
+    y = view(a[S.y], (nb, m), like)
+    bias = view(a[S.bias], (nbias,), like)
+    out = view(a[S.out], (nb, m), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -365,11 +375,12 @@ def _affine_take_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _padded_untake_chunks(a, like):
+    S = PaddedUntakeSlot
     hp = header_address(a)
-    nchunks, nb, m, n, half = a[2], a[4], a[5], a[6], a[7]
-    g = view(a[8], (nb, m), like)
-    w_inv = view(a[9], (half, 2), like)
-    spec = view(a[10], (nb, half, 2), like)
+    nchunks, nb, m, n, half = a[S.nchunks], a[S.nb], a[S.m], a[S.n], a[S.half]
+    g = view(a[S.g], (nb, m), like)
+    w_inv = view(a[S.w_inv], (half, 2), like)
+    spec = view(a[S.spec], (nb, half, 2), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -381,14 +392,15 @@ def _padded_untake_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _gather_scale_dot_chunks(a, like):
+    S = GatherScaleDotSlot
     hp = header_address(a)
-    nchunks, nb, q, d = a[2], a[4], a[5], a[6]
-    alpha = _alpha(a, 7, like)
-    v = view(a[8], (nb, q), like)
-    unorder = view(a[9], (q,), _I64)
-    x = view(a[10], (nb, d), like)
-    gx = view(a[11], (nb, d), like)
-    dots = view(a[12], (nb,), like)
+    nchunks, nb, q, d = a[S.nchunks], a[S.nb], a[S.q], a[S.d]
+    alpha = _alpha(a, S.alpha, like)
+    v = view(a[S.v], (nb, q), like)
+    unorder = view(a[S.unorder], (q,), _I64)
+    x = view(a[S.x], (nb, d), like)
+    gx = view(a[S.gx], (nb, d), like)
+    dots = view(a[S.dots], (nb,), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -400,11 +412,12 @@ def _gather_scale_dot_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _reorder_transpose_chunks(a, like):
+    S = ReorderTransposeSlot
     hp = header_address(a)
-    nchunks, nb, n, q = a[2], a[4], a[5], a[6]
-    x = view(a[7], (nb, n), like)
-    v = view(a[8], (nb, q), like)
-    x_t = view(a[9], (n, nb), like)
+    nchunks, nb, n, q = a[S.nchunks], a[S.nb], a[S.n], a[S.q]
+    x = view(a[S.x], (nb, n), like)
+    v = view(a[S.v], (nb, q), like)
+    x_t = view(a[S.x_t], (n, nb), like)
     ntiles = (nb + _TILE - 1) // _TILE
     while True:
         c = claim_chunk(hp, nchunks)
@@ -417,14 +430,15 @@ def _reorder_transpose_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _affine_take_t_chunks(a, like):
+    S = AffineTakeSlot  # as _affine_take_chunks, with y_t (m, nb) in the ``y`` slot
     hp = header_address(a)
-    nchunks, nb, half, n, m, nbias = a[2], a[4], a[5], a[6], a[7], a[8]
-    alpha = _alpha(a, 9, like)
-    spec = view(a[10], (nb, half, 2), like)
-    w = view(a[11], (half, 2), like)
-    y_t = view(a[12], (m, nb), like)
-    bias = view(a[13], (nbias,), like)
-    out = view(a[14], (nb, m), like)
+    nchunks, nb, half, n, m, nbias = a[S.nchunks], a[S.nb], a[S.half], a[S.n], a[S.m], a[S.nbias]
+    alpha = _alpha(a, S.alpha, like)
+    spec = view(a[S.spec], (nb, half, 2), like)
+    w = view(a[S.w], (half, 2), like)
+    y_t = view(a[S.y], (m, nb), like)
+    bias = view(a[S.bias], (nbias,), like)
+    out = view(a[S.out], (nb, m), like)
     ntiles = (nb + _TILE - 1) // _TILE
     while True:
         c = claim_chunk(hp, nchunks)
@@ -437,12 +451,13 @@ def _affine_take_t_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _padded_untake_t_chunks(a, like):
+    S = PaddedUntakeTSlot
     hp = header_address(a)
-    nchunks, nb, m, n, half, mt = a[2], a[4], a[5], a[6], a[7], a[8]
-    g = view(a[9], (nb, m), like)
-    w_inv = view(a[10], (half, 2), like)
-    spec = view(a[11], (nb, half, 2), like)
-    g_t = view(a[12], (mt, nb), like)
+    nchunks, nb, m, n, half, mt = a[S.nchunks], a[S.nb], a[S.m], a[S.n], a[S.half], a[S.mt]
+    g = view(a[S.g], (nb, m), like)
+    w_inv = view(a[S.w_inv], (half, 2), like)
+    spec = view(a[S.spec], (nb, half, 2), like)
+    g_t = view(a[S.g_t], (mt, nb), like)
     ntiles = (nb + _TILE - 1) // _TILE
     while True:
         c = claim_chunk(hp, nchunks)
@@ -455,14 +470,15 @@ def _padded_untake_t_chunks(a, like):
 
 @numba.njit(cache=True, nogil=True)
 def _gather_scale_dot_t_chunks(a, like):
+    S = GatherScaleDotTSlot
     hp = header_address(a)
-    nchunks, nb, q, d, ds = a[2], a[4], a[5], a[6], a[8]
-    alpha = _alpha(a, 7, like)
-    v = view(a[9], (nb, q), like)
-    x = view(a[10], (nb, d), like)
-    gs_t = view(a[11], (ds, nb), like)
-    gx = view(a[12], (nb, d), like)
-    dots = view(a[13], (nb,), like)
+    nchunks, nb, q, d, ds = a[S.nchunks], a[S.nb], a[S.q], a[S.d], a[S.ds]
+    alpha = _alpha(a, S.alpha, like)
+    v = view(a[S.v], (nb, q), like)
+    x = view(a[S.x], (nb, d), like)
+    gs_t = view(a[S.gs_t], (ds, nb), like)
+    gx = view(a[S.gx], (nb, d), like)
+    dots = view(a[S.dots], (nb,), like)
     ntiles = (nb + _TILE - 1) // _TILE
     while True:
         c = claim_chunk(hp, nchunks)
@@ -473,119 +489,44 @@ def _gather_scale_dot_t_chunks(a, like):
         finish_chunk(hp)
 
 
-# The region bodies: header slot 3 picks the dtype (0 float32, 1 float64).
-
-
-@lazy_body
-def _twiddle_take_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _twiddle_take_chunks(a, _F64)
-    else:
-        _twiddle_take_chunks(a, _F32)
-
-
-@lazy_body
-def _untake_twiddle_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _untake_twiddle_chunks(a, _F64)
-    else:
-        _untake_twiddle_chunks(a, _F32)
-
-
-@lazy_body
-def _affine_take_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _affine_take_chunks(a, _F64)
-    else:
-        _affine_take_chunks(a, _F32)
-
-
-@lazy_body
-def _padded_untake_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _padded_untake_chunks(a, _F64)
-    else:
-        _padded_untake_chunks(a, _F32)
-
-
-@lazy_body
-def _gather_scale_dot_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _gather_scale_dot_chunks(a, _F64)
-    else:
-        _gather_scale_dot_chunks(a, _F32)
-
-
-@lazy_body
-def _reorder_transpose_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _reorder_transpose_chunks(a, _F64)
-    else:
-        _reorder_transpose_chunks(a, _F32)
-
-
-@lazy_body
-def _affine_take_t_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _affine_take_t_chunks(a, _F64)
-    else:
-        _affine_take_t_chunks(a, _F32)
-
-
-@lazy_body
-def _padded_untake_t_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _padded_untake_t_chunks(a, _F64)
-    else:
-        _padded_untake_t_chunks(a, _F32)
-
-
-@lazy_body
-def _gather_scale_dot_t_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3]:
-        _gather_scale_dot_t_chunks(a, _F64)
-    else:
-        _gather_scale_dot_t_chunks(a, _F32)
+# The region bodies: slot ``code`` picks the dtype (0 float32, 1 float64).
+_twiddle_take_body = region_body(_twiddle_take_chunks, TwiddleTakeSlot)
+_untake_twiddle_body = region_body(_untake_twiddle_chunks, UntakeTwiddleSlot)
+_affine_take_body = region_body(_affine_take_chunks, AffineTakeSlot)
+_padded_untake_body = region_body(_padded_untake_chunks, PaddedUntakeSlot)
+_gather_scale_dot_body = region_body(_gather_scale_dot_chunks, GatherScaleDotSlot)
+_reorder_transpose_body = region_body(_reorder_transpose_chunks, ReorderTransposeSlot)
+_affine_take_t_body = region_body(_affine_take_t_chunks, AffineTakeSlot)
+_padded_untake_t_body = region_body(_padded_untake_t_chunks, PaddedUntakeTSlot)
+_gather_scale_dot_t_body = region_body(_gather_scale_dot_t_chunks, GatherScaleDotTSlot)
 
 
 # ---- Python side: operand checks, headers, launch ---------------------------------------
 
 
-def _launch(body, units: int, work: int, sizes: tuple, arrays: tuple,
-            n_outputs: int) -> None:
-    """Check dtypes, make ``arrays`` C-contiguous and run the region body ``body`` over
-    ``units`` rows or tiles, chunked by chunk_plan; header: dtype code,
-    ``sizes`` (ints, or float64 bits), then the arrays' pointers.
+def _launch(body, units: int, work: int, n_outputs: int, **fields: int | np.ndarray) -> None:
+    """Check dtypes, make the array ``fields`` C-contiguous and run the region body ``body``
+    over ``units`` rows or tiles, chunked by chunk_plan, with a header of ``body.layout``
+    holding the dtype code and ``fields`` by name (ints, float64 bits, arrays).
 
     The last ``n_outputs`` arrays are written: where one is not contiguous the body writes a
     contiguous copy, copied back afterwards.
     """
-    floats = [a for a in arrays if a.dtype.kind == "f"]
+    arrays = {k: v for k, v in fields.items() if isinstance(v, np.ndarray)}
+    floats = [a for a in arrays.values() if a.dtype.kind == "f"]
     dtype = floats[0].dtype
     if dtype not in (np.float32, np.float64) or any(a.dtype != dtype for a in floats):
         raise TypeError(
             "the DCT kernels need float32 or float64 arrays of one dtype, got "
             f"{[str(a.dtype) for a in floats]}"
         )
-    bufs = [np.ascontiguousarray(a) for a in arrays]
+    bufs = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
     nchunks, nthreads = chunk_plan(units, work, _MIN_ELEMENTS)
-    f64 = dtype == np.float64
-    header = make_header(nchunks, int(f64), *sizes, length=HEADER_LEN)
-    put_addresses(header, 4 + len(sizes), *bufs)
+    header = pack_header(body.layout, nchunks, int(dtype == np.float64), **{**fields, **bufs})
     launch(body.address, header, nthreads)
-    for a, b in zip(arrays[len(arrays) - n_outputs:], bufs[len(bufs) - n_outputs:],
-                    strict=True):
-        if b is not a:
-            a[...] = b
+    for k in list(arrays)[len(arrays) - n_outputs:]:
+        if bufs[k] is not arrays[k]:
+            arrays[k][...] = bufs[k]
 
 
 def _check_shapes(**named: tuple[np.ndarray, tuple[int, ...]]) -> None:
@@ -611,8 +552,8 @@ def _twiddle_take_kernel(spec: np.ndarray, w: np.ndarray, out: np.ndarray) -> No
     nb, n = out.shape
     half = spec.shape[1]
     _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)))
-    _launch(_twiddle_take_body, nb, nb * n, (nb, half, n),
-            (spec, w, out), 1)
+    _launch(_twiddle_take_body, nb, nb * n, 1, nb=nb, half=half, n=n, spec=spec, w=w,
+            out=out)
 
 
 def _untake_twiddle_kernel(coef: np.ndarray, w_inv: np.ndarray, spec: np.ndarray) -> None:
@@ -623,8 +564,8 @@ def _untake_twiddle_kernel(coef: np.ndarray, w_inv: np.ndarray, spec: np.ndarray
     nb, n = coef.shape
     half = spec.shape[1]
     _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
-    _launch(_untake_twiddle_body, nb, nb * n,
-            (nb, n, half), (coef, w_inv, spec), 1)
+    _launch(_untake_twiddle_body, nb, nb * n, 1, nb=nb, n=n, half=half, coef=coef,
+            w_inv=w_inv, spec=spec)
 
 
 def _affine_take_kernel(
@@ -643,8 +584,9 @@ def _affine_take_kernel(
     _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)), y=(y, (nb, m)))
     if bias.shape[0]:
         _check_shapes(bias=(bias, (m,)))
-    _launch(_affine_take_body, nb, nb * max(m, half),
-            (nb, half, n, m, bias.shape[0], float_slot(alpha)), (spec, w, y, bias, out), 1)
+    _launch(_affine_take_body, nb, nb * max(m, half), 1, nb=nb, half=half, n=n, m=m,
+            nbias=bias.shape[0], alpha=float_slot(alpha), spec=spec, w=w, y=y, bias=bias,
+            out=out)
 
 
 def _padded_untake_kernel(g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.ndarray) -> None:
@@ -653,8 +595,8 @@ def _padded_untake_kernel(g: np.ndarray, n: int, w_inv: np.ndarray, spec: np.nda
     nb, m = g.shape
     half = spec.shape[1]
     _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
-    _launch(_padded_untake_body, nb, nb * half * 2,
-            (nb, m, n, half), (g, w_inv, spec), 1)
+    _launch(_padded_untake_body, nb, nb * half * 2, 1, nb=nb, m=m, n=n, half=half, g=g,
+            w_inv=w_inv, spec=spec)
 
 
 def _gather_scale_dot_kernel(
@@ -671,8 +613,8 @@ def _gather_scale_dot_kernel(
     _check_shapes(v=(v, (nb, q)), unorder=(unorder, (q,)), gx=(gx, (nb, d)),
                   dots=(dots, (nb,)))
     unorder = unorder.astype(np.int64, copy=False)
-    _launch(_gather_scale_dot_body, nb, nb * d,
-            (nb, q, d, float_slot(alpha)), (v, unorder, x, gx, dots), 2)
+    _launch(_gather_scale_dot_body, nb, nb * d, 2, nb=nb, q=q, d=d,
+            alpha=float_slot(alpha), v=v, unorder=unorder, x=x, gx=gx, dots=dots)
 
 
 def _reorder_transpose_kernel(
@@ -686,8 +628,8 @@ def _reorder_transpose_kernel(
     nb, n = x.shape
     q = v.shape[1]
     _check_shapes(v=(v, (nb, q)), x_t=(x_t, (n, nb)))
-    _launch(_reorder_transpose_body, _tiles(nb), nb * (q + n),
-            (nb, n, q), (x, v, x_t), 2)
+    _launch(_reorder_transpose_body, _tiles(nb), nb * (q + n), 2, nb=nb, n=n, q=q, x=x,
+            v=v, x_t=x_t)
 
 
 def _affine_take_t_kernel(
@@ -700,8 +642,9 @@ def _affine_take_t_kernel(
     _check_shapes(spec=(spec, (nb, half, 2)), w=(w, (half, 2)), y_t=(y_t, (m, nb)))
     if bias.shape[0]:
         _check_shapes(bias=(bias, (m,)))
-    _launch(_affine_take_t_body, _tiles(nb), nb * max(m, half),
-            (nb, half, n, m, bias.shape[0], float_slot(alpha)), (spec, w, y_t, bias, out), 1)
+    _launch(_affine_take_t_body, _tiles(nb), nb * max(m, half), 1, nb=nb, half=half, n=n,
+            m=m, nbias=bias.shape[0], alpha=float_slot(alpha), spec=spec, w=w, y=y_t,
+            bias=bias, out=out)
 
 
 def _padded_untake_t_kernel(
@@ -713,9 +656,8 @@ def _padded_untake_t_kernel(
     _check_shapes(spec=(spec, (nb, half, 2)), w_inv=(w_inv, (half, 2)))
     if g_t.shape[0]:
         _check_shapes(g_t=(g_t, (m, nb)))
-    _launch(_padded_untake_t_body, _tiles(nb),
-            nb * (half * 2 + g_t.shape[0]), (nb, m, n, half, g_t.shape[0]),
-            (g, w_inv, spec, g_t), 2)
+    _launch(_padded_untake_t_body, _tiles(nb), nb * (half * 2 + g_t.shape[0]), 2, nb=nb,
+            m=m, n=n, half=half, mt=g_t.shape[0], g=g, w_inv=w_inv, spec=spec, g_t=g_t)
 
 
 def _gather_scale_dot_t_kernel(
@@ -732,6 +674,6 @@ def _gather_scale_dot_t_kernel(
     _check_shapes(v=(v, (nb, q)), gx=(gx, (nb, d)), dots=(dots, (nb,)))
     if gs_t.shape[0]:
         _check_shapes(gs_t=(gs_t, (d, nb)))
-    _launch(_gather_scale_dot_t_body, _tiles(nb),
-            nb * (d + gs_t.shape[0]), (nb, q, d, float_slot(alpha), gs_t.shape[0]),
-            (v, x, gs_t, gx, dots), 2)
+    _launch(_gather_scale_dot_t_body, _tiles(nb), nb * (d + gs_t.shape[0]), 2, nb=nb, q=q,
+            d=d, alpha=float_slot(alpha), ds=gs_t.shape[0], v=v, x=x, gs_t=gs_t, gx=gx,
+            dots=dots)

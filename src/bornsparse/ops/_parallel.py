@@ -18,16 +18,18 @@ thread pool; in a forked child (libgomp is not fork-safe) on the calling thread 
 
 Every CPU kernel of the package runs this way (the permuted operator, the DCT passes and the
 sparse products), so numba's own parallel runtime is never started. The helpers at the end of
-the file (``make_header``, ``chunk_plan``, ``lazy_body``, ``view``, ``NoAliasCompiler``) are
-what the kernel modules build their bodies and headers from.
+the file (``header_layout``, ``pack_header``, ``region_body``, ``chunk_plan``, ``view``,
+``NoAliasCompiler``) are what the kernel modules build their bodies and headers from.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import glob
 import os
 import threading
+import types as pytypes
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numba
@@ -223,21 +225,10 @@ def view(address, shape, like):
     return numba.carray(_as_voidptr(address), shape, like.dtype)
 
 
-HEADER_LEN = 16  # the headers made by make_header(..., length=HEADER_LEN)
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def header_address(header):
     """The address of an int64 header array, as claim_chunk and finish_chunk want it."""
     return _as_voidptr(np.int64(header.ctypes.data))
-
-
-def make_header(nchunks: int, *values: int, length: int = 0) -> np.ndarray:
-    """The int64 header of a body: the two chunk counters, the chunk count, then ``values``
-    (dtype code, sizes, data pointers, ``float_slot`` floats) in the body's order, zero-padded
-    to ``length`` slots."""
-    pad = (0,) * (length - 3 - len(values))
-    return np.array((0, 0, nchunks, *values, *pad), dtype=np.int64)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -302,7 +293,106 @@ class _LazyBody:
         return self._cfunc.address
 
 
-def lazy_body(pyfunc) -> _LazyBody:
-    """Decorator: ``pyfunc(header)`` as a ``void(voidptr)`` cfunc body, compiled on first use
-    of ``.address``; pyfunc must be a module-level function (numba caches it by name)."""
-    return _LazyBody(pyfunc)
+# ---- named header slots and the dtype-dispatching region body --------------------------
+#
+# A body reads its arguments from the int64 header by slot and the Python side writes them;
+# both go through one table per kernel, an IntEnum made by header_layout, so a slot has one
+# name on both sides (numba reads IntEnum members as compile-time constants).
+
+_F32 = np.empty(0, np.float32)
+_F64 = np.empty(0, np.float64)
+_I32 = np.empty(0, np.int32)
+_I64 = np.empty(0, np.int64)
+
+
+def header_layout(name: str, fields: str) -> type[enum.IntEnum]:
+    """The named slots of a body's header: 0–2 launch's chunk counters and chunk count
+    (``claimed``, ``finished``, ``nchunks``), 3 ``code`` (the dtype code the body dispatches
+    on), then ``fields`` (space-separated names) in order. ``len(layout)`` is the header's
+    length. Pointer fields must come last, in one run (pack_header writes them at once)."""
+    names = ["claimed", "finished", "nchunks", "code", *fields.split()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"header layout {name}: repeated field in {fields!r}")
+    return enum.IntEnum(name, [(f, i) for i, f in enumerate(names)])
+
+
+def pack_header(layout: type[enum.IntEnum], nchunks: int, code: int,
+                **values: int | np.ndarray) -> np.ndarray:
+    """A header for ``layout`` with every field set by name: ints as they are, arrays as
+    their data pointers (the caller keeps them alive and C-contiguous until the launch
+    returns). A missing or unknown name is a TypeError."""
+    header = np.zeros(len(layout), dtype=np.int64)
+    header[layout.nchunks] = nchunks
+    header[layout.code] = code
+    arrays: list[np.ndarray] = []
+    first = 0
+    for slot in layout.__members__.values():
+        if slot <= layout.code:
+            continue
+        try:
+            v = values.pop(slot.name)
+        except KeyError:
+            raise TypeError(f"{layout.__name__}: no value for header field {slot.name!r}") from None
+        if isinstance(v, np.ndarray):
+            first = first or int(slot)
+            if slot != first + len(arrays):
+                raise TypeError(f"{layout.__name__}: pointer fields must be consecutive")
+            arrays.append(v)
+        else:
+            header[slot] = v
+    if values:
+        raise TypeError(f"{layout.__name__}: unknown header fields {sorted(values)}")
+    for i in range(0, len(arrays), 7):  # put_addresses writes 3 to 7 pointers per call
+        part = arrays[i:i + 7]
+        if len(part) >= 3:
+            put_addresses(header, first + i, *part)
+        else:
+            for j, arr in enumerate(part):
+                header[first + i + j] = arr.ctypes.data
+    return header
+
+
+def _float_dispatch(header):
+    a = numba.carray(header, (LENGTH,), np.int64)  # noqa: F821 (set by region_body)
+    if a[3]:
+        CHUNKS(a, _F64)  # noqa: F821
+    else:
+        CHUNKS(a, _F32)  # noqa: F821
+
+
+def _float_index_dispatch(header):
+    a = numba.carray(header, (LENGTH,), np.int64)  # noqa: F821
+    code = a[3]
+    if code == 0:
+        CHUNKS(a, _F32, _I64)  # noqa: F821
+    elif code == 1:
+        CHUNKS(a, _F64, _I64)  # noqa: F821
+    elif code == 2:
+        CHUNKS(a, _F32, _I32)  # noqa: F821
+    else:
+        CHUNKS(a, _F64, _I32)  # noqa: F821
+
+
+def region_body(chunks, layout: type[enum.IntEnum], *, index_dtypes: bool = False) -> _LazyBody:
+    """The region body that runs ``chunks(a, like)`` on the carray ``a`` of a ``layout``
+    header, ``like`` an empty float32 or float64 array as slot ``code`` says (0 or 1); with
+    ``index_dtypes`` ``chunks(a, like, ilike)``, code bit 0 float64 and bit 1 int32 indices.
+
+    One template for every kernel's body. Why a rebuilt function and not a closure: numba
+    keys a closure's on-disk cache by its pickled cells, which differ per process, so a
+    closure recompiled on every start (1.4 s a body). The body is the template's code under
+    its own name in the chunk loop's file, so numba caches it next to that module and
+    invalidates it when that file changes.
+    """
+    template = _float_index_dispatch if index_dtypes else _float_dispatch
+    py = chunks.py_func
+    name = f"{py.__name__}_body"
+    code = template.__code__.replace(co_name=name, co_qualname=name,
+                                     co_filename=py.__code__.co_filename)
+    scope = dict(template.__globals__, CHUNKS=chunks, LENGTH=len(layout))
+    fn = pytypes.FunctionType(code, scope, name)
+    fn.__qualname__ = name
+    fn.__module__ = py.__module__
+    body = _LazyBody(fn)
+    body.layout = layout
+    return body

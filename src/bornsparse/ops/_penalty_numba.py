@@ -15,19 +15,20 @@ import numba
 import numpy as np
 
 from bornsparse.ops._parallel import (
-    HEADER_LEN,
     chunk_plan,
     claim_chunk,
     finish_chunk,
     header_address,
+    header_layout,
     launch,
-    lazy_body,
-    make_header,
+    pack_header,
+    region_body,
     view,
 )
 
-_F32 = np.empty(0, np.float32)
 _F64 = np.empty(0, np.float64)
+# code: 0 float32, 1 float64 weights
+Slot = header_layout("PenaltySlot", "nblocks k with_grad scale w grad partial")
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -76,14 +77,14 @@ def _blocks_k(w, grad, partial, c, b0, b1, scale, with_grad):
 @numba.njit(cache=True, nogil=True)
 def _penalty_chunks(a, like):
     hp = header_address(a)
-    nchunks, nblocks, k, with_grad = a[2], a[4], a[5], a[6]
-    scale = view(a[7], (1,), like)[0]  # in the weight's dtype, so float32 stays float32
-    partial = view(a[10], (nchunks,), _F64)
+    nchunks, nblocks, k, with_grad = a[Slot.nchunks], a[Slot.nblocks], a[Slot.k], a[Slot.with_grad]
+    scale = view(a[Slot.scale], (1,), like)[0]  # in the weight's dtype: float32 stays float32
+    partial = view(a[Slot.partial], (nchunks,), _F64)
     # both views of the same memory; only the one for this k is read
-    w2 = view(a[8], (nblocks, 4), like)
-    g2 = view(a[9], (nblocks, 4), like)
-    wk = view(a[8], (nblocks, k, k), like)
-    gk = view(a[9], (nblocks, k, k), like)
+    w2 = view(a[Slot.w], (nblocks, 4), like)
+    g2 = view(a[Slot.grad], (nblocks, 4), like)
+    wk = view(a[Slot.w], (nblocks, k, k), like)
+    gk = view(a[Slot.grad], (nblocks, k, k), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -96,13 +97,7 @@ def _penalty_chunks(a, like):
         finish_chunk(hp)
 
 
-@lazy_body
-def _penalty_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    if a[3] == 0:
-        _penalty_chunks(a, _F32)
-    else:
-        _penalty_chunks(a, _F64)
+_penalty_body = region_body(_penalty_chunks, Slot)
 
 
 def orthogonality_penalty_kernel(w: np.ndarray, grad: np.ndarray | None,
@@ -116,10 +111,10 @@ def orthogonality_penalty_kernel(w: np.ndarray, grad: np.ndarray | None,
     partial = np.zeros(nchunks, dtype=np.float64)
     scale = np.array([grad_scale * 8.0 / max(nblocks, 1)], dtype=w.dtype)
     out = grad if grad is not None else w  # never written when with_grad is 0
-    header = make_header(
-        nchunks, 1 if w.dtype == np.float64 else 0, nblocks, k, int(grad is not None),
-        scale.ctypes.data, w.ctypes.data, out.ctypes.data, partial.ctypes.data,
-        length=HEADER_LEN,
+    header = pack_header(
+        Slot, nchunks, 1 if w.dtype == np.float64 else 0, nblocks=nblocks, k=k,
+        with_grad=int(grad is not None), scale=scale.ctypes.data, w=w, grad=out,
+        partial=partial,
     )
     launch(_penalty_body.address, header, nthreads)
     return float(partial.sum()) / max(nblocks, 1)

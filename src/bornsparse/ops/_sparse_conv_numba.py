@@ -21,35 +21,37 @@ g = o // (out/groups) reads input channel c = g·(in/groups) + c_local, so entry
   same memory, so results do not depend on the chunking (nor on the threads).
 
 Chunks (contiguous ranges of units) run as a parallel region of torch's OpenMP team through
-``ops/_parallel.launch``; below a work threshold, or with one torch thread, the same chunk
-loop is called directly on the calling thread. numba's ``parallel=True`` is never used (it
-would start a second OpenMP runtime, docs/design.md). ``fastmath`` contraction and
-reassociation let LLVM use FMAs and vectorise the dot products; numba does no bounds
-checks, so ``ops/sparse_conv.py`` validates every index tensor before calling here.
+``ops/_parallel.launch``; below a work threshold, or with one torch thread, the same body
+runs as one chunk on the calling thread. The headers' slots are named once
+(``ForwardSlot``, ``BackwardSlot``) for the packing and the chunk loops alike. numba's
+``parallel=True`` is never used (it would start a second OpenMP runtime, docs/design.md).
+``fastmath`` contraction and reassociation let LLVM use FMAs and vectorise the dot
+products; numba does no bounds checks, so ``ops/sparse_conv.py`` validates every index
+tensor before calling here.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
 import os
 
 import numba
 import numpy as np
-import torch
-from numba import types
-from numba.core.compiler import Compiler
 
-from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk, launch
+from bornsparse.ops._parallel import (
+    NoAliasCompiler,
+    chunk_plan,
+    claim_chunk,
+    finish_chunk,
+    header_address,
+    header_layout,
+    launch,
+    pack_header,
+    region_body,
+    view,
+)
 
 _FASTMATH = {"contract", "reassoc"}
-# below this many multiply-adds plus written elements a kernel runs on the calling thread:
-# waking torch's team costs more than the work
-PARALLEL_MIN_WORK = 1 << 16
-CHUNKS_PER_THREAD = 4  # a late thread leaves its chunks to the others
-
-_F32 = np.empty(0, np.float32)
-_F64 = np.empty(0, np.float64)
 _I64 = np.empty(0, np.int64)
 
 
@@ -82,20 +84,6 @@ def tile_rows(row_elems: int, itemsize: int) -> int:
     return max(1, (L1D_BYTES // 2) // max(1, row_elems * itemsize))
 
 
-class _NoAliasCompiler(Compiler):
-    """numba's pipeline with array arguments marked ``noalias`` (the planes passed to one
-    call never overlap), so LLVM vectorises the row loops without runtime overlap checks."""
-
-    def define_pipelines(self):
-        self.state.flags.noalias = True
-        return super().define_pipelines()
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _view(address, shape, like):
-    return numba.carray(_as_voidptr(address), shape, like.dtype)
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _span(lo_in, hi_in, off, stride, n_out):
     """Output indices t in [0, n_out) with lo_in <= t·stride + off < hi_in, as (t0, t1)."""
@@ -107,7 +95,7 @@ def _span(lo_in, hi_in, off, stride, n_out):
 # ---- the work of one unit --------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=NoAliasCompiler)
 def _forward_plane(xn, vals, cols, e0, e1, c_base, out, bias_v, kh_, kw_, sh, sw, ph, pw,
                    dh, dw, rows_per_tile):
     """out (Ho, Wo) = bias_v + Σ_{e0 <= e < e1} vals[e] · (shifted plane of xn (C, H, W))."""
@@ -151,7 +139,7 @@ def _forward_plane(xn, vals, cols, e0, e1, c_base, out, bias_v, kh_, kw_, sh, sw
                         orow[j] += v * xr[j * sw]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=NoAliasCompiler)
 def _backward_plane(xc, gyn, gxc, vals, rows, cols, perm, k0, k1, acc, kh_, kw_, sh, sw,
                     ph, pw, dh, dw, rows_per_tile, need_x, need_v):
     """Input channel c of one sample: gxc (H, W) = Σ_e vals[e] · (gy plane of o_e scattered
@@ -222,25 +210,31 @@ def _backward_plane(xc, gyn, gxc, vals, rows, cols, perm, k0, k1, acc, kh_, kw_,
 
 # ---- chunk loops: unpack the header, run every chunk this thread claims ----------------
 
-# forward header: 0-2 chunk counters and count, 3 dtype (1: float64), then
-_F_N, _F_C, _F_H, _F_W, _F_O, _F_HO, _F_WO, _F_KH, _F_KW = range(4, 13)
-_F_SH, _F_SW, _F_PH, _F_PW, _F_DH, _F_DW, _F_G, _F_NNZ, _F_TILE, _F_BIAS = range(13, 23)
-_F_X, _F_VALS, _F_COLS, _F_ROWPTR, _F_B, _F_OUT = range(23, 29)
-_F_LEN = 29
+# the headers (ops/_parallel.header_layout; code 1: float64): sizes, then pointers
+ForwardSlot = header_layout(
+    "ConvForwardSlot",
+    "n c h w o ho wo kh kw sh sw ph pw dh dw groups nnz tile has_bias x vals cols rowptr bias out",
+)
+BackwardSlot = header_layout(
+    "ConvBackwardSlot",
+    "n c h w o ho wo kh kw sh sw ph pw dh dw nnz tile block need_x need_v "
+    "x gy vals rows cols perm ptr gx part",
+)
 
 
 @numba.njit(cache=True, nogil=True)
 def _forward_chunks(a, like):
-    hp = _as_voidptr(a.ctypes.data)
-    nchunks = a[2]
-    n, c, h, w, o, ho, wo = a[_F_N], a[_F_C], a[_F_H], a[_F_W], a[_F_O], a[_F_HO], a[_F_WO]
-    groups, nnz = a[_F_G], a[_F_NNZ]
-    x = _view(a[_F_X], (n, c, h, w), like)
-    vals = _view(a[_F_VALS], (nnz,), like)
-    cols = _view(a[_F_COLS], (nnz,), _I64)
-    rowptr = _view(a[_F_ROWPTR], (o + 1,), _I64)
-    bias = _view(a[_F_B], (o,), like)
-    out = _view(a[_F_OUT], (n, o, ho, wo), like)
+    F = ForwardSlot
+    hp = header_address(a)
+    nchunks = a[F.nchunks]
+    n, c, h, w, o, ho, wo = a[F.n], a[F.c], a[F.h], a[F.w], a[F.o], a[F.ho], a[F.wo]
+    groups, nnz = a[F.groups], a[F.nnz]
+    x = view(a[F.x], (n, c, h, w), like)
+    vals = view(a[F.vals], (nnz,), like)
+    cols = view(a[F.cols], (nnz,), _I64)
+    rowptr = view(a[F.rowptr], (o + 1,), _I64)
+    bias = view(a[F.bias], (o,), like)
+    out = view(a[F.out], (n, o, ho, wo), like)
     units = n * o
     cg = c // groups
     og = o // groups
@@ -252,40 +246,33 @@ def _forward_chunks(a, like):
         for u in range(units * ch // nchunks, units * (ch + 1) // nchunks):
             s = u // o
             oc = u - s * o
-            b = bias[oc] if a[_F_BIAS] else zero
+            b = bias[oc] if a[F.has_bias] else zero
             _forward_plane(x[s], vals, cols, rowptr[oc], rowptr[oc + 1], (oc // og) * cg,
-                           out[s, oc], b, a[_F_KH], a[_F_KW], a[_F_SH], a[_F_SW], a[_F_PH],
-                           a[_F_PW], a[_F_DH], a[_F_DW], a[_F_TILE])
+                           out[s, oc], b, a[F.kh], a[F.kw], a[F.sh], a[F.sw], a[F.ph],
+                           a[F.pw], a[F.dh], a[F.dw], a[F.tile])
         finish_chunk(hp)
-
-
-# backward header: 0-3 as forward, then
-_B_N, _B_C, _B_H, _B_W, _B_O, _B_HO, _B_WO, _B_KH, _B_KW = range(4, 13)
-_B_SH, _B_SW, _B_PH, _B_PW, _B_DH, _B_DW, _B_NNZ, _B_TILE, _B_BLOCK = range(13, 22)
-_B_NEED_X, _B_NEED_V = 22, 23
-_B_X, _B_GY, _B_VALS, _B_ROWS, _B_COLS, _B_PERM, _B_PTR, _B_GX, _B_PART = range(24, 33)
-_B_LEN = 33
 
 
 @numba.njit(cache=True, nogil=True)
 def _backward_chunks(a, like):
-    hp = _as_voidptr(a.ctypes.data)
-    nchunks = a[2]
-    n, c, h, w, o, ho, wo = a[_B_N], a[_B_C], a[_B_H], a[_B_W], a[_B_O], a[_B_HO], a[_B_WO]
-    nnz, block = a[_B_NNZ], a[_B_BLOCK]
-    need_x = a[_B_NEED_X] != 0
-    need_v = a[_B_NEED_V] != 0
+    B = BackwardSlot
+    hp = header_address(a)
+    nchunks = a[B.nchunks]
+    n, c, h, w, o, ho, wo = a[B.n], a[B.c], a[B.h], a[B.w], a[B.o], a[B.ho], a[B.wo]
+    nnz, block = a[B.nnz], a[B.block]
+    need_x = a[B.need_x] != 0
+    need_v = a[B.need_v] != 0
     nblocks = (n + block - 1) // block
-    x = _view(a[_B_X], (n, c, h, w), like)
-    gy = _view(a[_B_GY], (n, o, ho, wo), like)
-    vals = _view(a[_B_VALS], (nnz,), like)
-    rows = _view(a[_B_ROWS], (nnz,), _I64)
-    cols = _view(a[_B_COLS], (nnz,), _I64)
-    perm = _view(a[_B_PERM], (nnz,), _I64)
-    ptr = _view(a[_B_PTR], (c + 1,), _I64)
+    x = view(a[B.x], (n, c, h, w), like)
+    gy = view(a[B.gy], (n, o, ho, wo), like)
+    vals = view(a[B.vals], (nnz,), like)
+    rows = view(a[B.rows], (nnz,), _I64)
+    cols = view(a[B.cols], (nnz,), _I64)
+    perm = view(a[B.perm], (nnz,), _I64)
+    ptr = view(a[B.ptr], (c + 1,), _I64)
     # without need_x the gradient pointer is a 1-element dummy, viewed but never touched
-    gx = _view(a[_B_GX], (n if need_x else 1, c if need_x else 1, h, w), like)
-    part = _view(a[_B_PART], (nblocks, nnz), like)
+    gx = view(a[B.gx], (n if need_x else 1, c if need_x else 1, h, w), like)
+    part = view(a[B.part], (nblocks, nnz), like)
     units = nblocks * c
     while True:
         ch = claim_chunk(hp, nchunks)
@@ -300,60 +287,14 @@ def _backward_chunks(a, like):
             for s in range(blk * block, min(n, (blk + 1) * block)):
                 gxc = gx[s, cc] if need_x else gx[0, 0]
                 _backward_plane(x[s, cc], gy[s], gxc, vals, rows, cols, perm, k0, k1, acc,
-                                a[_B_KH], a[_B_KW], a[_B_SH], a[_B_SW], a[_B_PH], a[_B_PW],
-                                a[_B_DH], a[_B_DW], a[_B_TILE], need_x, need_v)
+                                a[B.kh], a[B.kw], a[B.sh], a[B.sw], a[B.ph], a[B.pw],
+                                a[B.dh], a[B.dw], a[B.tile], need_x, need_v)
         finish_chunk(hp)
 
 
-# The region bodies (compiled on first use): header slot 3 picks the dtype.
-
-
-def _forward_body(header):
-    a = numba.carray(header, (_F_LEN,), np.int64)
-    if a[3]:
-        _forward_chunks(a, _F64)
-    else:
-        _forward_chunks(a, _F32)
-
-
-def _backward_body(header):
-    a = numba.carray(header, (_B_LEN,), np.int64)
-    if a[3]:
-        _backward_chunks(a, _F64)
-    else:
-        _backward_chunks(a, _F32)
-
-
-@functools.cache
-def _body_address(name: str) -> int:
-    fn = {"forward": _forward_body, "backward": _backward_body}[name]
-    return numba.cfunc(types.void(types.voidptr), cache=True)(fn).address
-
-
-def _plan(units: int, work: int) -> tuple[int, int]:
-    """(chunks, threads): one chunk on the calling thread for small work or one torch
-    thread, else CHUNKS_PER_THREAD chunks per thread (only the chunk count could change
-    a result, and here not even that)."""
-    threads = max(1, torch.get_num_threads())
-    if units <= 1 or work < PARALLEL_MIN_WORK or threads == 1:
-        return 1, 1
-    nchunks = min(units, threads * CHUNKS_PER_THREAD)
-    return nchunks, min(threads, nchunks)
-
-
-def _run(name: str, chunks, header: np.ndarray, like: np.ndarray, units: int,
-         work: int) -> None:
-    nchunks, nthreads = _plan(units, work)
-    header[2] = nchunks
-    if nthreads > 1:
-        launch(_body_address(name), header, nthreads)
-    else:
-        header[0] = header[1] = 0
-        chunks(header, like)
-
-
-def _addr(a: np.ndarray) -> int:
-    return a.ctypes.data
+# The region bodies (compiled on first use): slot ``code`` picks the dtype.
+_forward_body = region_body(_forward_chunks, ForwardSlot)
+_backward_body = region_body(_backward_chunks, BackwardSlot)
 
 
 def forward(x: np.ndarray, vals: np.ndarray, cols: np.ndarray, rowptr: np.ndarray,
@@ -366,12 +307,15 @@ def forward(x: np.ndarray, vals: np.ndarray, cols: np.ndarray, rowptr: np.ndarra
     _, o, ho, wo = out.shape
     nnz = vals.shape[0]
     b = bias if bias is not None else vals[:1]
-    header = np.zeros(_F_LEN, np.int64)
-    header[3:] = (int(x.dtype == np.float64), n, c, h, w, o, ho, wo, *kernel, *stride, *pad,
-                  *dilation, groups, nnz, tile_rows(wo, x.itemsize), int(bias is not None),
-                  _addr(x), _addr(vals), _addr(cols), _addr(rowptr), _addr(b), _addr(out))
-    like = _F64 if x.dtype == np.float64 else _F32
-    _run("forward", _forward_chunks, header, like, n * o, n * ho * wo * (nnz + o))
+    nchunks, nthreads = chunk_plan(n * o, n * ho * wo * (nnz + o))
+    header = pack_header(
+        ForwardSlot, nchunks, int(x.dtype == np.float64), n=n, c=c, h=h, w=w, o=o, ho=ho,
+        wo=wo, kh=kernel[0], kw=kernel[1], sh=stride[0], sw=stride[1], ph=pad[0], pw=pad[1],
+        dh=dilation[0], dw=dilation[1], groups=groups, nnz=nnz,
+        tile=tile_rows(wo, x.itemsize), has_bias=int(bias is not None), x=x, vals=vals,
+        cols=cols, rowptr=rowptr, bias=b, out=out,
+    )
+    launch(_forward_body.address, header, nthreads)
 
 
 def batch_block(n: int, c: int) -> int:
@@ -394,13 +338,13 @@ def backward(x: np.ndarray, gy: np.ndarray, vals: np.ndarray, rows: np.ndarray,
     _, o, ho, wo = gy.shape
     nnz = vals.shape[0]
     dummy = vals[:1]
-    header = np.zeros(_B_LEN, np.int64)
-    header[3:] = (int(x.dtype == np.float64), n, c, h, w, o, ho, wo, *kernel, *stride, *pad,
-                  *dilation, nnz, tile_rows(w, x.itemsize), block, int(gx is not None),
-                  int(need_v), _addr(x), _addr(gy), _addr(vals), _addr(rows), _addr(cols),
-                  _addr(perm), _addr(chan_ptr), _addr(gx if gx is not None else dummy),
-                  _addr(part))
-    like = _F64 if x.dtype == np.float64 else _F32
     nblocks = -(-n // block)
-    _run("backward", _backward_chunks, header, like, nblocks * c,
-         n * (nnz * ho * wo + c * h * w))
+    nchunks, nthreads = chunk_plan(nblocks * c, n * (nnz * ho * wo + c * h * w))
+    header = pack_header(
+        BackwardSlot, nchunks, int(x.dtype == np.float64), n=n, c=c, h=h, w=w, o=o, ho=ho,
+        wo=wo, kh=kernel[0], kw=kernel[1], sh=stride[0], sw=stride[1], ph=pad[0], pw=pad[1],
+        dh=dilation[0], dw=dilation[1], nnz=nnz, tile=tile_rows(w, x.itemsize), block=block,
+        need_x=int(gx is not None), need_v=int(need_v), x=x, gy=gy, vals=vals, rows=rows,
+        cols=cols, perm=perm, ptr=chan_ptr, gx=gx if gx is not None else dummy, part=part,
+    )
+    launch(_backward_body.address, header, nthreads)

@@ -8,8 +8,9 @@ needed; every output row is computed the same way whichever chunk holds it, so r
 not even depend on the chunking.
 
 The chunks run as a parallel region of torch's own OpenMP team (ops/_parallel.py): the
-Python-callable kernels below build an int64 header (slot 3 the dtype code: bit 0 float64,
-bit 1 int32 indices; then sizes and data pointers) and launch a cfunc body over it. Numba's
+Python-callable kernels below build an int64 header (named slots, ops/_parallel.header_layout:
+``code`` bit 0 float64, bit 1 int32 indices; then sizes and data pointers) and launch a
+cfunc body over it. Numba's
 ``parallel=True`` would start a second OpenMP runtime whose threads, and torch's, spin while
 the other works (docs/design.md). Below PARALLEL_MIN_WORK multiply-adds, or with one torch
 thread, a kernel runs as one chunk on the calling thread (its chunk loop called directly,
@@ -22,24 +23,24 @@ import numba
 import numpy as np
 
 from bornsparse.ops._parallel import (
-    HEADER_LEN,
     NoAliasCompiler,
     chunk_plan,
     claim_chunk,
     finish_chunk,
     header_address,
+    header_layout,
     launch,
-    lazy_body,
-    make_header,
-    put_addresses,
+    pack_header,
+    region_body,
     view,
 )
 
-# zero-size arrays whose dtype tells the generic chunk loops what to view memory as
-_F32 = np.empty(0, np.float32)
-_F64 = np.empty(0, np.float64)
-_I32 = np.empty(0, np.int32)
-_I64 = np.empty(0, np.int64)
+# the headers: sizes, then pointers (ops/_parallel.header_layout)
+SpmmSlot = header_layout("SpmmSlot", "n_out n_in batch nnz ptr idx vals x_t out_t")
+SampledDotSlot = header_layout(
+    "SampledDotSlot", "nnz n_rows n_cols batch rows cols gy_t x_t out")
+BackwardSlot = header_layout(
+    "BackwardSlot", "n_cols n_rows batch nnz colptr csc_rows vals_csc gy_t x_t gx_t gv_csc")
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -127,12 +128,13 @@ def _row_split(ptr, c, nchunks):
 @numba.njit(cache=True, nogil=True)
 def _spmm_t_chunks(a, like, ilike):
     hp = header_address(a)
-    nchunks, n_out, n_in, batch, nnz = a[2], a[4], a[5], a[6], a[7]
-    ptr = view(a[8], (n_out + 1,), ilike)
-    idx = view(a[9], (nnz,), ilike)
-    vals = view(a[10], (nnz,), like)
-    x_t = view(a[11], (n_in, batch), like)
-    out_t = view(a[12], (n_out, batch), like)
+    S = SpmmSlot
+    nchunks, n_out, n_in, batch, nnz = a[S.nchunks], a[S.n_out], a[S.n_in], a[S.batch], a[S.nnz]
+    ptr = view(a[S.ptr], (n_out + 1,), ilike)
+    idx = view(a[S.idx], (nnz,), ilike)
+    vals = view(a[S.vals], (nnz,), like)
+    x_t = view(a[S.x_t], (n_in, batch), like)
+    out_t = view(a[S.out_t], (n_out, batch), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -145,12 +147,14 @@ def _spmm_t_chunks(a, like, ilike):
 @numba.njit(cache=True, nogil=True)
 def _sampled_dot_chunks(a, like, ilike):
     hp = header_address(a)
-    nchunks, nnz, n_rows, n_cols, batch = a[2], a[4], a[5], a[6], a[7]
-    rows = view(a[8], (nnz,), ilike)
-    cols = view(a[9], (nnz,), ilike)
-    gy_t = view(a[10], (n_rows, batch), like)
-    x_t = view(a[11], (n_cols, batch), like)
-    out = view(a[12], (nnz,), like)
+    S = SampledDotSlot
+    nchunks, nnz, n_rows, n_cols, batch = (
+        a[S.nchunks], a[S.nnz], a[S.n_rows], a[S.n_cols], a[S.batch])
+    rows = view(a[S.rows], (nnz,), ilike)
+    cols = view(a[S.cols], (nnz,), ilike)
+    gy_t = view(a[S.gy_t], (n_rows, batch), like)
+    x_t = view(a[S.x_t], (n_cols, batch), like)
+    out = view(a[S.out], (nnz,), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -163,14 +167,16 @@ def _sampled_dot_chunks(a, like, ilike):
 @numba.njit(cache=True, nogil=True)
 def _spmm_t_sampled_dot_chunks(a, like, ilike):
     hp = header_address(a)
-    nchunks, n_cols, n_rows, batch, nnz = a[2], a[4], a[5], a[6], a[7]
-    colptr = view(a[8], (n_cols + 1,), ilike)
-    csc_rows = view(a[9], (nnz,), ilike)
-    vals_csc = view(a[10], (nnz,), like)
-    gy_t = view(a[11], (n_rows, batch), like)
-    x_t = view(a[12], (n_cols, batch), like)
-    gx_t = view(a[13], (n_cols, batch), like)
-    gv_csc = view(a[14], (nnz,), like)
+    S = BackwardSlot
+    nchunks, n_cols, n_rows, batch, nnz = (
+        a[S.nchunks], a[S.n_cols], a[S.n_rows], a[S.batch], a[S.nnz])
+    colptr = view(a[S.colptr], (n_cols + 1,), ilike)
+    csc_rows = view(a[S.csc_rows], (nnz,), ilike)
+    vals_csc = view(a[S.vals_csc], (nnz,), like)
+    gy_t = view(a[S.gy_t], (n_rows, batch), like)
+    x_t = view(a[S.x_t], (n_cols, batch), like)
+    gx_t = view(a[S.gx_t], (n_cols, batch), like)
+    gv_csc = view(a[S.gv_csc], (nnz,), like)
     while True:
         c = claim_chunk(hp, nchunks)
         if c < 0:
@@ -181,49 +187,11 @@ def _spmm_t_sampled_dot_chunks(a, like, ilike):
         finish_chunk(hp)
 
 
-# The region bodies: header slot 3 picks the dtypes (bit 0 float64, bit 1 int32 indices).
-
-
-@lazy_body
-def _spmm_t_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    code = a[3]
-    if code == 0:
-        _spmm_t_chunks(a, _F32, _I64)
-    elif code == 1:
-        _spmm_t_chunks(a, _F64, _I64)
-    elif code == 2:
-        _spmm_t_chunks(a, _F32, _I32)
-    else:
-        _spmm_t_chunks(a, _F64, _I32)
-
-
-@lazy_body
-def _sampled_dot_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    code = a[3]
-    if code == 0:
-        _sampled_dot_chunks(a, _F32, _I64)
-    elif code == 1:
-        _sampled_dot_chunks(a, _F64, _I64)
-    elif code == 2:
-        _sampled_dot_chunks(a, _F32, _I32)
-    else:
-        _sampled_dot_chunks(a, _F64, _I32)
-
-
-@lazy_body
-def _spmm_t_sampled_dot_body(header):
-    a = numba.carray(header, (HEADER_LEN,), np.int64)
-    code = a[3]
-    if code == 0:
-        _spmm_t_sampled_dot_chunks(a, _F32, _I64)
-    elif code == 1:
-        _spmm_t_sampled_dot_chunks(a, _F64, _I64)
-    elif code == 2:
-        _spmm_t_sampled_dot_chunks(a, _F32, _I32)
-    else:
-        _spmm_t_sampled_dot_chunks(a, _F64, _I32)
+# The region bodies: slot ``code`` picks the dtypes (bit 0 float64, bit 1 int32 indices).
+_spmm_t_body = region_body(_spmm_t_chunks, SpmmSlot, index_dtypes=True)
+_sampled_dot_body = region_body(_sampled_dot_chunks, SampledDotSlot, index_dtypes=True)
+_spmm_t_sampled_dot_body = region_body(_spmm_t_sampled_dot_chunks, BackwardSlot,
+                                       index_dtypes=True)
 
 
 # ---- Python side: operand checks, headers, launch ---------------------------------------
@@ -276,9 +244,9 @@ def _spmm_t_run(ptr, idx, vals, x_t, out_t, nchunks: int, nthreads: int) -> None
     vals, x_t, dst = _c(vals), _c(x_t), _c(out_t)
     n_out, nnz, batch = ptr.shape[0] - 1, idx.shape[0], x_t.shape[1]
     _check_shapes(vals=(vals, (nnz,)), out_t=(out_t, (n_out, batch)))
-    header = make_header(nchunks, code | icode, n_out, x_t.shape[0], batch, nnz,
-                         length=HEADER_LEN)
-    put_addresses(header, 8, ptr, idx, vals, x_t, dst)
+    header = pack_header(SpmmSlot, nchunks, code | icode, n_out=n_out, n_in=x_t.shape[0],
+                         batch=batch, nnz=nnz, ptr=ptr, idx=idx, vals=vals, x_t=x_t,
+                         out_t=dst)
     launch(_spmm_t_body.address, header, nthreads)
     if dst is not out_t:
         out_t[...] = dst
@@ -292,9 +260,9 @@ def _sampled_dot_run(rows, cols, gy_t, x_t, out, nchunks: int, nthreads: int) ->
     nnz, batch = rows.shape[0], x_t.shape[1]
     _check_shapes(cols=(cols, (nnz,)), out=(out, (nnz,)),
                   gy_t=(gy_t, (gy_t.shape[0], batch)))
-    header = make_header(nchunks, code | icode, nnz, gy_t.shape[0], x_t.shape[0], batch,
-                         length=HEADER_LEN)
-    put_addresses(header, 8, rows, cols, gy_t, x_t, dst)
+    header = pack_header(SampledDotSlot, nchunks, code | icode, nnz=nnz,
+                         n_rows=gy_t.shape[0], n_cols=x_t.shape[0], batch=batch, rows=rows,
+                         cols=cols, gy_t=gy_t, x_t=x_t, out=dst)
     launch(_sampled_dot_body.address, header, nthreads)
     if dst is not out:
         out[...] = dst
@@ -311,9 +279,10 @@ def _spmm_t_sampled_dot_run(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc,
     _check_shapes(vals_csc=(vals_csc, (nnz,)), gv_csc=(gv_csc, (nnz,)),
                   x_t=(x_t, (n_cols, batch)), gx_t=(gx_t, (n_cols, batch)),
                   gy_t=(gy_t, (gy_t.shape[0], batch)))
-    header = make_header(nchunks, code | icode, n_cols, gy_t.shape[0], batch, nnz,
-                         length=HEADER_LEN)
-    put_addresses(header, 8, colptr, csc_rows, vals_csc, gy_t, x_t, gx_dst, gv_dst)
+    header = pack_header(BackwardSlot, nchunks, code | icode, n_cols=n_cols,
+                         n_rows=gy_t.shape[0], batch=batch, nnz=nnz, colptr=colptr,
+                         csc_rows=csc_rows, vals_csc=vals_csc, gy_t=gy_t, x_t=x_t,
+                         gx_t=gx_dst, gv_csc=gv_dst)
     launch(_spmm_t_sampled_dot_body.address, header, nthreads)
     if gx_dst is not gx_t:
         gx_t[...] = gx_dst

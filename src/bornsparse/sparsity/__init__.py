@@ -5,6 +5,7 @@ from bornsparse._lazy import lazy_module
 _TABLE = {
     "allocate_nnz": "distributions",
     "DISTRIBUTIONS": "distributions",
+    "DEFAULT_DISTRIBUTION": "distributions",
     "support_layout": "distributions",
     "RigL": "dynamic",
     "SET": "dynamic",

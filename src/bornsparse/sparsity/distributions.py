@@ -26,6 +26,13 @@ from collections.abc import Sequence
 from bornsparse._checks import check_fraction
 
 DISTRIBUTIONS = ("uniform", "epl", "erk", "epf")
+# Every entry point's default, stated once (their signatures read it; docs/design.md
+# "Defaults" gives the table): sparsify uses the DCTpS slides' equal-per-layer split, the
+# dynamic methods (RigL, SET) the RigL paper's ERK, and pruning at init (None) the pruning
+# papers' own rule, selecting globally by score.
+DEFAULT_DISTRIBUTION: dict[str, str | None] = {
+    "sparsify": "epl", "dynamic": "erk", "prune_at_init": None,
+}
 _LAYOUT = {"uniform": "random", "epl": "random", "erk": "random", "epf": "per_row"}
 
 

@@ -41,6 +41,11 @@ import torch
 from torch import nn
 
 from bornsparse._checks import check_fraction, check_positive_int
+from bornsparse.sparsity.distributions import (
+    DEFAULT_DISTRIBUTION,
+    allocate_nnz,
+    support_layout,
+)
 from bornsparse.sparsity.swap import (
     Selector,
     check_kind,
@@ -142,6 +147,20 @@ class _Capture:
         output.register_hook(keep_grad)
 
 
+def _check_density_has_dense_layers(model, density, include, exclude) -> None:
+    """``density`` converts dense layers: on a model that already holds bornsparse layers and
+    no dense ones, say that density must be left out instead of "no nn.Linear" alone."""
+    dense = [m for _, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    sparse = sparse_targets(model, include=include, exclude=exclude)
+    if not dense and sparse:
+        raise ValueError(
+            f"density={density} converts nn.Linear/nn.Conv2d layers, but model has none: it "
+            f"already holds bornsparse sparse layers ({', '.join(n for n, _ in sparse[:3])}"
+            f"{', ...' if len(sparse) > 3 else ''}); leave density out and the schedule "
+            "adopts those layers and their supports as they are"
+        )
+
+
 class _DynamicSparse(ABC):
     """Shared schedule, support bookkeeping, optimizer-state surgery and checkpointing."""
 
@@ -154,7 +173,7 @@ class _DynamicSparse(ABC):
         *,
         total_steps: int,
         density: float | None = None,
-        distribution: str = "erk",
+        distribution: str = DEFAULT_DISTRIBUTION["dynamic"],
         delta: int = 100,
         alpha: float = 0.3,
         t_end: int | None = None,
@@ -189,6 +208,7 @@ class _DynamicSparse(ABC):
         self.model = model
         if density is not None:
             density = check_fraction("density", density)
+            _check_density_has_dense_layers(model, density, include, exclude)
             meta = has_meta(model)
             if meta and optimizer is not None:
                 raise ValueError(
@@ -235,7 +255,6 @@ class _DynamicSparse(ABC):
         and puts a shared layer's one replacement at every name it is reachable under.
         """
         from bornsparse.nn._support import sample_support
-        from bornsparse.sparsity.distributions import allocate_nnz, support_layout
 
         targets = dense_targets(model, include=include, exclude=exclude,
                                 allow_meta=device is not None)

@@ -11,6 +11,8 @@ cost table grants O(N) at initialisation for these methods); scores are one tens
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +22,11 @@ from torch import nn
 
 from bornsparse._checks import check_fraction, check_positive_int
 from bornsparse.sparsity import scores as S
-from bornsparse.sparsity.distributions import allocate_nnz, support_layout
+from bornsparse.sparsity.distributions import (
+    DEFAULT_DISTRIBUTION,
+    allocate_nnz,
+    support_layout,
+)
 from bornsparse.sparsity.swap import (
     DCTOffset,
     Selector,
@@ -61,6 +67,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     floor_moved: int = 0
     floor_moved_total: int = 0
+    _model: weakref.ref | None = field(default=None, repr=False, compare=False)
 
     @property
     def nnz(self) -> int:
@@ -73,6 +80,18 @@ class PruneReport:
     @property
     def density(self) -> float:
         return self.nnz / self.total
+
+    def __iter__(self):
+        # prune_at_init returned (model, report) until it followed sparsify's convention of
+        # returning the report alone; unpacking the report keeps that code working for one
+        # release
+        warnings.warn(
+            "prune_at_init now returns the report alone (the model is converted in place, as "
+            "with sparsify); unpacking `model, report = prune_at_init(...)` is deprecated",
+            DeprecationWarning, stacklevel=2,
+        )
+        model = self._model() if self._model is not None else None
+        return iter((model, self))
 
     def table(self) -> str:
         """Markdown table of the per-layer counts."""
@@ -105,13 +124,13 @@ def prune_at_init(
     data: object = None,
     loss_fn: S.LossFn | None = None,
     kind: str = "sparse",
-    distribution: str | None = None,
+    distribution: str | None = DEFAULT_DISTRIBUTION["prune_at_init"],
     rounds: int | None = None,
     input_shape: Sequence[int] | None = None,
     min_per_layer: int = 1,
     include: Selector = None,
     exclude: Selector = None,
-) -> tuple[nn.Module, PruneReport]:
+) -> PruneReport:
     """Prune a dense model at initialisation into bornsparse sparse layers, in place.
 
     Args:
@@ -140,8 +159,8 @@ def prune_at_init(
             ``sparsify``; a layer shared under several names is chosen when any passes.
 
     Returns:
-        ``(model, report)``: the same model object with sparse layers, and a
-        :class:`PruneReport` with the per-layer counts.
+        a :class:`PruneReport` with the per-layer counts; ``model`` itself now holds the
+        sparse layers (as with ``sparsify``).
     """
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -230,4 +249,5 @@ def prune_at_init(
         supports[name] = flat_to_indices(sel, cols).to(mod.weight.device)
         report.layers.append(LayerReport(name, (rows, cols), int(sel.numel())))
     swap_in_sparse_layers(model, supports, kind=kind)
-    return model, report
+    report._model = weakref.ref(model)
+    return report
