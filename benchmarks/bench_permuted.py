@@ -1,11 +1,19 @@
-"""PermutedBlockDiagonal(1024, 1024, width=2048, depth=20) against dense nn.Linear(1024, 1024).
+"""PermutedBlockDiagonal(1024, 1024, width=2048, depth=20) against dense nn.Linear(1024, 1024),
+and against a Monarch product at equal parameters.
 
 Forward (under no_grad) and forward+backward (gradients of input and parameters, as in
 training), at several batch sizes, float32, measured side by side and interleaved after a
 warm-up that compiles the numba kernels. Prints a table and one JSON line of ratios
 (ours / dense; below 1 means ours is faster).
 
+The equal-parameter comparison: bornsparse's MonarchLinear with ``--monarch-blocks`` blocks
+(2n²/blocks parameters) and a G of the depth with as many parameters (depth 16 for 32
+blocks at n = 1024, width 2048), both without bias. ``--fly-path DIR`` also times fly's own
+``blockdiag_butterfly_multiply`` (HazyResearch/fly, src/models/layers/
+blockdiag_butterfly_multiply.py, put in DIR; not shipped here) on the same factors.
+
     python benchmarks/bench_permuted.py [--threads 2] [--repeats 9] [--reference]
+        [--monarch-blocks 32] [--fly-path DIR]
 
 On a machine busy with other work, ``--threads 1 --cpu-time`` gives steadier ratios: it
 times process CPU time (min over rounds) instead of wall time, which load elsewhere barely
@@ -17,12 +25,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bornsparse.nn import PermutedBlockDiagonal  # noqa: E402
+from bornsparse.nn import MonarchLinear, PermutedBlockDiagonal  # noqa: E402
 from common import machine_tag, print_json_line, set_threads, time_interleaved  # noqa: E402
 
 
@@ -58,6 +67,19 @@ def _forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
     return run
 
 
+class _Fly(torch.nn.Module):
+    """fly's multiply on a MonarchLinear's factors (its (k, q, p) / (k, s, q) layout is
+    fly's w1_bfly / w2_bfly)."""
+
+    def __init__(self, multiply, monarch: MonarchLinear) -> None:
+        super().__init__()
+        self.multiply = multiply
+        self.monarch = monarch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.multiply(x, self.monarch.right, self.monarch.left)
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -75,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "--reference", action="store_true",
         help="also time the plain-PyTorch reference backend (slow)",
     )
+    ap.add_argument("--monarch-blocks", type=int, default=32,
+                    help="blocks of the equal-parameter Monarch (default 32)")
+    ap.add_argument("--fly-path", type=Path, default=None,
+                    help="folder holding fly's blockdiag_butterfly_multiply.py")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(0)
@@ -83,6 +109,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ours = PermutedBlockDiagonal(
         n, n, width=args.width, depth=args.depth, block_size=args.block_size, seed=0
     )
+    monarch = MonarchLinear(n, n, args.monarch_blocks, bias=False, seed=0)
+    monarch_params = monarch.right.numel() + monarch.left.numel()
+    # a 2×2-block factor holds 2·width parameters
+    eq_depth = max(1, round(monarch_params / (2 * args.width)))
+    ours_eq = PermutedBlockDiagonal(n, n, width=args.width, depth=eq_depth, block_size=2,
+                                    seed=0)
+    fly = None
+    if args.fly_path is not None:
+        sys.path.insert(0, str(args.fly_path))
+        with warnings.catch_warnings():  # its torch.cuda.amp decorators are deprecated
+            warnings.simplefilter("ignore")
+            from blockdiag_butterfly_multiply import blockdiag_butterfly_multiply as fly
     ref = None
     if args.reference:
         ref = PermutedBlockDiagonal(
@@ -99,7 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "ours_fwd": _forward(ours, x),
             "dense_fwdbwd": _forward_backward(dense, x, grad),
             "ours_fwdbwd": _forward_backward(ours, x, grad),
+            "oursEq_fwdbwd": _forward_backward(ours_eq, x, grad),
+            "monarch_fwdbwd": _forward_backward(monarch, x, grad),
         }
+        if fly is not None:
+            fns["fly_fwdbwd"] = _forward_backward(_Fly(fly, monarch), x, grad)
         if ref is not None:
             fns["ref_fwd"] = _forward(ref, x)
             fns["ref_fwdbwd"] = _forward_backward(ref, x, grad)
@@ -110,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         row = {"batch": batch, **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
         row["ratio_fwd"] = t["ours_fwd"] / t["dense_fwd"]
         row["ratio_fwdbwd"] = t["ours_fwdbwd"] / t["dense_fwdbwd"]
+        row["eq_over_monarch"] = t["oursEq_fwdbwd"] / t["monarch_fwdbwd"]
+        row["monarch_over_dense"] = t["monarch_fwdbwd"] / t["dense_fwdbwd"]
+        if fly is not None:
+            row["monarch_over_fly"] = t["monarch_fwdbwd"] / t["fly_fwdbwd"]
         if ref is not None:
             row["ref_ratio_fwd"] = t["ref_fwd"] / t["dense_fwd"]
             row["ref_ratio_fwdbwd"] = t["ref_fwdbwd"] / t["dense_fwdbwd"]
@@ -125,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
            f"{'dense f+b':>10} {'ours f+b':>10} {'ratio':>7}"
     if ref is not None:
         head += f" {'ref/dense fwd':>14} {'ref/dense f+b':>14}"
+    head += f" {'G_eq/Mon f+b':>12} {'Mon/dense':>9}" + (f" {'Mon/fly':>7}" if fly else "")
     print(head + "   (ms, ratios)")
     for r in rows:
         line = (
@@ -134,7 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         )
         if ref is not None:
             line += f" {r['ref_ratio_fwd']:>14.2f} {r['ref_ratio_fwdbwd']:>14.2f}"
+        line += f" {r['eq_over_monarch']:>12.2f} {r['monarch_over_dense']:>9.2f}"
+        if fly is not None:
+            line += f" {r['monarch_over_fly']:>7.2f}"
         print(line)
+    print(f"equal parameters ({monarch_params}): G depth {eq_depth} vs MonarchLinear "
+          f"{args.monarch_blocks} blocks" + (" (and fly's multiply on its factors)" if fly
+                                             else ""))
     record = {
         "bench": "permuted_vs_dense",
         "config": {
@@ -144,6 +197,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         },
         "ratio_fwd": {str(r["batch"]): round(r["ratio_fwd"], 4) for r in rows},
         "ratio_fwdbwd": {str(r["batch"]): round(r["ratio_fwdbwd"], 4) for r in rows},
+        "equal_params": {"params": monarch_params, "g_depth": eq_depth,
+                         "monarch_blocks": args.monarch_blocks},
+        **{key: {str(r["batch"]): round(r[key], 4) for r in rows}
+           for key in ("eq_over_monarch", "monarch_over_dense", "monarch_over_fly")
+           if key in rows[0]},
         "ms": {str(r["batch"]): {k: round(v, 4) for k, v in r.items() if k.endswith("_ms")}
                for r in rows},
         "machine": machine_tag(),

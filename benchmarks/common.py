@@ -136,3 +136,28 @@ def peak_growth(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
     if base is None or peak is None:
         return None
     return (peak - base) * 1024
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> int | None:
+    """Growth of peak RSS while ``fn`` runs, in bytes (None if unavailable)."""
+    gc.collect()
+    if not _reset_peak():
+        return None
+    base = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return (peak - base) * 1024
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (a large number where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50

@@ -273,6 +273,23 @@ def test_reference_backend_is_plain_pytorch_all_the_way_down(name):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_export_of_a_fresh_layer_leaves_later_eager_calls_real(backend):
+    # cold DCT tables built while export traces are fake tensors; kept in a cache they made
+    # every later eager output fake
+    from bornsparse.ops import discrete_cosine
+
+    discrete_cosine._TABLES.clear()
+    make, shape = LAYERS["dctps_fused"]
+    layer = make(backend=backend)
+    x = torch.randn(*shape, requires_grad=True)
+    torch.export.export(layer, (x.detach(),))
+    y = layer(x)
+    y.square().sum().backward()
+    assert type(y) is torch.Tensor and type(x.grad) is torch.Tensor
+    assert torch.isfinite(x.grad).all()
+
+
 def test_reference_kernels_block_overrides_every_layer():
     make, shape = LAYERS["dctps_fused"]
     layer = make()

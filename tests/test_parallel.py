@@ -16,7 +16,6 @@ from bornsparse.ops import _parallel
 from bornsparse.ops._parallel import claim_chunk
 from bornsparse.ops.permuted import (
     FORWARD_TILE,
-    _header,
     permuted_block_diagonal,
     permuted_tanh_network,
 )
@@ -83,8 +82,10 @@ def test_every_chunk_runs_once_when_fewer_threads_than_chunks(monkeypatch, how):
     for nthreads in (2, 3):
         out = torch.full((x.shape[0], 11), float("nan"), dtype=x.dtype)
         # 7 chunks of 16 samples on 2 or 3 threads: each thread claims several
-        header = _header(7, 1, x.shape[0], x.shape[1], depth, nb, k, nb * k, 11, 16,
-                         x.data_ptr(), weight.data_ptr(), perms.data_ptr(), out.data_ptr())
+        header = _parallel.pack_header(
+            _forward_body.layout, 7, 1, batch=x.shape[0], n_in=x.shape[1], depth=depth,
+            nb=nb, k=k, width=nb * k, n_out=11, tile=16, x=x.data_ptr(),
+            weight=weight.data_ptr(), perms=perms.data_ptr(), out=out.data_ptr())
         _parallel.launch(_forward_body.address, header, nthreads)
         assert header[1] == 7  # finished chunks: each exactly once
         assert header[0] == 7 + nthreads  # every thread's last claim found nothing left

@@ -92,6 +92,27 @@ def test_inverse_backward_matches_dense_and_reference(case):
     torch.testing.assert_close(wr.grad, wf.grad, rtol=1e-9, atol=scale)
 
 
+def _saved(fn):
+    """The tensors autograd saves while ``fn()`` runs (public saved_tensors_hooks), in the
+    op's order: x, weight, perms, and the kept final activation (empty on the pair kernels,
+    which keep none)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def _walks_cycles(x, weight, perms, **kw) -> bool:
+    """Whether the forward took the cycle walk: only it keeps a final activation."""
+    _, saved = _saved(lambda: permuted_block_diagonal(x, weight, perms, backend="numba", **kw))
+    return saved[3].numel() > 0
+
+
 def test_small_tiles_take_the_pair_kernels(monkeypatch):
     monkeypatch.setattr(permuted_ops, "CYCLE_MIN_TILE", CYCLE_MIN_TILE)
     weight, perms = near_orthogonal(2, 40, seed=0, noise=0.0, dtype=torch.float32)
@@ -99,11 +120,22 @@ def test_small_tiles_take_the_pair_kernels(monkeypatch):
     small = torch.randn(threads * (CYCLE_MIN_TILE - 1), 80, requires_grad=True)
     big = torch.randn(threads * CYCLE_MIN_TILE, 80, requires_grad=True)
     w = weight.requires_grad_()
-    assert permuted_block_diagonal(small, w, perms, backend="numba").grad_fn.cycle_tile == 0
-    assert permuted_block_diagonal(big, w, perms, backend="numba").grad_fn.cycle_tile > 0
+    assert not _walks_cycles(small, w, perms)
+    assert _walks_cycles(big, w, perms)
     odd = near_orthogonal(3, 40, seed=0, noise=0.0, dtype=torch.float32)[0].requires_grad_()
     odd_perms = torch.stack([torch.randperm(80) for _ in range(3)])
-    assert permuted_block_diagonal(big, odd, odd_perms, backend="numba").grad_fn.cycle_tile == 0
+    assert not _walks_cycles(big, odd, odd_perms)
+
+
+def test_small_tiles_of_wide_layers_take_the_cycle_walk(monkeypatch):
+    # wide: the pair kernels' three (width, tile) buffers no longer fit L2 (here 1 KiB)
+    monkeypatch.setattr(permuted_ops, "CYCLE_MIN_TILE", CYCLE_MIN_TILE)
+    weight, perms = near_orthogonal(2, 40, seed=0, noise=0.0, dtype=torch.float32)
+    x = torch.randn(2, 80, requires_grad=True)
+    w = weight.requires_grad_()
+    assert not _walks_cycles(x, w, perms)
+    monkeypatch.setattr(permuted_ops, "L2_BYTES", 3 * 80 * 4 - 1)
+    assert _walks_cycles(x, w, perms)
 
 
 def _takes_inverse_path(x, weight, perms, n_out):
@@ -162,13 +194,15 @@ def test_retained_graph_second_backward_agrees():
     weight, perms = near_orthogonal(6, 20, seed=1, noise=0.01)
     x = torch.randn(130, 33, dtype=torch.float64, requires_grad=True)
     w = weight.clone().requires_grad_()
-    y = permuted_block_diagonal(x, w, perms, out_features=31, backend="numba")
+    y, saved = _saved(
+        lambda: permuted_block_diagonal(x, w, perms, out_features=31, backend="numba"))
     gy = torch.randn_like(y)
-    assert y.grad_fn.cycle_tile > 0
-    final = y.grad_fn.saved_tensors[3].clone()
+    kept = saved[3]
+    assert kept.numel() > 0  # the cycle walk
+    final = kept.clone()
     first = torch.autograd.grad(y, (x, w), gy, retain_graph=True)
     # the backward op rebuilds activations in a copy: the kept activation is unchanged
-    assert torch.equal(y.grad_fn.saved_tensors[3], final)
+    assert torch.equal(kept, final)
     second = torch.autograd.grad(y, (x, w), gy)
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -179,14 +213,16 @@ def test_kept_activation_is_batch_by_width_whatever_the_depth():
     for depth in (2, 8, 20):
         weight, perms = near_orthogonal(depth, 32, seed=depth, noise=0.0, dtype=torch.float32)
         x = torch.randn(300, 64, requires_grad=True)
-        y = permuted_block_diagonal(x, weight.requires_grad_(), perms, backend="numba")
-        assert y.grad_fn.cycle_tile > 0
-        x_saved, _, _, final = y.grad_fn.saved_tensors
+        w = weight.requires_grad_()
+        _, saved = _saved(
+            lambda x=x, w=w, perms=perms: permuted_block_diagonal(x, w, perms, backend="numba"))
+        x_saved, _, _, final = saved
         sizes[depth] = final.numel()
         # the final activation: whole tiles of the batch, every row of the width
-        tiles = -(-300 // y.grad_fn.cycle_tile)
-        assert final.numel() == tiles * 64 * y.grad_fn.cycle_tile >= 300 * 64
+        tiles, width, tile = final.shape
+        assert width == 64 and tiles == -(-300 // tile) and final.numel() >= 300 * 64
         assert x_saved.numel() == x.numel()
+        assert len(saved) == 4  # nothing per factor
     assert len(set(sizes.values())) == 1
     with torch.no_grad():  # no backward to come: nothing kept, same output
         weight, perms = near_orthogonal(4, 32, seed=0, noise=0.0, dtype=torch.float32)

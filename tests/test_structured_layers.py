@@ -119,6 +119,24 @@ def test_monarch_matches_its_definition(n_in, n_out, k):
     torch.testing.assert_close(layer(x), x @ want.T + layer.bias)
 
 
+@pytest.mark.parametrize("n_in, n_out, k", [(12, 20, 4), (20, 12, 4), (16, 16, 4)])
+def test_monarch_traced_path_equals_the_hand_written_one(n_in, n_out, k):
+    # torch.compile / export trace _monarch_plain (no out= bmm): same values and gradients
+    from bornsparse.nn.structured import _MonarchMultiply, _monarch_plain
+
+    layer = MonarchLinear(n_in, n_out, k, seed=4, bias=False, dtype=torch.float64)
+    x = torch.randn(5, n_in, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, n_out, dtype=torch.float64)
+    params = (x, layer.right, layer.left)
+    ya = _MonarchMultiply.apply(*params)
+    ga = torch.autograd.grad(ya, params, g)
+    yb = _monarch_plain(*params)
+    gb = torch.autograd.grad(yb, params, g)
+    torch.testing.assert_close(ya, yb)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_monarch_square_root_blocks_is_the_papers_p_l_pt_r():
     # n = 16, 4 blocks of 4: M = P L Pᵀ R with P the transpose of a 4 × 4 grid (an involution)
     layer = MonarchLinear(16, 16, 4, dtype=torch.float64, seed=2)
@@ -127,6 +145,16 @@ def test_monarch_square_root_blocks_is_the_papers_p_l_pt_r():
     want = p @ torch.block_diag(*layer.left.detach()) @ p.T @ torch.block_diag(
         *layer.right.detach())
     torch.testing.assert_close(layer.to_dense().detach(), want)
+
+
+@pytest.mark.parametrize("n_in, n_out, k", [(12, 20, 4), (20, 12, 4)])
+def test_monarch_hand_written_backward_has_second_derivatives(n_in, n_out, k):
+    # under create_graph the backward takes its differentiable-ops branch
+    from bornsparse.nn.structured import _MonarchMultiply
+
+    layer = MonarchLinear(n_in, n_out, k, seed=3, bias=False, dtype=torch.float64)
+    x = torch.randn(3, n_in, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(_MonarchMultiply.apply, (x, layer.right, layer.left))
 
 
 def test_monarch_scale_and_errors():

@@ -8,6 +8,7 @@ interpreter only if the flag is set when triton is first imported, and another t
 (torch.compile) may import triton earlier in the same process.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,13 +17,44 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install 'bornsparse[gpu]')")
-
-from bornsparse.ops import backends  # noqa: E402
+from bornsparse.ops import backends
 
 CASES = Path(__file__).with_name("triton_interpreter_cases.py")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="triton is not installed (pip install 'bornsparse[gpu]')",
+)
+
+# a fresh interpreter in which `import triton` fails, as where it is not installed
+NO_TRITON = '''
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch
+import bornsparse
+from bornsparse.nn import DCTPlusSparseLinear, PermutedBlockDiagonal, PermutedTanhNetwork
+x = torch.randn(3, 6, requires_grad=True)
+for cls in (PermutedBlockDiagonal, PermutedTanhNetwork):
+    cls(6, 5, width=8, depth=2, seed=0)(x).sum().backward()
+DCTPlusSparseLinear(6, 5, nnz=9, seed=0)(x).sum().backward()
+try:
+    PermutedBlockDiagonal(6, 5, width=8, depth=2, seed=0, backend="triton")(x)
+except ImportError as e:
+    assert "bornsparse[gpu]" in str(e), e
+else:
+    raise AssertionError("backend='triton' ran without triton")
+assert "triton" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+print("ok")
+'''
 
 
+def test_package_runs_without_triton():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", NO_TRITON], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@needs_triton
 def test_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("PYTEST_XDIST_WORKER", None)
@@ -34,6 +66,7 @@ def test_kernels_under_the_interpreter():
     assert " passed" in run.stdout and "failed" not in run.stdout and "skipped" not in run.stdout
 
 
+@needs_triton
 def test_resolve_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton reads it on every call
     x = torch.randn(2, 3)
@@ -50,3 +83,25 @@ def test_resolve_backend(monkeypatch):
     monkeypatch.setattr(backends, "triton_importable", lambda: False)
     with pytest.raises(ImportError, match=r"pip install 'bornsparse\[gpu\]'"):
         backends.resolve_backend("triton", x, "sparse", has_triton=True)
+
+
+class _CudaLike:
+    """What resolve_backend reads of a tensor (device, dtype), claiming CUDA: no GPU needed."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device("cuda")
+        self.dtype = dtype
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_auto_picks_triton_on_cuda(monkeypatch, dtype):
+    x = _CudaLike(dtype)
+    for family in ("permuted", "sparse"):  # the families with Triton kernels
+        assert backends.resolve_backend("auto", x, family, has_triton=True) == "triton"
+        # an op of such a family without a kernel (the penalty) runs its reference
+        assert backends.resolve_backend("auto", x, family) == "reference"
+    for family in ("dct", "conv"):  # no Triton kernels: the reference on CUDA
+        assert backends.resolve_backend("auto", x, family, has_triton=True) == "reference"
+    monkeypatch.setattr(backends, "triton_importable", lambda: False)
+    assert backends.resolve_backend("auto", x, "permuted", has_triton=True) == "reference"

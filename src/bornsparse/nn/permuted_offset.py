@@ -32,7 +32,7 @@ OFFSET_BLOCK = 2
 # the layer's backend (the sparse family's) -> the permuted op's; "torch_sparse" concerns
 # the sparse product only
 _OFFSET_BACKEND = {"auto": "auto", "reference": "reference", "numba": "numba",
-                   "torch_sparse": "auto"}
+                   "torch_sparse": "auto", "triton": "triton"}
 
 
 def default_offset_width(in_features: int, out_features: int) -> int:

@@ -52,7 +52,7 @@ HEADER_SLOTS = 3  # claimed-chunk counter, finished-chunk counter, chunk count
 
 
 @intrinsic
-def _as_voidptr(typingctx, address):
+def as_voidptr(typingctx, address):
     """An int64 address as a void pointer (for numba.carray)."""
     sig = types.voidptr(types.int64)
 
@@ -222,13 +222,13 @@ class NoAliasCompiler(Compiler):
 @numba.njit(cache=True, nogil=True, inline="always")
 def view(address, shape, like):
     """The memory at ``address`` as a C-contiguous array of ``shape`` and like's dtype."""
-    return numba.carray(_as_voidptr(address), shape, like.dtype)
+    return numba.carray(as_voidptr(address), shape, like.dtype)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def header_address(header):
     """The address of an int64 header array, as claim_chunk and finish_chunk want it."""
-    return _as_voidptr(np.int64(header.ctypes.data))
+    return as_voidptr(np.int64(header.ctypes.data))
 
 
 @numba.njit(cache=True, nogil=True)

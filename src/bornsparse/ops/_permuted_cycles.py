@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import types
 
-from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk
-from bornsparse.ops._parallel import prefetch as _prefetch
-from bornsparse.ops._permuted_numba import (
-    _F32,
-    _F64,
-    _FASTMATH,
-    _I64,
-    _load_tile_transposed,
-    _NoAliasCompiler,
-    _view,
+from bornsparse.ops._parallel import (
+    NoAliasCompiler,
+    as_voidptr,
+    claim_chunk,
+    finish_chunk,
+    header_address,
+    header_layout,
+    region_body,
+    view,
 )
+from bornsparse.ops._parallel import prefetch as _prefetch
+from bornsparse.ops._permuted_numba import FASTMATH, load_tile_transposed
+
+_I32 = np.empty(0, np.int32)
+_I64 = np.empty(0, np.int64)
 
 # Columns of one schedule step. RD0/RD1: slots of F1 block B1's two input rows (read, and
 # overwritten by the outputs of the F2 block completed at this step); RIN: which output of
@@ -51,7 +54,7 @@ STEP_FIELDS = 12
 # steps ahead at which backward prefetches the rows it will read (measured: f+b 3.0-3.2 ms
 # with 2-4 vs 3.27 with none, 2 threads, batch 256, depth 20)
 PF = 3
-_JIT = {"cache": True, "nogil": True, "fastmath": _FASTMATH}
+_JIT = {"cache": True, "nogil": True, "fastmath": FASTMATH}
 
 
 @numba.njit(cache=True)
@@ -126,10 +129,10 @@ def _prefetch_row(base, i, row_bytes, nbytes):
 def _row(base, i, row_bytes, ts, dtype):
     # raw views: numba's array views carry a refcount whose atomic updates, in these
     # per-step loops, measured ~40% of the time
-    return numba.carray(_as_voidptr(base + i * row_bytes), (ts,), dtype)
+    return numba.carray(as_voidptr(base + i * row_bytes), (ts,), dtype)
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _walk_first(a0, a1, open_row, carry, x00, x01, x10, x11, ts):
     for s in range(ts):
         u = a0[s]
@@ -138,7 +141,7 @@ def _walk_first(a0, a1, open_row, carry, x00, x01, x10, x11, ts):
         carry[s] = x10 * u + x11 * v
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _walk_step(a0, a1, carry, x00, x01, x10, x11, m00, m01, m10, m11, ts):
     for s in range(ts):
         u = a0[s]
@@ -151,7 +154,7 @@ def _walk_step(a0, a1, carry, x00, x01, x10, x11, m00, m01, m10, m11, ts):
         carry[s] = carried
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _walk_close(d0, d1, carry, open_row, m00, m01, m10, m11, ts):
     for s in range(ts):
         c = carry[s]
@@ -160,7 +163,7 @@ def _walk_close(d0, d1, carry, open_row, m00, m01, m10, m11, ts):
         d1[s] = m10 * c + m11 * o
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _forward_pair(buf, w1, w2, st, tmp, ts):
     """Both factors of one pair on one tile, in place."""
     dt = buf.dtype
@@ -187,10 +190,10 @@ def _forward_pair(buf, w1, w2, st, tmp, ts):
                         w2[c, 0, cc], w2[c, 0, 1 - cc], w2[c, 1, cc], w2[c, 1, 1 - cc], ts)
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _load_tile_scattered(src, s0, ts, rows, buf):
     """buf[rows[i], s] = src[s0 + s, i] for i < src.shape[1] (16 features at a time, as in
-    _load_tile_transposed)."""
+    load_tile_transposed)."""
     n = src.shape[1]
     for i0 in range(0, n, 16):
         i1 = min(i0 + 16, n)
@@ -199,7 +202,7 @@ def _load_tile_scattered(src, s0, ts, rows, buf):
                 buf[rows[i], s] = src[s0 + s, i]
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _store_tile_gathered(buf, rows, s0, ts, out):
     """out[s0 + s, i] = buf[rows[i], s] for i < out.shape[1]."""
     n = out.shape[1]
@@ -227,13 +230,13 @@ def forward_tiles(x, weight, sched, final_loc, out, z, tile, c, nchunks):
         ts = min(tile, batch - s0)
         buf = z[it] if keep else own
         buf[n_in:] = 0  # padding rows: the walk overwrites them in place
-        _load_tile_transposed(x, s0, ts, buf)
+        load_tile_transposed(x, s0, ts, buf)
         for q in range(sched.shape[0]):
             _forward_pair(buf, weight[2 * q], weight[2 * q + 1], sched[q], tmp, ts)
         _store_tile_gathered(buf, final_loc, s0, ts, out)
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _back_step(act, gbuf, tmp, r0, r1, q0, q1, n00, n01, n10, n11, m00, m01, m10, m11,
                y00, y01, y10, y11, z00, z01, z10, z11, ts):
     """Invert F2 block (outputs act rows r0, r1; n = its inverse, m = it) and backprop it
@@ -280,7 +283,7 @@ def _back_step(act, gbuf, tmp, r0, r1, q0, q1, n00, n01, n10, n11, m00, m01, m10
     return d00, d01, d10, d11, e00, e01, e10, e11
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _back_f2(act, gbuf, tmp, r0, r1, n00, n01, n10, n11, m00, m01, m10, m11, ts):
     """Invert and backprop one F2 block alone: inputs to tmp rows 4 (carried), 5 (joining),
     their grads to 6, 7."""
@@ -305,7 +308,7 @@ def _back_f2(act, gbuf, tmp, r0, r1, n00, n01, n10, n11, m00, m01, m10, m11, ts)
     return d00, d01, d10, d11
 
 
-@numba.njit(**_JIT, pipeline_class=_NoAliasCompiler)
+@numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _back_f1(act, gbuf, tmp, iyi, iyo, igi, igo, q0, q1, y00, y01, y10, y11,
              z00, z01, z10, z11, ts):
     """Finish one F1 block from its outputs and grads in tmp rows; inputs and input grads
@@ -501,60 +504,58 @@ def worst_amplification(weight):
 
 
 # ---------------------------------------------------------------------------------------
-# Parallel-region bodies (ops/_parallel.py), as at the end of _permuted_numba.py: header
-# slots 0-1 chunk counters, 2 chunk count, 3 dtype (0 float32, 1 float64), then sizes and
-# data pointers.
+# Parallel-region bodies (ops/_parallel.py), as at the end of _permuted_numba.py: named
+# header slots (code 0 float32, 1 float64), filled by name in ops/permuted.py.
 
-_I32 = np.empty(0, np.int32)
+ForwardSlot = header_layout(
+    "CycleForwardSlot", "batch n_in depth nb n_out tile x weight sched final_loc out final")
+BackwardSlot = header_layout(
+    "CycleBackwardSlot",
+    "batch n_in depth nb n_out tile final weight sched final_loc grad_out grad_x partial")
 
 
 @numba.njit(cache=True, nogil=True)
-def _forward_chunks(header, like):
-    a = numba.carray(header, (16,), np.int64)
-    nchunks, batch, n_in, depth, nb, n_out, tile = a[2], a[4], a[5], a[6], a[7], a[8], a[9]
+def _forward_chunks(a, like):
+    S = ForwardSlot
+    hp = header_address(a)
+    nchunks, batch, n_in, depth, nb, n_out, tile = (
+        a[S.nchunks], a[S.batch], a[S.n_in], a[S.depth], a[S.nb], a[S.n_out], a[S.tile])
     width = 2 * nb
     ntiles = (batch + tile - 1) // tile
     while True:
-        c = claim_chunk(header, nchunks)
+        c = claim_chunk(hp, nchunks)
         if c < 0:
             break
         forward_tiles(
-            _view(a[10], (batch, n_in), like), _view(a[11], (depth, nb, 2, 2), like),
-            _view(a[12], (depth // 2, nb, STEP_FIELDS), _I32), _view(a[13], (width,), _I64),
-            _view(a[14], (batch, n_out), like),
-            _view(a[15], (ntiles if a[15] else 0, width, tile), like), tile, c, nchunks)
-        finish_chunk(header)
+            view(a[S.x], (batch, n_in), like), view(a[S.weight], (depth, nb, 2, 2), like),
+            view(a[S.sched], (depth // 2, nb, STEP_FIELDS), _I32),
+            view(a[S.final_loc], (width,), _I64), view(a[S.out], (batch, n_out), like),
+            view(a[S.final], (ntiles if a[S.final] else 0, width, tile), like), tile, c,
+            nchunks)
+        finish_chunk(hp)
 
 
 @numba.njit(cache=True, nogil=True)
-def _backward_chunks(header, like):
-    a = numba.carray(header, (17,), np.int64)
-    nchunks, batch, n_in, depth, nb, n_out, tile = a[2], a[4], a[5], a[6], a[7], a[8], a[9]
+def _backward_chunks(a, like):
+    S = BackwardSlot
+    hp = header_address(a)
+    nchunks, batch, n_in, depth, nb, n_out, tile = (
+        a[S.nchunks], a[S.batch], a[S.n_in], a[S.depth], a[S.nb], a[S.n_out], a[S.tile])
     width = 2 * nb
     ntiles = (batch + tile - 1) // tile
     while True:
-        c = claim_chunk(header, nchunks)
+        c = claim_chunk(hp, nchunks)
         if c < 0:
             break
         backward_tiles(
-            _view(a[10], (ntiles, width, tile), like), _view(a[11], (depth, nb, 2, 2), like),
-            _view(a[12], (depth // 2, nb, STEP_FIELDS), _I32), _view(a[13], (width,), _I64),
-            _view(a[14], (batch, n_out), like), _view(a[15], (batch, n_in), like),
-            _view(a[16], (nchunks, depth, nb, 2, 2), like)[c], tile, c, nchunks)
-        finish_chunk(header)
+            view(a[S.final], (ntiles, width, tile), like),
+            view(a[S.weight], (depth, nb, 2, 2), like),
+            view(a[S.sched], (depth // 2, nb, STEP_FIELDS), _I32),
+            view(a[S.final_loc], (width,), _I64), view(a[S.grad_out], (batch, n_out), like),
+            view(a[S.grad_x], (batch, n_in), like),
+            view(a[S.partial], (nchunks, depth, nb, 2, 2), like)[c], tile, c, nchunks)
+        finish_chunk(hp)
 
 
-@numba.cfunc(types.void(types.voidptr), cache=True)
-def _forward_body(header):
-    if numba.carray(header, (4,), np.int64)[3]:
-        _forward_chunks(header, _F64)
-    else:
-        _forward_chunks(header, _F32)
-
-
-@numba.cfunc(types.void(types.voidptr), cache=True)
-def _backward_body(header):
-    if numba.carray(header, (4,), np.int64)[3]:
-        _backward_chunks(header, _F64)
-    else:
-        _backward_chunks(header, _F32)
+_forward_body = region_body(_forward_chunks, ForwardSlot)
+_backward_body = region_body(_backward_chunks, BackwardSlot)

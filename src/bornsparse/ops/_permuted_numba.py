@@ -32,35 +32,27 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import types
-from numba.core.compiler import Compiler
 
-from bornsparse.ops._parallel import _as_voidptr, claim_chunk, finish_chunk, prefetch
+from bornsparse.ops._parallel import (
+    NoAliasCompiler,
+    claim_chunk,
+    finish_chunk,
+    header_address,
+    header_layout,
+    prefetch,
+    region_body,
+    view,
+)
 
-_FASTMATH = {"contract", "reassoc"}
+FASTMATH = {"contract", "reassoc"}
 # Blocks ahead at which the fused pair kernel prefetches its random source rows, and the
 # tile-buffer size above which it does (a buffer that fits L2 never misses to DRAM).
 PREFETCH_DISTANCE = 16
 PREFETCH_MIN_BYTES = 4 << 20
 
 
-class _NoAliasCompiler(Compiler):
-    """numba's default pipeline, with every array argument marked ``noalias`` for LLVM.
-
-    numba's own parallel-loop bodies get this flag; without it LLVM guards each vectorised
-    row loop with runtime overlap checks between every output row and every input row (~50
-    instructions per 2×2 block, measured in the assembly). Only for functions whose array
-    arguments never overlap in memory (distinct buffers, or disjoint slices of one): every
-    helper below that carries it is called so.
-    """
-
-    def define_pipelines(self):
-        self.state.flags.noalias = True
-        return super().define_pipelines()
-
-
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
-def _load_tile_transposed(x, s0, ts, buf):
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
+def load_tile_transposed(x, s0, ts, buf):
     """buf[i, s] = x[s0 + s, i] for i < x.shape[1]; the padded rows of buf are left alone.
 
     Callers zero those rows once per buffer: the loads never write them.
@@ -75,7 +67,7 @@ def _load_tile_transposed(x, s0, ts, buf):
                 buf[i, s] = x[s0 + s, i]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _store_tile_transposed(buf, s0, ts, out):
     """out[s0 + s, i] = buf[i, s] for i < out.shape[1]."""
     n_out = out.shape[1]
@@ -86,7 +78,7 @@ def _store_tile_transposed(buf, s0, ts, out):
                 out[s0 + s, i] = buf[i, s]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _apply_factor(src, dst, w, p, ts, n_rows):
     """dst[b*k + r, :ts] = Σ_c w[b, r, c] · src[p[b*k + c], :ts] (one factor on one tile).
 
@@ -142,7 +134,7 @@ def _prefetch_pair2(p1, p2, b, nb, pfd, base, rb, p1base):
         prefetch(p1base + 8 * 2 * (p2[2 * f2 + 1] // 2))
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows, pfd):
     """Two consecutive k = 2 factors in one pass: dst = F2(F1(src)), rows < n_rows.
 
@@ -191,7 +183,7 @@ def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows, pfd):
             d1[s] = w10 * y + w11 * z
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
     """_apply_factor that also writes gathered[j] = src[p[j]] (the factor's input, in the order
     it is read); with compute=False only the gather is done.
@@ -242,7 +234,7 @@ def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
                             d[s] += wc * a[s]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _factor_backward(gathered, g, gin, w, p, gw, ts):
     """One factor's backward on one tile.
 
@@ -310,7 +302,7 @@ def _factor_backward(gathered, g, gin, w, p, gw, ts):
                     gw[b, r, c] += acc
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
     """Forward of tiles th, th + nthreads, ... of x (batch, n_in) into out (batch, n_out)."""
     batch = x.shape[0]
@@ -328,7 +320,7 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        _load_tile_transposed(x, s0, ts, buf_in)
+        load_tile_transposed(x, s0, ts, buf_in)
         src, dst = buf_in, buf_a
         t = 0
         while t < depth:
@@ -345,7 +337,7 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
         _store_tile_transposed(src, s0, ts, out)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _gather_rows(src, p, gathered, ts):
     """gathered[j, :ts] = src[p[j], :ts]."""
     for j in range(p.shape[0]):
@@ -355,7 +347,7 @@ def _gather_rows(src, p, gathered, ts):
             q[s] = a[s]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _pair_backward2(prev, w1, p1, w2, q2, g, gin, gw1, gw2, ts):
     """Backward of two consecutive k = 2 factors (F2 after F1) in one pass over the tile.
 
@@ -435,7 +427,7 @@ def _pair_backward2(prev, w1, p1, w2, q2, g, gin, gw1, gw2, ts):
         gw1[b, 1, 1] += c11
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nthreads):
     """Backward of tiles th, th + nthreads, ...: writes their rows of grad_x, sets gw (the
     weight gradient summed over those tiles).
@@ -472,7 +464,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        _load_tile_transposed(x, s0, ts, buf_in)
+        load_tile_transposed(x, s0, ts, buf_in)
         src, dst = buf_in, buf_a
         if paired:
             for t in range(0, depth, 2):
@@ -487,7 +479,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
                 _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
                                      t < depth - 1)
                 src, dst = dst, (buf_b if dst is buf_a else buf_a)
-        _load_tile_transposed(grad_out, s0, ts, g_out)
+        load_tile_transposed(grad_out, s0, ts, g_out)
         g, gin = g_out, buf_a
         t = depth - 1
         while t >= 0:
@@ -509,7 +501,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
 # keeping the activations as (width, batch) spares two transposes per factor.
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _factor_columns_kernel(h, w, p, z, c0, c1):
     """z[b*k + r, c0:c1] = Σ_c w[b, r, c] · h[p[b*k + c], c0:c1]; h, z: (width, batch)."""
     nb = w.shape[0]
@@ -544,7 +536,7 @@ def _factor_columns_kernel(h, w, p, z, c0, c1):
                         d[s] += wc * a[s]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, pipeline_class=_NoAliasCompiler)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
     """Backward of _factor_columns_kernel on columns [c0, c1): writes gh there, and sets gw
     (nb, k, k) to Σ over those columns of gz[b*k + r] · h[p[b*k + c]]."""
@@ -608,119 +600,98 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
 
 
 # ---------------------------------------------------------------------------------------
-# Parallel-region bodies for ops/_parallel.py: each unpacks an int64 header (slots 0-1 the
-# claimed and finished chunk counters, slot 2 the chunk count, slot 3 the dtype: 0 float32,
-# 1 float64, then sizes and data pointers) and runs the kernel above on every chunk its
-# thread claims. Chunk c of the batch kernels is "tiles c, c + nchunks, ...", exactly the
-# old per-thread split, so results are the same whichever thread runs which chunk.
+# Parallel-region bodies for ops/_parallel.py: each reads its header by the named slots of
+# its layout (slot ``code``: 0 float32, 1 float64; ops/permuted.py fills them by name) and
+# runs the kernel above on every chunk its thread claims. Chunk c of the batch kernels is
+# "tiles c, c + nchunks, ...", so results are the same whichever thread runs which chunk.
 
-
-# zero-size arrays whose dtype tells the generic chunk loops below what to view memory as
-_F32 = np.empty(0, np.float32)
-_F64 = np.empty(0, np.float64)
 _I64 = np.empty(0, np.int64)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _view(address, shape, like):
-    """The memory at ``address`` as a C-contiguous array of ``shape`` and like's dtype."""
-    return numba.carray(_as_voidptr(address), shape, like.dtype)
+ForwardSlot = header_layout(
+    "PermutedForwardSlot", "batch n_in depth nb k width n_out tile x weight perms out")
+BackwardSlot = header_layout(
+    "PermutedBackwardSlot",
+    "batch n_in depth nb k width n_out tile x weight perms grad_out grad_x partial")
+FactorColumnsSlot = header_layout(
+    "FactorColumnsSlot", "width batch nb k step h weight perm z")
+FactorColumnsBackwardSlot = header_layout(
+    "FactorColumnsBackwardSlot", "width batch nb k step h weight perm grad_z grad_h partial")
 
 
 @numba.njit(cache=True, nogil=True)
-def _forward_chunks(header, like):
-    a = numba.carray(header, (16,), np.int64)
+def _forward_chunks(a, like):
+    S = ForwardSlot
+    hp = header_address(a)
     nchunks, batch, n_in, depth, nb, k, width, n_out, tile = (
-        a[2], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11])
+        a[S.nchunks], a[S.batch], a[S.n_in], a[S.depth], a[S.nb], a[S.k], a[S.width],
+        a[S.n_out], a[S.tile])
     while True:
-        c = claim_chunk(header, nchunks)
+        c = claim_chunk(hp, nchunks)
         if c < 0:
             break
         _forward_thread_kernel(
-            _view(a[12], (batch, n_in), like), _view(a[13], (depth, nb, k, k), like),
-            _view(a[14], (depth, width), _I64), _view(a[15], (batch, n_out), like),
+            view(a[S.x], (batch, n_in), like), view(a[S.weight], (depth, nb, k, k), like),
+            view(a[S.perms], (depth, width), _I64), view(a[S.out], (batch, n_out), like),
             tile, c, nchunks)
-        finish_chunk(header)
+        finish_chunk(hp)
 
 
 @numba.njit(cache=True, nogil=True)
-def _backward_chunks(header, like):
-    a = numba.carray(header, (18,), np.int64)
+def _backward_chunks(a, like):
+    S = BackwardSlot
+    hp = header_address(a)
     nchunks, batch, n_in, depth, nb, k, width, n_out, tile = (
-        a[2], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11])
+        a[S.nchunks], a[S.batch], a[S.n_in], a[S.depth], a[S.nb], a[S.k], a[S.width],
+        a[S.n_out], a[S.tile])
     while True:
-        c = claim_chunk(header, nchunks)
+        c = claim_chunk(hp, nchunks)
         if c < 0:
             break
         _backward_thread_kernel(
-            _view(a[12], (batch, n_in), like), _view(a[13], (depth, nb, k, k), like),
-            _view(a[14], (depth, width), _I64), _view(a[15], (batch, n_out), like),
-            _view(a[16], (batch, n_in), like),
-            _view(a[17], (nchunks, depth, nb, k, k), like)[c], tile, c, nchunks)
-        finish_chunk(header)
+            view(a[S.x], (batch, n_in), like), view(a[S.weight], (depth, nb, k, k), like),
+            view(a[S.perms], (depth, width), _I64), view(a[S.grad_out], (batch, n_out), like),
+            view(a[S.grad_x], (batch, n_in), like),
+            view(a[S.partial], (nchunks, depth, nb, k, k), like)[c], tile, c, nchunks)
+        finish_chunk(hp)
 
 
 @numba.njit(cache=True, nogil=True)
-def _factor_columns_chunks(header, like):
-    a = numba.carray(header, (13,), np.int64)
-    nchunks, width, batch, nb, k, step = a[2], a[4], a[5], a[6], a[7], a[8]
+def _factor_columns_chunks(a, like):
+    S = FactorColumnsSlot
+    hp = header_address(a)
+    nchunks, width, batch, nb, k, step = (
+        a[S.nchunks], a[S.width], a[S.batch], a[S.nb], a[S.k], a[S.step])
     while True:
-        c = claim_chunk(header, nchunks)
+        c = claim_chunk(hp, nchunks)
         if c < 0:
             break
         _factor_columns_kernel(
-            _view(a[9], (width, batch), like), _view(a[10], (nb, k, k), like),
-            _view(a[11], (width,), _I64), _view(a[12], (width, batch), like),
+            view(a[S.h], (width, batch), like), view(a[S.weight], (nb, k, k), like),
+            view(a[S.perm], (width,), _I64), view(a[S.z], (width, batch), like),
             c * step, min((c + 1) * step, batch))
-        finish_chunk(header)
+        finish_chunk(hp)
 
 
 @numba.njit(cache=True, nogil=True)
-def _factor_columns_backward_chunks(header, like):
-    a = numba.carray(header, (15,), np.int64)
-    nchunks, width, batch, nb, k, step = a[2], a[4], a[5], a[6], a[7], a[8]
+def _factor_columns_backward_chunks(a, like):
+    S = FactorColumnsBackwardSlot
+    hp = header_address(a)
+    nchunks, width, batch, nb, k, step = (
+        a[S.nchunks], a[S.width], a[S.batch], a[S.nb], a[S.k], a[S.step])
     while True:
-        c = claim_chunk(header, nchunks)
+        c = claim_chunk(hp, nchunks)
         if c < 0:
             break
         _factor_columns_backward_kernel(
-            _view(a[9], (width, batch), like), _view(a[10], (nb, k, k), like),
-            _view(a[11], (width,), _I64), _view(a[12], (width, batch), like),
-            _view(a[13], (width, batch), like), _view(a[14], (nchunks, nb, k, k), like)[c],
+            view(a[S.h], (width, batch), like), view(a[S.weight], (nb, k, k), like),
+            view(a[S.perm], (width,), _I64), view(a[S.grad_z], (width, batch), like),
+            view(a[S.grad_h], (width, batch), like),
+            view(a[S.partial], (nchunks, nb, k, k), like)[c],
             c * step, min((c + 1) * step, batch))
-        finish_chunk(header)
+        finish_chunk(hp)
 
 
-# The region bodies: header slot 3 picks the dtype (0 float32, 1 float64).
-
-
-@numba.cfunc(types.void(types.voidptr), cache=True)
-def _forward_body(header):
-    if numba.carray(header, (4,), np.int64)[3]:
-        _forward_chunks(header, _F64)
-    else:
-        _forward_chunks(header, _F32)
-
-
-@numba.cfunc(types.void(types.voidptr), cache=True)
-def _backward_body(header):
-    if numba.carray(header, (4,), np.int64)[3]:
-        _backward_chunks(header, _F64)
-    else:
-        _backward_chunks(header, _F32)
-
-
-@numba.cfunc(types.void(types.voidptr), cache=True)
-def _factor_columns_body(header):
-    if numba.carray(header, (4,), np.int64)[3]:
-        _factor_columns_chunks(header, _F64)
-    else:
-        _factor_columns_chunks(header, _F32)
-
-
-@numba.cfunc(types.void(types.voidptr), cache=True)
-def _factor_columns_backward_body(header):
-    if numba.carray(header, (4,), np.int64)[3]:
-        _factor_columns_backward_chunks(header, _F64)
-    else:
-        _factor_columns_backward_chunks(header, _F32)
+_forward_body = region_body(_forward_chunks, ForwardSlot)
+_backward_body = region_body(_backward_chunks, BackwardSlot)
+_factor_columns_body = region_body(_factor_columns_chunks, FactorColumnsSlot)
+_factor_columns_backward_body = region_body(_factor_columns_backward_chunks,
+                                            FactorColumnsBackwardSlot)

@@ -32,9 +32,6 @@ tensor before calling here.
 
 from __future__ import annotations
 
-import glob
-import os
-
 import numba
 import numpy as np
 
@@ -50,32 +47,13 @@ from bornsparse.ops._parallel import (
     region_body,
     view,
 )
+from bornsparse.ops.backends import cache_bytes
 
 _FASTMATH = {"contract", "reassoc"}
 _I64 = np.empty(0, np.int64)
 
 
-def _l1d_bytes() -> int:
-    """The L1 data cache of CPU 0 from sysfs; 32 KiB where the system does not say."""
-    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
-        try:
-            with open(os.path.join(d, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(d, "type")) as f:
-                kind = f.read().strip()
-            with open(os.path.join(d, "size")) as f:
-                size = f.read().strip()
-        except OSError:
-            continue
-        if level == "1" and kind in ("Data", "Unified"):
-            mult = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
-            digits = size.rstrip("KM")
-            if digits.isdigit():
-                return int(digits) * mult
-    return 32 << 10
-
-
-L1D_BYTES = _l1d_bytes()
+L1D_BYTES = cache_bytes(1, 32 << 10)  # read at import: the tiles follow the machine
 
 
 def tile_rows(row_elems: int, itemsize: int) -> int:

@@ -87,7 +87,7 @@ def _fused_op(
     b, n = x.shape
     m = shape[0]
     q = max(n, m)
-    t = _dct._tables(q, x.dtype, x.device)
+    t = _dct.dct_tables(q, x.dtype, x.device)
     reorder, w = t["reorder"].numpy(), t["w_real"].numpy()
     vals = values.contiguous()
     bb = (bias.contiguous() if bias is not None else x.new_empty(0)).numpy()
@@ -137,7 +137,7 @@ def _fused_backward_op(
     vals = values.contiguous()
     nnz = vals.numel()
     q = max(n, m)
-    t = _dct._tables(q, x.dtype, x.device)
+    t = _dct.dct_tables(q, x.dtype, x.device)
     cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
     gx = torch.empty(b, n, dtype=x.dtype) if need_x else x.new_empty(b, 0)
     dots = torch.zeros(b, dtype=x.dtype)
@@ -237,7 +237,10 @@ def dct_sparse_affine(
     shape (out_features, in); ``values`` (nnz,) its entries; ``alpha`` a 0-d tensor; ``bias``
     (out_features,) or None. ``backend`` (ops/backends.py): "auto" and "numba" take the
     fused op for CPU float32/float64 inputs large enough for the numba DCT kernels (else
-    the sparse op plus the DCT op); "reference" is plain torch all the way down;
+    the sparse op plus the DCT op); "triton" (and "auto" on CUDA) takes
+    ``torch.ops.bornsparse.dct_sparse_affine_triton`` (ops/_dct_sparse_triton.py: the sparse
+    product and the layer's other passes in Triton, the FFT through torch.fft) when α,
+    values and bias share x's dtype and device; "reference" is plain torch all the way down;
     "torch_sparse" runs S through torch.sparse and the DCT in plain torch.
     """
     if plan.shape != (out_features, x.shape[-1]) or values.shape != (plan.nnz,):
@@ -245,17 +248,22 @@ def dct_sparse_affine(
             f"plan and values must describe a ({out_features}, {x.shape[-1]}) weight, got "
             f"plan shape {plan.shape}, nnz {plan.nnz}, values {tuple(values.shape)}"
         )
-    # the sparse part has a Triton kernel; the DCT has none, so it runs as torch there
     kind = resolve_backend(backend, x, "sparse", has_triton=True)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    fused = (
-        kind == "numba" and use_numba_twiddle(x2) and alpha.dtype == x.dtype
+    same = (
+        alpha.dtype == x.dtype and alpha.device == x.device
         and values.dtype == x.dtype and values.device == x.device
         and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
     )
-    if fused:
+    if kind == "numba" and use_numba_twiddle(x2) and same:
         out, _ = torch.ops.bornsparse.dct_sparse_affine(x2, alpha, values, bias, *plan.tensors())
+    elif kind == "triton" and same:
+        import bornsparse.ops._dct_sparse_triton  # noqa: F401  (registers the op)
+
+        out, _ = torch.ops.bornsparse.dct_sparse_affine_triton(
+            x2, alpha.reshape(()), values, bias, *plan.tensors()
+        )
     else:
         indices = torch.stack((plan.rows, plan.cols))
         y = sparse_matmul(x2, values, indices, plan.shape, plan=plan, backend=kind)

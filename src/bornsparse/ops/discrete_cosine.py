@@ -12,8 +12,9 @@ orthogonal, so the backward of dct is idct and vice versa: gradients are O(q log
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -35,9 +36,36 @@ def _check_dim(x: torch.Tensor, dim: object) -> int:
     return dim % x.dim()
 
 
-@functools.lru_cache(maxsize=64)
-def _tables(n: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Gather indices, signs and twiddles for length n (O(n) each, cached per call site).
+_TABLES: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+_TABLES_SIZE = 64
+_TABLES_LOCK = threading.Lock()
+
+
+def dct_tables(n: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """The length-n tables of :func:`_build_tables`, cached per (n, dtype, device).
+
+    Only real tensors are cached: built while torch.export or torch.compile traces, the
+    tables are fake tensors, and a cached fake tensor would turn every later eager call's
+    output fake too (found by exporting a fresh layer, then running it).
+    """
+    key = (n, dtype, torch.device(device))
+    with _TABLES_LOCK:
+        found = _TABLES.get(key)
+        if found is not None:
+            _TABLES.move_to_end(key)
+            return found
+    tables = _build_tables(n, dtype, device)
+    if type(tables["reorder"]) is torch.Tensor and not torch.compiler.is_compiling():
+        with _TABLES_LOCK:
+            _TABLES[key] = tables
+            while len(_TABLES) > _TABLES_SIZE:
+                _TABLES.popitem(last=False)
+    return tables
+
+
+def _build_tables(n: int, dtype: torch.dtype, device: torch.device
+                  ) -> dict[str, torch.Tensor]:
+    """Gather indices, signs and twiddles for length n (O(n) each).
 
     Forward: v = x[reorder]; z = conj(rfft(v))·conj(w) with w_k = 2 f_k exp(-iπk/2N), so
     Re z_k = X[k] and Im z_k = -Im(rfft(v)_k w_k) = X[N-k] (Hermitian symmetry); X is then
@@ -91,7 +119,7 @@ def _dct_last(x: torch.Tensor, fused: bool = True) -> torch.Tensor:
     n = x.shape[-1]
     if x.numel() == 0:  # MKL's FFT rejects an empty batch
         return torch.empty_like(x)
-    t = _tables(n, x.dtype, x.device)
+    t = dct_tables(n, x.dtype, x.device)
     v = x.index_select(-1, t["reorder"])
     spec = torch.fft.rfft(v, dim=-1)  # (..., n//2 + 1)
     if fused and use_numba_twiddle(x):
@@ -118,7 +146,7 @@ def _idct_last(c: torch.Tensor, fused: bool = True) -> torch.Tensor:
     n = c.shape[-1]
     if c.numel() == 0:
         return torch.empty_like(c)
-    t = _tables(n, c.dtype, c.device)
+    t = dct_tables(n, c.dtype, c.device)
     if fused and use_numba_twiddle(c):
         from bornsparse.ops._dct_numba import _untake_twiddle_kernel
 

@@ -40,7 +40,7 @@ from bornsparse.ops._permuted_operands import INVERSE_MAX_AMPLIFICATION
 from bornsparse.ops._permuted_operands import check_operands as _check_operands
 from bornsparse.ops._permuted_operands import check_permutations as _check_permutations
 from bornsparse.ops._validated import check_once, once_per_version
-from bornsparse.ops.backends import NUMBA_DTYPES, num_threads, resolve_backend
+from bornsparse.ops.backends import NUMBA_DTYPES, cache_bytes, num_threads, resolve_backend
 
 # Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
 # thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
@@ -56,6 +56,13 @@ BACKWARD_TILE = 64
 # batch 128, tile 64: 0.61× vs 0.71×), so those batches take the pair kernels.
 CYCLE_TILE = 128
 CYCLE_MIN_TILE = 64
+# ...unless the pair kernels' three (width, tile) buffers already overflow L2 (wide
+# layers): then every factor streams from L3 or DRAM on either path, and the walk moves
+# half the rows (each read once, written once, in place, no recompute in backward, no
+# depth-sized scratch). Measured at width 2^16, depth 32, 2 threads, batch 16 / 64 (tiles
+# 8 / 32): cycle / pair forward 0.94 / 0.65, f+b 0.84 / 0.71; at 2^12 (buffers in L2)
+# the pair kernels stay ahead (walk 1.9-2.0× forward). L2 is read from sysfs at import.
+L2_BYTES = cache_bytes(2, 1 << 20)
 _SCHEDULE_CACHE_SIZE = 8
 _SCHEDULES: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
 _SCHEDULES_LOCK = threading.Lock()
@@ -93,12 +100,6 @@ def permuted_block_diagonal_dense_reference(
     return permuted_block_diagonal_reference(eye, weight, perms).T
 
 
-def _header(nchunks: int, *values: int) -> np.ndarray:
-    """The int64 header of a parallel body (ops/_parallel.py): two chunk counters, the chunk
-    count, then ``values`` (dtype code, sizes, data pointers) in the body's order."""
-    return np.array((0, 0, nchunks, *values), dtype=np.int64)
-
-
 def _dtype_code(t: torch.Tensor) -> int:
     return 1 if t.dtype == torch.float64 else 0
 
@@ -113,11 +114,13 @@ def _plan(batch: int, cap: int) -> tuple[int, int]:
 
 def _cycle_plan(weight: torch.Tensor, batch: int) -> tuple[int, int] | None:
     """(tile, chunks) for the cycle-walk kernels, or None where they do not apply (block
-    size other than 2, odd depth) or lose (tiles shorter than CYCLE_MIN_TILE)."""
+    size other than 2, odd depth) or lose (tiles shorter than CYCLE_MIN_TILE while the
+    pair kernels' buffers fit L2)."""
     if weight.shape[2] != 2 or weight.shape[0] % 2 or batch == 0:
         return None
     tile, nchunks = _plan(batch, CYCLE_TILE)
-    return (tile, nchunks) if tile >= CYCLE_MIN_TILE else None
+    pair_buffers = 3 * weight.shape[1] * 2 * tile * weight.element_size()
+    return (tile, nchunks) if tile >= CYCLE_MIN_TILE or pair_buffers > L2_BYTES else None
 
 
 def _cycle_schedule(perms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +195,7 @@ def _permuted_op(
     with that many samples per tile (2×2 blocks, even depth), 0 takes the pair kernels.
     ``keep_final`` asks the cycle walk to keep its final activation for backward
     (``_final_shape``); it is written only while ``inverse_backward_is_safe(weight)``."""
-    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._parallel import launch, pack_header
     from bornsparse.ops._permuted_numba import _forward_body
 
     _check_kernel_operands(x, weight, perms, out_features)
@@ -212,10 +215,12 @@ def _permuted_op(
         sched, final_loc = _cycle_schedule(perms)
         nchunks = max(1, min(torch.get_num_threads(), -(-batch // cycle_tile)))
         write_final = final.numel() and _inverse_is_safe(weight)
-        header = _header(
-            nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, out_features,
-            cycle_tile, x.data_ptr(), weight.data_ptr(), sched.ctypes.data,
-            final_loc.ctypes.data, out.data_ptr(), final.data_ptr() if write_final else 0,
+        header = pack_header(
+            cycle_forward_body.layout, nchunks, _dtype_code(x), batch=batch,
+            n_in=x.shape[1], depth=depth, nb=nb, n_out=out_features, tile=cycle_tile,
+            x=x.data_ptr(), weight=weight.data_ptr(), sched=sched.ctypes.data,
+            final_loc=final_loc.ctypes.data, out=out.data_ptr(),
+            final=final.data_ptr() if write_final else 0,
         )
         launch(cycle_forward_body.address, header, nchunks)
         if final.numel():
@@ -227,10 +232,11 @@ def _permuted_op(
                 final.zero_()
     elif batch:
         tile, nchunks = _plan(batch, FORWARD_TILE)
-        header = _header(
-            nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, k, nb * k,
-            out_features, tile, x.data_ptr(), weight.data_ptr(), perms.data_ptr(),
-            out.data_ptr(),
+        header = pack_header(
+            _forward_body.layout, nchunks, _dtype_code(x), batch=batch, n_in=x.shape[1],
+            depth=depth, nb=nb, k=k, width=nb * k, n_out=out_features, tile=tile,
+            x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
+            out=out.data_ptr(),
         )
         launch(_forward_body.address, header, nchunks)
     return out, final
@@ -254,7 +260,7 @@ def _permuted_backward_op(
     blocks' inverses (the kernel copies each slab of ``final`` into a per-thread buffer
     first, so the op leaves its inputs unchanged and a retained graph can run backward
     twice); otherwise they are recomputed from ``x``."""
-    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._parallel import launch, pack_header
     from bornsparse.ops._permuted_numba import _backward_body
 
     _check_kernel_operands(x, weight, perms, grad_out.shape[1])
@@ -270,10 +276,12 @@ def _permuted_backward_op(
     partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
     if batch:
         depth, nb, k, _ = weight.shape
-        header = _header(
-            nchunks, _dtype_code(x), batch, x.shape[1], depth, nb, k, nb * k,
-            grad_out.shape[1], tile, x.data_ptr(), weight.data_ptr(), perms.data_ptr(),
-            grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
+        header = pack_header(
+            _backward_body.layout, nchunks, _dtype_code(x), batch=batch, n_in=x.shape[1],
+            depth=depth, nb=nb, k=k, width=nb * k, n_out=grad_out.shape[1], tile=tile,
+            x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
+            grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(),
+            partial=partial.data_ptr(),
         )
         launch(_backward_body.address, header, nchunks)
     else:
@@ -289,7 +297,7 @@ def _(grad_out, x, weight, perms, final, cycle_tile):
 def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor,
                     grad_out: torch.Tensor, batch: int, n_in: int, tile: int):
     """Backward through the blocks' inverses from the final activation (left unchanged)."""
-    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._parallel import launch, pack_header
     from bornsparse.ops._permuted_cycles import _backward_body
 
     sched, final_loc = _cycle_schedule(perms)
@@ -297,10 +305,11 @@ def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tens
     grad_x = torch.empty(batch, n_in, dtype=weight.dtype)
     partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
     depth, nb = weight.shape[:2]
-    header = _header(
-        nchunks, _dtype_code(weight), batch, n_in, depth, nb, grad_out.shape[1], tile,
-        final.data_ptr(), weight.data_ptr(), sched.ctypes.data, final_loc.ctypes.data,
-        grad_out.data_ptr(), grad_x.data_ptr(), partial.data_ptr(),
+    header = pack_header(
+        _backward_body.layout, nchunks, _dtype_code(weight), batch=batch, n_in=n_in,
+        depth=depth, nb=nb, n_out=grad_out.shape[1], tile=tile, final=final.data_ptr(),
+        weight=weight.data_ptr(), sched=sched.ctypes.data, final_loc=final_loc.ctypes.data,
+        grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(), partial=partial.data_ptr(),
     )
     launch(_backward_body.address, header, nchunks)
     return grad_x, partial.sum(0)
@@ -451,7 +460,7 @@ def _check_factor_operands(h: torch.Tensor, weight_t: torch.Tensor, perm_t: torc
 def _factor_columns_op(h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor
                        ) -> torch.Tensor:
     """One factor on the transposed layout: h (width, batch) -> z = B P h (width, batch)."""
-    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._parallel import launch, pack_header
     from bornsparse.ops._permuted_numba import _factor_columns_body
 
     _check_factor_operands(h, weight_t, perm_t)
@@ -462,8 +471,10 @@ def _factor_columns_op(h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Te
     if h.shape[1]:
         step, nchunks = _column_chunks(h.shape[1])
         nb, k, _ = w.shape
-        header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
-                         h.data_ptr(), w.data_ptr(), p.data_ptr(), z.data_ptr())
+        header = pack_header(
+            _factor_columns_body.layout, nchunks, _dtype_code(h), width=h.shape[0],
+            batch=h.shape[1], nb=nb, k=k, step=step, h=h.data_ptr(), weight=w.data_ptr(),
+            perm=p.data_ptr(), z=z.data_ptr())
         launch(_factor_columns_body.address, header, nchunks)
     return z
 
@@ -478,7 +489,7 @@ def _factor_columns_backward_op(
     grad_z: torch.Tensor, h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_h, grad_weight_t) of ``permuted_factor_columns``."""
-    from bornsparse.ops._parallel import launch
+    from bornsparse.ops._parallel import launch, pack_header
     from bornsparse.ops._permuted_numba import _factor_columns_backward_body
 
     _check_factor_operands(h, weight_t, perm_t)
@@ -494,9 +505,11 @@ def _factor_columns_backward_op(
     partial = torch.zeros(nchunks, *w.shape, dtype=w.dtype)
     if h.shape[1]:
         nb, k, _ = w.shape
-        header = _header(nchunks, _dtype_code(h), h.shape[0], h.shape[1], nb, k, step,
-                         h.data_ptr(), w.data_ptr(), p.data_ptr(), grad_z.data_ptr(),
-                         grad_h.data_ptr(), partial.data_ptr())
+        header = pack_header(
+            _factor_columns_backward_body.layout, nchunks, _dtype_code(h), width=h.shape[0],
+            batch=h.shape[1], nb=nb, k=k, step=step, h=h.data_ptr(), weight=w.data_ptr(),
+            perm=p.data_ptr(), grad_z=grad_z.data_ptr(), grad_h=grad_h.data_ptr(),
+            partial=partial.data_ptr())
         launch(_factor_columns_backward_body.address, header, nchunks)
     return grad_h, partial.sum(0)
 
@@ -541,8 +554,10 @@ def permuted_tanh_network(
     returns (..., out_features). ``weight``/``perms`` as for ``permuted_block_diagonal``,
     ``biases`` (depth, width). The numba path keeps activations as (width, batch), so the
     per-factor op ``torch.ops.bornsparse.permuted_factor_columns`` gathers contiguous rows and only
-    the ends are transposed; bias and tanh run in torch. Double backward: use
-    ``backend="reference"``.
+    the ends are transposed; bias and tanh run in torch. "triton" (and "auto" on CUDA)
+    runs the whole network as one op, ``torch.ops.bornsparse.permuted_tanh_network_triton``
+    (bias and tanh fused into each factor's kernel, ops/_permuted_triton.py). Double
+    backward: use ``backend="reference"``.
     """
     width, out_features = _check_operands(x, weight, perms, out_features, backend)
     check_float_tensor("biases", biases)
@@ -555,11 +570,16 @@ def permuted_tanh_network(
         raise TypeError(
             f"biases must match x's dtype and device, got {biases.dtype} on {biases.device}"
         )
-    if resolve_backend(backend, x, "permuted") == "reference":
+    kind = resolve_backend(backend, x, "permuted", has_triton=True)
+    if kind == "reference":
         _check_reference_perms(perms)
         return permuted_tanh_network_reference(
             x, weight, perms, biases, out_features=out_features
         )
+    if kind == "triton":
+        from bornsparse.ops._permuted_triton import permuted_tanh_network_triton
+
+        return permuted_tanh_network_triton(x, weight, perms, biases, out_features)
     lead = x.shape[:-1]
     h = x.reshape(-1, x.shape[-1])
     if h.shape[1] < width:
