@@ -293,3 +293,66 @@ def test_cli_tanh_network(tmp_path):
     assert rec["config"]["network"] == "tanh"
     assert rec["params"] == 2 * 16 * 2 + 2 * 16  # block entries plus one bias per neuron and layer
     assert not list(out.glob("*.png"))
+
+
+# --- --baselines: low rank and Monarch at G(θ)'s parameter count ------------------------
+
+def test_baseline_sizes_match_g_params():
+    from bornsparse.experiments.operators import baseline_size, operator_params
+
+    # m = 128 (width 256): G(θ) has 512 parameters a factor
+    assert baseline_size("lowrank", 128, operator_params("linear", 256, 4)) == {"rank": 8}
+    assert baseline_size("monarch", 128, operator_params("linear", 256, 4)) == {"nblocks": 16}
+    # past the dense count the structures stop at full size
+    assert baseline_size("lowrank", 128, operator_params("linear", 256, 200)) == {"rank": 128}
+    assert baseline_size("monarch", 128, operator_params("linear", 256, 200)) == {"nblocks": 1}
+    # h_θ counts 3·width a factor
+    assert baseline_size("lowrank", 128, operator_params("tanh", 256, 4)) == {"rank": 12}
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        baseline_size("butterfly", 8, 64)
+
+
+def test_low_rank_learns_low_rank_targets_but_not_permutations():
+    # rank 2 of an 8 × 8 map: a rank-1 target is reachable, a permutation (orthogonal) is
+    # not: its best rank-2 approximation leaves ‖P − P₂‖²_F / m = (m − 2)/m = 0.75
+    from bornsparse.experiments.operators import build_baseline
+
+    cfg = {"width": 16, "baseline": "lowrank", "rank": 2, "seed": 0}
+    phases = [Phase(600, 0.01, 0.0), Phase(200, 0.001, 0.0)]
+    easy = train_operator(make_target("lowrank", 8, 1, seed=0), model=build_baseline(cfg),
+                          schedule=phases, final_window=50, batch_size=32)
+    hard = train_operator(make_target("permutation", 8, None, seed=0),
+                          model=build_baseline(cfg), schedule=phases, final_window=50,
+                          batch_size=32)
+    assert easy["params"] == hard["params"] == 2 * 8 * 2
+    assert easy["final_mse"] < 0.01
+    assert hard["final_mse"] > 0.7
+
+
+def test_cli_baselines_add_rows_and_keep_the_g_runs(tmp_path, capsys):
+    out = tmp_path / "ops"
+    base = TINY + ["--tasks", "lowrank", "permutation", "--ks", "1", "--depths", "2", "4",
+                   "--workers", "1", "--out", str(out)]
+    assert cli_main(base + ["--no-plots"]) == 0
+    g_only = read_jsonl(out / "results.jsonl")
+    assert len(g_only) == 4 and not any("baseline" in r["config"] for r in g_only)
+    capsys.readouterr()
+    assert cli_main(base + ["--baselines"]) == 0
+    records = read_jsonl(out / "results.jsonl")
+    # the G(θ) runs were not redone: only the 2 baselines × 2 tasks × 2 depths ran
+    assert len(records) == 12
+    assert [r["key"] for r in records[:4]] == [r["key"] for r in g_only]
+    g_params = {(r["config"]["task"], r["config"]["depth"]): r["params"] for r in g_only}
+    for r in records[4:]:
+        c = r["config"]
+        assert c["baseline"] in ("lowrank", "monarch")
+        # width 16, m = 8: 64 and 128 parameters are met exactly (rank 4 / 8, 2 / 1 blocks)
+        assert r["params"] == g_params[(c["task"], c["depth"])]
+        assert r["final_penalty"] is None
+    table = capsys.readouterr().out
+    for row in ("| lowrank k=1 |", "| lowrank k=1, low rank U Vᵀ |",
+                "| lowrank k=1, Monarch |", "| permutation, low rank U Vᵀ |",
+                "| permutation, Monarch |"):
+        assert row in table
+    assert "matched to G(θ)'s count" in (out / "table.md").read_text()
+    assert (out / "lowrank.png").stat().st_size > 1000

@@ -122,7 +122,7 @@ def test_monarch_matches_its_definition(n_in, n_out, k):
 @pytest.mark.parametrize("n_in, n_out, k", [(12, 20, 4), (20, 12, 4), (16, 16, 4)])
 def test_monarch_traced_path_equals_the_hand_written_one(n_in, n_out, k):
     # torch.compile / export trace _monarch_plain (no out= bmm): same values and gradients
-    from bornsparse.nn.structured import _MonarchMultiply, _monarch_plain
+    from bornsparse.nn.structured import _monarch_plain, _MonarchMultiply
 
     layer = MonarchLinear(n_in, n_out, k, seed=4, bias=False, dtype=torch.float64)
     x = torch.randn(5, n_in, dtype=torch.float64, requires_grad=True)

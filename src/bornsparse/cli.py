@@ -18,12 +18,17 @@ from bornsparse import __version__
 _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("demo",), "bornsparse.experiments.demo",
      "the quick tour: a small operator table, then quick reproductions of the permuted "
-     "block-diagonal paper (§5) and the DCTpS slides, tables printed and figures written"),
+     "block-diagonal paper (§5), the DCTpS slides and the structured-layer comparison, "
+     "tables printed and figures written"),
     (("reproduce", "operators"), "bornsparse.experiments.operators",
      "operator-learning experiments of the permuted block-diagonal paper (§5, Figures 1-4)"),
     (("reproduce", "dctps"), "bornsparse.experiments.dctps",
      "the DCTpS slides' comparison: Δ accuracy of DCT-plus-sparse and sparse-training methods "
      "against dense at densities 1e-2, 1e-3, 1e-4"),
+    (("reproduce", "structured"), "bornsparse.experiments.structured",
+     "structured hidden layers in trained MLPs (dense, low rank, Monarch, the permuted "
+     "block-diagonal paper's G(θ) and h_θ, sparse, DCTpS, permuted offset) at equal "
+     "parameters, on MNIST-1D and digits"),
 ]
 
 
@@ -43,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
             if path[0] not in groups:
                 g = sub.add_parser(path[0], help="reproduce an experiment of the papers",
                                    description="reproduce an experiment of the permuted "
-                                   "block-diagonal paper (operators) or the DCTpS slides "
-                                   "(dctps)")
+                                   "block-diagonal paper (operators), the DCTpS slides "
+                                   "(dctps), or structured layers in trained MLPs "
+                                   "(structured)")
                 groups[path[0]] = g.add_subparsers(dest="experiment", metavar="EXPERIMENT")
                 groups[path[0]].required = True
             p = groups[path[0]].add_parser(path[1], help=help_, description=help_)

@@ -8,6 +8,11 @@ averaged over the batch. The schedule is the paper's: Adam, lr 0.01 with orthogo
 penalty weight 3 for 7000 steps, weight 0.3 for 3000, then lr 0.001 for 2000; the reported
 number is the mean MSE over the last 1000 steps.
 
+With ``--baselines`` every target is also learned by a low-rank layer U Vᵀ and a Monarch
+layer (Dao et al., ICML 2022) with as many parameters as G(θ) at each depth (as close as
+their rank and block count allow: :func:`baseline_size`), on the same inputs, loss and
+schedule (no penalty: they have none).
+
 Python API: ``train_operator(A, depth=...)`` for any matrix (or any model given as
 ``model=``, as ``bornsparse demo`` trains its baselines), ``operator_run`` / ``run_sweep``
 for configured runs; the table and figures are in ``operators_report``. CLI: ``bornsparse
@@ -50,6 +55,8 @@ PAPER_WIDTH = 2048
 DEFAULT_BATCH_SIZE = 64
 TASK_CHOICES = ("lowrank", "band", "sparse", "permutation", "dense")
 NETWORKS = ("linear", "tanh")
+# structured layers learned beside G(θ) with --baselines, at its parameter count
+BASELINES = ("lowrank", "monarch")
 # Full scale: 4096 parameters per factor at n = 2048, so depths 1..256 span 4k .. n²/4 = 1M.
 FULL_DEPTHS = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 64, 128, 256)
 FULL_KS = (1, 2, 3, 4, 5)
@@ -225,14 +232,23 @@ def _file_sha256(path: str) -> str:
 
 def make_config(
     task: str, k: int | None, depth: int, *, width: int, batch_size: int, steps_scale: float,
-    seed: int, network: str, target_file: str | None = None,
+    seed: int, network: str, target_file: str | None = None, baseline: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON-serialisable configuration of one run; its hash is the run's resume key."""
+    """The JSON-serialisable configuration of one run; its hash is the run's resume key.
+
+    ``baseline`` ("lowrank" or "monarch"): that layer, sized to the parameter count of the
+    G(θ) (or h_θ, ``network``) of this ``depth`` and ``width``, is trained instead; its size
+    (``rank`` or ``nblocks``) is part of the configuration. G(θ)'s own configurations have
+    no ``baseline`` field, so their keys are those of runs made before it existed.
+    """
     cfg: dict[str, Any] = {
         "experiment": "operators", "task": task, "k": k, "depth": depth, "width": width,
         "block_size": 2, "batch_size": batch_size, "steps_scale": steps_scale, "seed": seed,
         "network": network,
     }
+    if baseline is not None:
+        cfg["baseline"] = baseline
+        cfg.update(baseline_size(baseline, width // 2, operator_params(network, width, depth)))
     if task == "file":
         cfg["target_file"] = str(Path(target_file).resolve())
         cfg["target_sha256"] = _file_sha256(target_file)
@@ -256,6 +272,36 @@ def config_dof(cfg: dict[str, Any]) -> int | None:
     return target_dof(cfg["task"], cfg["width"] // 2, cfg["k"])
 
 
+def operator_params(network: str, width: int, depth: int) -> int:
+    """Trainable parameters of G(θ) (2·width per factor, 2×2 blocks) or h_θ (3·width: the
+    blocks and a bias per neuron) of ``depth`` factors."""
+    return (2 if network == "linear" else 3) * width * depth
+
+
+def baseline_size(baseline: str, m: int, params: int) -> dict[str, int]:
+    """The size of an m × m ``baseline`` layer whose parameters come closest to ``params``
+    (in ratio): {"rank": r} with 2·m·r parameters (r ≤ m) or {"nblocks": k} with 2·m²/k
+    (k a divisor of m)."""
+    from bornsparse.experiments.structured_methods import closest_size
+
+    if baseline == "lowrank":
+        return {"rank": closest_size(range(1, m + 1), lambda r: 2 * m * r, params)}
+    if baseline == "monarch":
+        divisors = [k for k in range(1, m + 1) if m % k == 0]
+        return {"nblocks": closest_size(divisors, lambda k: 2 * m * m // k, params)}
+    raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+
+
+def build_baseline(cfg: dict[str, Any]):
+    """The bias-free m × m low-rank or Monarch layer of a baseline configuration."""
+    from bornsparse.nn import LowRankLinear, MonarchLinear
+
+    m = cfg["width"] // 2
+    if cfg["baseline"] == "lowrank":
+        return LowRankLinear(m, m, cfg["rank"], bias=False, seed=cfg["seed"])
+    return MonarchLinear(m, m, cfg["nblocks"], bias=False, seed=cfg["seed"])
+
+
 def operator_run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration and return its complete results record."""
     import torch
@@ -263,11 +309,17 @@ def operator_run(cfg: dict[str, Any]) -> dict[str, Any]:
     from bornsparse.experiments.results_io import library_versions, run_key
 
     phases, window = scaled_schedule(cfg["steps_scale"])
-    out = train_operator(
-        _config_target(cfg), depth=cfg["depth"], width=cfg["width"],
-        batch_size=cfg["batch_size"], schedule=phases, final_window=window,
-        network=cfg["network"], seed=cfg["seed"],
-    )
+    if cfg.get("baseline"):
+        out = train_operator(
+            _config_target(cfg), model=build_baseline(cfg), batch_size=cfg["batch_size"],
+            schedule=phases, final_window=window, seed=cfg["seed"],
+        )
+    else:
+        out = train_operator(
+            _config_target(cfg), depth=cfg["depth"], width=cfg["width"],
+            batch_size=cfg["batch_size"], schedule=phases, final_window=window,
+            network=cfg["network"], seed=cfg["seed"],
+        )
     return {
         "key": run_key(cfg), "config": cfg, "seed": cfg["seed"], "dof": config_dof(cfg),
         **out, "torch_threads": torch.get_num_threads(), "versions": library_versions(),
@@ -292,7 +344,8 @@ def finished_records(
 def _describe(rec: dict[str, Any]) -> str:
     c = rec["config"]
     mse = "diverged" if rec["final_mse"] is None else f"{rec['final_mse']:.2e}"
-    return f"{c['task']} k={c['k']} N={c['depth']} mse={mse}"
+    who = f"{c['baseline']} at N={c['depth']}" if c.get("baseline") else f"N={c['depth']}"
+    return f"{c['task']} k={c['k']} {who} mse={mse}"
 
 
 def run_sweep(
@@ -349,6 +402,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
                         help="seeds (target, initialisation, data); figures average over them")
     add_executor_arguments(parser, default_workers=min(2, os.cpu_count() or 1))
+    parser.add_argument("--baselines", action="store_true",
+                        help="also learn every target with a low-rank layer U Vᵀ and a "
+                        "Monarch layer of about G(θ)'s parameter count at each depth (extra "
+                        "rows of the table, dashed and dotted lines of the figures)")
     parser.add_argument("--network", choices=NETWORKS, default="linear",
                         help="linear: G(θ) of §3.1 (the paper's experiments); tanh: h_θ of §3.2")
     parser.add_argument("--out", default="runs/operators", metavar="DIR",
@@ -412,13 +469,14 @@ def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
         for k in (ks if task in K_TARGETS else [None]):
             for d in depths:
                 for s in args.seeds:
-                    cfg = make_config(task, k, d, width=width, batch_size=args.batch_size,
-                                      steps_scale=scale, seed=s, network=args.network,
-                                      target_file=path)
-                    sig = repr(sorted(cfg.items()))
-                    if sig not in seen:
-                        seen.add(sig)
-                        configs.append(cfg)
+                    for baseline in (None, *BASELINES) if args.baselines else (None,):
+                        cfg = make_config(task, k, d, width=width, batch_size=args.batch_size,
+                                          steps_scale=scale, seed=s, network=args.network,
+                                          target_file=path, baseline=baseline)
+                        sig = repr(sorted(cfg.items()))
+                        if sig not in seen:
+                            seen.add(sig)
+                            configs.append(cfg)
     return configs, {"width": width, "ks": list(ks), "depths": list(depths), "steps_scale": scale}
 
 
@@ -455,7 +513,10 @@ def main(args: argparse.Namespace) -> int:
     (out / "table.md").write_text(
         f"Final MSE (mean over the last {window} steps), width n = {info['width']}, "
         f"batch {args.batch_size}, network {args.network}; column headers give depth N and "
-        f"the parameter count.\n\n{table}")
+        f"the parameter count"
+        + ("; low-rank and Monarch rows are matched to G(θ)'s count at each depth, their own "
+           "count in brackets where it differs by more than 1%" if args.baselines else "")
+        + f".\n\n{table}")
     if not args.no_plots:
         for path in plot_operator_figures(records, out, width=info["width"]):
             print(f"wrote {path}", file=sys.stderr)

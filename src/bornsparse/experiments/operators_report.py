@@ -2,6 +2,8 @@
 
 The figures are in the style of Figures 1-4 of the permuted block-diagonal paper (§5):
 final MSE against the parameter count of G(θ), one PNG per task (matplotlib, Agg backend).
+Runs of ``--baselines`` (low rank U Vᵀ and Monarch at G(θ)'s parameter count) are extra rows
+of the table and extra lines of the figures.
 """
 
 from __future__ import annotations
@@ -11,19 +13,28 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+#: names of the --baselines methods in the table and legends
+BASELINE_LABELS = {"lowrank": "low rank U Vᵀ", "monarch": "Monarch"}
+
 
 def _label(cfg: dict[str, Any]) -> str:
     if cfg["task"] == "file":
-        return f"file:{Path(cfg['target_file']).name}"
-    return cfg["task"] if cfg["k"] is None else f"{cfg['task']} k={cfg['k']}"
+        name = f"file:{Path(cfg['target_file']).name}"
+    else:
+        name = cfg["task"] if cfg["k"] is None else f"{cfg['task']} k={cfg['k']}"
+    base = cfg.get("baseline")
+    return name if base is None else f"{name}, {BASELINE_LABELS.get(base, base)}"
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, Any]]]:
-    """{(task, k, file): {depth: {"params", "dof", "mse" (mean over seeds), "seeds", "wall_s"}}}."""
+    """{(task, k, file, baseline): {depth: {"params", "dof", "mse" (mean over seeds),
+    "seeds", "wall_s"}}}; ``baseline`` is None for G(θ), else "lowrank" or "monarch" (its
+    runs are keyed by the depth of the G(θ) whose parameter count they match)."""
     out: dict[tuple, dict[int, dict[str, Any]]] = {}
     for r in records:
         c = r["config"]
-        row = out.setdefault((c["task"], c["k"], c.get("target_file")), {})
+        row = out.setdefault((c["task"], c["k"], c.get("target_file"), c.get("baseline")),
+                             {})
         cell = row.setdefault(c["depth"], {"params": r["params"], "dof": r["dof"], "mses": [],
                                            "wall_s": 0.0, "label": _label(c)})
         cell["mses"].append(r["final_mse"])
@@ -37,7 +48,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[int, dict[s
 
 
 def markdown_table(records: Iterable[dict[str, Any]]) -> str:
-    """Final MSE (mean over seeds) per target (rows) and depth N (columns, with #params)."""
+    """Final MSE (mean over seeds) per target (rows) and depth N (columns, with G(θ)'s
+    #params). A baseline row's cell is its run matched to that depth; where its own
+    parameter count differs from G(θ)'s by more than 1% it follows in brackets."""
     from bornsparse.data.operators import TARGETS
 
     summary = summarize(records)
@@ -45,13 +58,15 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
         return "(no runs)\n"
     depths = sorted({d for row in summary.values() for d in row})
     params = {}
-    for row in summary.values():
+    for _, row in sorted(summary.items(), key=lambda kv: kv[0][3] is not None):
         for d, cell in row.items():
-            params.setdefault(d, cell["params"])
+            params.setdefault(d, cell["params"])  # G(θ)'s where it ran
     head = ["target", "dof"] + [f"N={d} ({_short(params[d])})" for d in depths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {t: i for i, t in enumerate(TARGETS + ("file",))}
-    for key in sorted(summary, key=lambda t: (order[t[0]], t[1] or 0, t[2] or "")):
+    methods = {None: 0, **{b: i + 1 for i, b in enumerate(BASELINE_LABELS)}}
+    for key in sorted(summary, key=lambda t: (order[t[0]], t[1] or 0, t[2] or "",
+                                              methods.get(t[3], 9))):
         row = summary[key]
         any_cell = next(iter(row.values()))
         cells = [any_cell["label"], "—" if any_cell["dof"] is None else str(any_cell["dof"])]
@@ -62,7 +77,9 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
             elif cell["mse"] is None:
                 cells.append("diverged")
             else:
-                cells.append(f"{cell['mse']:.2e}")
+                own = "" if abs(cell["params"] / params[d] - 1) <= 0.01 else (
+                    f" ({_short(cell['params'])})")
+                cells.append(f"{cell['mse']:.2e}{own}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -89,7 +106,9 @@ def plot_operator_figures(
     """One PNG per task: final MSE against parameter count, log-log, one red line per k
     (labelled with its dof), the dense baseline in black when it was run, a vertical line
     at n²/4 and a dotted one at the depth where the receptive field first covers the input.
-    Returns the written paths. Seeds are averaged.
+    Low-rank and Monarch runs (``--baselines``) are blue dashed and green dotted lines, one
+    per k in the same light-to-dark order, each at its own parameter count. Returns the
+    written paths. Seeds are averaged.
     """
     import matplotlib
 
@@ -100,36 +119,47 @@ def plot_operator_figures(
     summary = summarize(records)
     out_dir = Path(out_dir)
     m = width // 2
-    dense = next((row for key, row in summary.items() if key[0] == "dense"), None)
+    # the dense target's G(θ) is every figure's black reference; baselines learning the
+    # dense target are in the table only
+    dense = next((row for key, row in summary.items() if key[0] == "dense" and key[3] is None),
+                 None)
     groups: dict[tuple[str, str | None], list[tuple]] = {}
     for key in summary:
-        task, _, path = key
+        task, _, path, _ = key
         if task != "dense":
             groups.setdefault((task, path), []).append(key)
     if not groups and dense is not None:
         groups[("dense", None)] = []
+    styles = {None: ("Reds", "o-"), "lowrank": ("Blues", "s--"), "monarch": ("Greens", "^:")}
 
     paths = []
     for (task, path), keys in groups.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
-        keys = sorted(keys, key=lambda t: t[1] or 0)
-        cmap = plt.get_cmap("Reds")
         per_factor = None
-        for i, key in enumerate(keys):
-            row = summary[key]
-            pts = sorted((c["params"], c["mse"]) for c in row.values() if c["mse"] is not None)
-            d0, c0 = next(iter(row.items()))
-            per_factor = c0["params"] / d0
-            if not pts:
-                continue
-            colour = cmap(0.45 + 0.55 * (i + 1) / max(1, len(keys)))
-            if task == "file":
-                label = c0["label"]
-            elif task == "permutation":
-                label = "permutation"
-            else:
-                label = f"dof={c0['dof']}"
-            ax.plot(*zip(*pts, strict=True), "o-", color=colour, ms=3.5, lw=1.4, label=label)
+        for baseline, (cmap_name, fmt) in styles.items():
+            mine = sorted((t for t in keys if t[3] == baseline), key=lambda t: t[1] or 0)
+            cmap = plt.get_cmap(cmap_name)
+            for i, key in enumerate(mine):
+                row = summary[key]
+                pts = sorted((c["params"], c["mse"]) for c in row.values()
+                             if c["mse"] is not None)
+                d0, c0 = next(iter(row.items()))
+                if baseline is None:
+                    per_factor = c0["params"] / d0
+                if not pts:
+                    continue
+                colour = cmap(0.45 + 0.55 * (i + 1) / max(1, len(mine)))
+                if baseline is not None:  # one legend entry per baseline, not per k
+                    label = BASELINE_LABELS.get(baseline, baseline) if i == len(mine) - 1 \
+                        else None
+                elif task == "file":
+                    label = c0["label"]
+                elif task == "permutation":
+                    label = "permutation"
+                else:
+                    label = f"dof={c0['dof']}"
+                ax.plot(*zip(*pts, strict=True), fmt, color=colour, ms=3.5, lw=1.4,
+                        label=label)
         if dense is not None:
             pts = sorted((c["params"], c["mse"]) for c in dense.values() if c["mse"] is not None)
             if pts:
@@ -154,7 +184,7 @@ def plot_operator_figures(
             top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             top.set_xlabel("depth N", fontsize=8)
             top.tick_params(labelsize=7)
-        ax.set_xlabel("parameters of G(θ)")
+        ax.set_xlabel("parameters of G(θ)" if not any(t[3] for t in keys) else "parameters")
         ax.set_ylabel("final MSE (mean of last window)")
         title = _TITLES.get(task, "dense baseline" if task == "dense" else f"user matrix {path}")
         ax.set_title(f"{title}\nn = {width}", fontsize=10)

@@ -129,7 +129,7 @@ def describe_executor(args: argparse.Namespace) -> str:
     if args.executor == "ray":
         return (f"Ray on {args.address or 'a local cluster'}, "
                 f"{args.cpus_per_run or args.threads} CPU(s) per run")
-    return f"{args.workers} worker(s), {args.threads} thread(s) each"
+    return f"{executor_options(args)['workers']} worker(s), {args.threads} thread(s) each"
 
 
 def import_ray():

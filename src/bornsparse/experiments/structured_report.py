@@ -1,0 +1,225 @@
+"""Tables and figures of ``bornsparse reproduce structured`` from its JSONL records.
+
+Accuracy is test accuracy in percent, mean ± sample std over seeds; costs are means over
+seeds, except the f+b time: the fastest seed's (each run's median over its warm steps), since
+other processes on the machine only ever slow a run down. Parameters on the figures' x axis
+are those of the hidden layers (the budgeted ones): the dense input layer and classifier are
+the same for every method and listed once.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def _label(method: str) -> str:
+    from bornsparse.experiments.structured_methods import METHODS
+
+    return METHODS[method].label if method in METHODS else method
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    from bornsparse.experiments.structured_methods import METHODS
+
+    present = set(methods)
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[tuple, dict[str, Any]]]:
+    """{dataset: {(method, budget): cell}}; a cell holds ``acc``/``acc_std`` (percent; None
+    if every seed diverged), ``seeds``, ``diverged``, and the means over seeds of
+    ``hidden_params``, ``hidden_total`` (all hidden blocks), ``trainable_params``, ``fb_ms``,
+    ``stored_bytes``, ``hidden_stored_bytes``, ``peak_memory_bytes``, plus ``size`` and
+    ``budget_error`` of the first seed; ``fb_ms`` is the minimum over seeds."""
+    groups: dict[str, dict[tuple, list[dict]]] = {}
+    for r in records:
+        groups.setdefault(r["dataset"], {}).setdefault((r["method"], r["budget"]), []).append(r)
+    out: dict[str, dict[tuple, dict[str, Any]]] = {}
+    for dataset, cells in groups.items():  # in the records' order (the sweep's: data set order)
+        out[dataset] = {}
+        for key, recs in cells.items():
+            ok = [r for r in recs if r["accuracy"] is not None]
+            acc, sd = _mean_std([100 * r["accuracy"] for r in ok]) if ok else (None, None)
+
+            def mean(field: str, recs=recs) -> float | None:
+                vals = [r[field] for r in recs if r.get(field) is not None]
+                return statistics.fmean(vals) if vals else None
+
+            out[dataset][key] = {
+                "acc": acc, "acc_std": sd, "seeds": len(recs), "diverged": len(recs) - len(ok),
+                "hidden_params": mean("hidden_params"),
+                "hidden_total": statistics.fmean(r["hidden_params"] * r["config"]["blocks"]
+                                                 for r in recs),
+                "trainable_params": mean("trainable_params"),
+                "fb_ms": min((r["fb_ms"] for r in recs if r.get("fb_ms") is not None),
+                             default=None),
+                "stored_bytes": mean("stored_bytes"),
+                "hidden_stored_bytes": mean("hidden_stored_bytes"),
+                "peak_memory_bytes": mean("peak_memory_bytes"),
+                "size": recs[0]["size"], "budget_error": recs[0]["budget_error"],
+            }
+    return out
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:,.0f}"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, f in (("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _acc(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return ""
+    if cell["acc"] is None:
+        return "diverged"
+    s = f"{cell['acc']:.1f}" + ("" if cell["acc_std"] is None else f" ± {cell['acc_std']:.1f}")
+    return s + (f" ({cell['diverged']} diverged)" if cell["diverged"] else "")
+
+
+def budget_text(budget: float) -> str:
+    """1/128 for 0.0078125, else the number."""
+    inv = 1 / budget
+    return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-9 else f"{budget:g}"
+
+
+def _size(size: dict[str, int]) -> str:
+    names = {"rank": "r", "nblocks": "k", "depth": "N", "nnz": "nnz", "offset_depth": "d"}
+    return ", ".join(f"{names.get(k, k)}={v}" for k, v in size.items()) or "—"
+
+
+def accuracy_table(cells: dict[tuple, dict[str, Any]]) -> str:
+    """Markdown: test accuracy per method (rows) and budget (columns)."""
+    budgets = sorted({b for (_, b) in cells if b is not None})
+    head = ["method"] + [budget_text(b) for b in budgets]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(budgets) + "|"]
+    for m in _method_order(m for (m, _) in cells):
+        if (m, None) in cells:  # dense: one number, in every column
+            row = [_acc(cells[(m, None)])] * len(budgets)
+        else:
+            row = [_acc(cells.get((m, b))) for b in budgets]
+        lines.append(f"| {_label(m)} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cost_table(cells: dict[tuple, dict[str, Any]]) -> str:
+    """Markdown: per method and budget, what it got and what it cost."""
+    head = ["method", "budget", "size", "params / hidden layer", "vs budget", "model params",
+            "accuracy %", "f+b ms / batch (fastest seed)", "stored", "peak memory"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * (len(head) - 3)]
+    for m in _method_order(m for (m, _) in cells):
+        for b in sorted((b for (mm, b) in cells if mm == m), key=lambda v: v or 2.0):
+            c = cells[(m, b)]
+            lines.append("| " + " | ".join([
+                _label(m), "dense" if b is None else budget_text(b), _size(c["size"]),
+                _count(c["hidden_params"]),
+                "—" if b is None else f"{100 * c['budget_error']:+.1f}%",
+                _count(c["trainable_params"]), _acc(c),
+                "—" if c["fb_ms"] is None else f"{c['fb_ms']:.2f}", _bytes(c["stored_bytes"]),
+                _bytes(c["peak_memory_bytes"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
+    """The whole report: per data set, the accuracy table then the cost table."""
+    records = list(records)
+    if not records:
+        return "(no runs)\n"
+    parts = []
+    if info:
+        trains = info["train"]
+        any_train = next(iter(trains.values()))
+        parts.append(
+            f"MLP in → {info['width']} → {' → '.join([str(info['width'])] * info['blocks'])}"
+            f" → classes: the {info['blocks']} hidden {info['width']}×{info['width']} layers "
+            f"are the method, the input layer and classifier dense. Adam lr {any_train['lr']} "
+            f"cosine to 0, batch {any_train['batch_size']}, epochs "
+            + ", ".join(f"{d} {t['epochs']}" for d, t in trains.items())
+            + f"; {info['seeds']} seed(s). Budget: trainable parameters per hidden layer as a "
+            "fraction of its dense weights, plus its bias. f+b: median forward + loss + "
+            "backward per batch over the warm steps of a run, the fastest seed's (runs share "
+            "the machine); stored: state_dict bytes; "
+            "peak memory: live tensor bytes in training plus what autograd saves.\n")
+    for dataset, cells in summarize(records).items():
+        any_rec = next(r for r in records if r["dataset"] == dataset)
+        fixed = any_rec["trainable_params"] - any_rec["hidden_params"] * any_rec["config"]["blocks"]
+        parts.append(f"### {dataset}: test accuracy (%)\n\n"
+                     f"The dense input layer and classifier hold {fixed:,} parameters in every "
+                     f"model.\n\n" + accuracy_table(cells))
+        parts.append(f"### {dataset}: sizes and costs\n\n" + cost_table(cells))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+
+
+_STYLE = {
+    "lowrank": ("tab:blue", "s"), "monarch": ("tab:green", "^"),
+    "permuted": ("tab:red", "o"), "permuted_tanh": ("tab:orange", "D"),
+    "sparse": ("tab:gray", "x"), "dctps": ("tab:purple", "v"),
+    "permuted_offset_small": ("tab:brown", "<"), "permuted_offset": ("tab:pink", ">"),
+}
+
+
+def plot_figures(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """One PNG per data set, ``accuracy_{dataset}.png``: test accuracy against the hidden
+    layers' trainable parameters (left) and against the measured f+b time per batch
+    (right), one line per method over its budgets, dense as a black point and a dashed
+    line. Error bars: std over seeds. Returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    for dataset, cells in summarize(records).items():
+        fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6), sharey=True)
+        for ax, xkey, xlabel in ((axes[0], "hidden_total", "trainable parameters of the "
+                                  "hidden layers"),
+                                 (axes[1], "fb_ms", "f+b time per batch (ms, measured in "
+                                  "training, fastest seed)")):
+            for m in _method_order(m for (m, _) in cells):
+                # in budget order on both panels: a line joins a method's budgets
+                pts = sorted((b or 1.0, c[xkey], c["acc"], c["acc_std"] or 0.0)
+                             for (mm, b), c in cells.items()
+                             if mm == m and c["acc"] is not None and c[xkey] is not None)
+                if not pts:
+                    continue
+                _, xs, ys, es = zip(*pts, strict=True)
+                if m == "dense":
+                    ax.errorbar(xs, ys, yerr=es, fmt="*", color="black", ms=9, label="dense")
+                    ax.axhline(ys[0], color="black", lw=0.8, ls="--")
+                    continue
+                colour, marker = _STYLE.get(m, ("tab:olive", "."))
+                ax.errorbar(xs, ys, yerr=es, fmt=f"{marker}-", color=colour, ms=5, lw=1.3,
+                            capsize=2, label=_label(m))
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.grid(True, which="both", alpha=0.25)
+        axes[0].set_ylabel("test accuracy (%)")
+        axes[1].legend(fontsize=7, loc="best")
+        budgets = sorted({b for (_, b) in cells if b is not None})
+        fig.suptitle(f"{dataset}: structured hidden layers at "
+                     f"{', '.join(budget_text(b) for b in budgets)} of the dense weights",
+                     fontsize=10)
+        fig.tight_layout()
+        target = out_dir / f"accuracy_{dataset}.png"
+        fig.savefig(target, dpi=130)
+        plt.close(fig)
+        paths.append(target)
+    return paths
