@@ -8,8 +8,11 @@ step (fused Adam). The bandwidth reference copies a (batch, width) float32 buffe
 exactly the bytes a forward must move if every factor streams the activation in and out
 once, with the same working set. ``fwd/bw`` = forward time / that copy time (1.0 would be
 the bound); f+b and the Adam step are printed against it too (backward moves at least twice
-what forward does). All cases of one width and batch are timed interleaved after a warm-up
-that compiles the numba kernels. Prints a table, the CPU model, and one JSON line.
+what forward does). The gather reference applies the layer's ``depth`` permutations to a
+(width, batch) buffer with ``torch.index_select`` (random rows, no arithmetic): what one
+random-row pass per factor costs on this machine. All cases of one width and batch are
+timed interleaved after a warm-up that compiles the numba kernels. Prints a table, the CPU
+model, and one JSON line.
 
     python benchmarks/bench_permuted_scale.py [--widths 12 16 18 20] [--batches 16 64]
         [--threads 2] [--repeats 5] [--quick]
@@ -45,6 +48,9 @@ def _cases(layer: PermutedBlockDiagonal, batch: int) -> dict[str, object]:
     grad = torch.randn(batch, layer.out_features)
     src = torch.randn(batch, width)
     dst = torch.empty_like(src)
+    rows = torch.randn(width, batch)  # the kernels' layout: one row of batch floats per index
+    rows_out = torch.empty_like(rows)
+    perms = layer.perms
     # fused: one pass over each parameter; the default foreach Adam measured 5× slower
     # (0.93 vs 0.18 s for the 84M weights of width 2^20, depth 40, 2 threads)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-3, fused=True)
@@ -52,6 +58,12 @@ def _cases(layer: PermutedBlockDiagonal, batch: int) -> dict[str, object]:
     def bandwidth() -> None:
         for _ in range(depth):
             dst.copy_(src)
+
+    def gather() -> None:
+        # the layer's own permutations applied to rows of batch floats, no arithmetic: what
+        # one random-row pass per factor costs here (torch.index_select)
+        for t in range(depth):
+            torch.index_select(rows, 0, perms[t], out=rows_out)
 
     def forward() -> None:
         with torch.no_grad():
@@ -71,7 +83,7 @@ def _cases(layer: PermutedBlockDiagonal, batch: int) -> dict[str, object]:
         loss.backward()
         opt.step()
 
-    return {"bandwidth": bandwidth, "fwd": forward, "fwdbwd": forward_backward,
+    return {"bandwidth": bandwidth, "gather": gather, "fwd": forward, "fwdbwd": forward_backward,
             "penalty": penalty, "adam": adam_step}
 
 
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
           f"{args.threads} threads, CPU {machine['cpu']}; times in ms (median of "
           f"{args.repeats} interleaved rounds); x/bw = time / bandwidth reference")
     print(f"{'width':>8} {'depth':>5} {'batch':>5} {'bw ref':>9} {'GB/s':>6} {'fwd':>9} "
-          f"{'fwd/bw':>7} {'f+b':>9} {'f+b/bw':>7} {'penalty':>9} {'adam':>9} "
+          f"{'fwd/bw':>7} {'gath/bw':>7} {'fwd/gath':>8} {'f+b':>9} {'f+b/bw':>7} "
+          f"{'penalty':>9} {'adam':>9} "
           f"{'adam/bw':>7} {'peak RSS MiB':>12}")
     rows = []
     for lg in args.widths:
@@ -127,12 +140,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                    **{f"{k}_ms": round(v * 1e3, 3) for k, v in t.items()},
                    "gb_per_s": round(moved / bw / 1e9, 2),
                    "fwd_over_bw": round(t["fwd"] / bw, 3),
+                   "gather_over_bw": round(t["gather"] / bw, 3),
+                   "fwd_over_gather": round(t["fwd"] / t["gather"], 3),
                    "fwdbwd_over_bw": round(t["fwdbwd"] / bw, 3),
                    "adam_over_bw": round(t["adam"] / bw, 3),
                    "peak_rss_mib": None if peak is None else round(peak / 2**20, 1)}
             rows.append(row)
             print(f"{width:>8} {depth:>5} {batch:>5} {bw * 1e3:>9.2f} {row['gb_per_s']:>6.1f} "
                   f"{t['fwd'] * 1e3:>9.2f} {row['fwd_over_bw']:>7.2f} "
+                  f"{row['gather_over_bw']:>7.2f} {row['fwd_over_gather']:>8.2f} "
                   f"{t['fwdbwd'] * 1e3:>9.2f} {row['fwdbwd_over_bw']:>7.2f} "
                   f"{t['penalty'] * 1e3:>9.2f} {t['adam'] * 1e3:>9.2f} "
                   f"{row['adam_over_bw']:>7.2f} "
