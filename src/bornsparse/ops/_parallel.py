@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import glob
+import hashlib
 import os
 import threading
 import types as pytypes
@@ -382,11 +383,14 @@ def region_body(chunks, layout: type[enum.IntEnum], *, index_dtypes: bool = Fals
     keys a closure's on-disk cache by its pickled cells, which differ per process, so a
     closure recompiled on every start (1.4 s a body). The body is the template's code under
     its own name in the chunk loop's file, so numba caches it next to that module and
-    invalidates it when that file changes.
+    invalidates it when that file changes; the name carries a hash of the template's code,
+    so a changed template is a new cache entry too.
     """
     template = _float_index_dispatch if index_dtypes else _float_dispatch
     py = chunks.py_func
-    name = f"{py.__name__}_body"
+    digest = hashlib.sha1(template.__code__.co_code + repr(template.__code__.co_consts)
+                          .encode()).hexdigest()[:8]
+    name = f"{py.__name__}_body_{digest}"
     code = template.__code__.replace(co_name=name, co_qualname=name,
                                      co_filename=py.__code__.co_filename)
     scope = dict(template.__globals__, CHUNKS=chunks, LENGTH=len(layout))
