@@ -105,7 +105,7 @@ def _accuracy_cases(dev: torch.device, smoke: bool) -> dict[str, tuple[Callable,
                                                                         list[torch.Tensor]]]:
     """name -> (ours(*leaves), reference(*leaves), float64 leaves): both callables take the
     floating inputs and return the output; index tensors are closed over."""
-    from bornsparse.ops.dct_sparse_affine import dct_sparse_affine, dct_sparse_affine_reference
+    from bornsparse.ops.dct_sparse import dct_sparse_affine, dct_sparse_affine_reference
     from bornsparse.ops.permuted import (
         permuted_block_diagonal,
         permuted_block_diagonal_reference,

@@ -190,7 +190,7 @@ def _sparse_case(b, n, m, nnz, seed):
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("grads", ["all", "values_only", "x_only"])
 def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bias, grads):
-    import bornsparse.ops.dct_sparse_affine as A
+    import bornsparse.ops.dct_sparse as A
     import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
@@ -223,7 +223,7 @@ def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bia
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
     # large enough that the default thresholds take the fused path, several default blocks
-    import bornsparse.ops.dct_sparse_affine as A
+    import bornsparse.ops.dct_sparse as A
 
     b, n, m = 150, 300, 257
     ts, idx, plan = _sparse_case(b, n, m, 500, seed=1)
@@ -238,7 +238,7 @@ def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
 
 
 def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
-    import bornsparse.ops.dct_sparse_affine as A
+    import bornsparse.ops.dct_sparse as A
     import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
@@ -253,7 +253,7 @@ def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
 
 
 def test_fused_dct_sparse_affine_rejects_mismatched_plan():
-    import bornsparse.ops.dct_sparse_affine as A
+    import bornsparse.ops.dct_sparse as A
 
     ts, _, plan = _sparse_case(2, 5, 3, 4, seed=0)
     with pytest.raises(ValueError, match="plan and values must describe a"):

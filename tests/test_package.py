@@ -63,6 +63,19 @@ def test_demo_rejects_unwritable_out(tmp_path, capsys):
     assert "bornsparse demo: error:" in capsys.readouterr().err
 
 
+def test_no_public_name_is_also_its_submodule():
+    # importing a submodule binds it on its package: a lazily exported function of the same
+    # name would turn into the module from then on
+    import importlib
+    import pkgutil
+
+    for pkg_name in ("bornsparse", "bornsparse.ops", "bornsparse.nn", "bornsparse.sparsity",
+                     "bornsparse.models", "bornsparse.data", "bornsparse.experiments"):
+        pkg = importlib.import_module(pkg_name)
+        subs = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+        assert not subs & set(getattr(pkg, "__all__", ())), pkg_name
+
+
 def test_name_equal_to_its_submodule_stays_the_function():
     from bornsparse.models import sparsify
     from bornsparse.sparsity import prune_at_init

@@ -358,7 +358,7 @@ def test_empty_batch_and_inference_mode(cls):
 def test_fused_layer_path_matches_reference(monkeypatch, n_in, n_out, batch):
     # small sizes normally skip the fused CPU path (ops/discrete_cosine.py);
     # force it, in several blocks
-    import bornsparse.ops.dct_sparse_affine as A
+    import bornsparse.ops.dct_sparse as A
     import bornsparse.ops.discrete_cosine as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)

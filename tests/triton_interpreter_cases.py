@@ -28,7 +28,7 @@ from bornsparse.nn import (  # noqa: E402
 )
 from bornsparse.ops import backends  # noqa: E402
 from bornsparse.ops._permuted_triton import inverse_amplification  # noqa: E402
-from bornsparse.ops.dct_sparse_affine import dct_sparse_affine_reference  # noqa: E402
+from bornsparse.ops.dct_sparse import dct_sparse_affine_reference  # noqa: E402
 from bornsparse.ops.permuted import (  # noqa: E402
     INVERSE_MAX_AMPLIFICATION,
     permuted_block_diagonal,
@@ -448,7 +448,7 @@ def test_auto_picks_triton_on_cuda_for_every_op_with_a_kernel(monkeypatch):
         decisions.append((family, has_triton, kind))
         return kind
 
-    import bornsparse.ops.dct_sparse_affine as dsa
+    import bornsparse.ops.dct_sparse as dsa
     import bornsparse.ops.penalty as penalty
     import bornsparse.ops.permuted as permuted
     import bornsparse.ops.sparse_product as sparse_product

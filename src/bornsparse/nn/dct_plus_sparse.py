@@ -14,7 +14,7 @@ from torch import nn
 
 from bornsparse._checks import check_choice
 from bornsparse.nn.sparse_linear import SparseLinear
-from bornsparse.ops.dct_sparse_affine import dct_sparse_affine
+from bornsparse.ops.dct_sparse import dct_sparse_affine
 from bornsparse.ops.discrete_cosine import dct_matrix
 
 
@@ -25,7 +25,7 @@ class DCTPlusSparseLinear(SparseLinear):
     ``train_alpha`` else a buffer. ``init`` for S: "zeros" (default, the paper's), "normal"
     (N(0, 1/f), f = nnz/out) or "kaiming" (N(0, 2/f)). Stored: values, indices, α, bias.
     ``backend`` (ops/backends.py): with "auto" or "numba" on CPU the whole layer is one
-    fused op (:func:`~bornsparse.ops.dct_sparse_affine.dct_sparse_affine`); "reference" is
+    fused op (:func:`~bornsparse.ops.dct_sparse.dct_sparse_affine`); "reference" is
     plain PyTorch all the way down (gradients of any order, e.g. for GraSP).
     """
 

@@ -134,7 +134,7 @@ def _gather_scale_dot_rows(v, unorder, x, alpha, gx, dots, b0, b1):
         dots[b] = acc
 
 
-# ---- DCT plus sparse, fused (ops/discrete_cosine.py: dct_sparse_affine) ----------------------
+# ---- DCT plus sparse, fused (ops/dct_sparse.py: dct_sparse_affine) ----------------------
 # The sparse kernels (_sparse_numba) want activations transposed, (features, batch). A
 # separate transpose costs as much as the FFT, so each transpose rides along a pass that
 # reads or writes the same array anyway. These passes walk tiles of _TILE samples: within a

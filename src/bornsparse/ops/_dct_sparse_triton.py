@@ -1,7 +1,7 @@
 """The DCT-plus-sparse layer out = α·T(x) + x Sᵀ + bias as one op on the GPU: the sparse
 product through the Triton kernels of ``_sparse_triton.py``, the DCT's FFT through torch.fft
 (cuFFT), and every other pass of the layer fused into four small Triton kernels around them
-(ops/dct_sparse_affine.py has the layer's definition and the plain-PyTorch reference;
+(ops/dct_sparse.py has the layer's definition and the plain-PyTorch reference;
 ops/discrete_cosine.py the DCT through one real FFT, whose tables these kernels read).
 
 Forward, for x (batch, n), S (m, n), q = max(n, m):
