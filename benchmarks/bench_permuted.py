@@ -32,7 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import MonarchLinear, PermutedBlockDiagonal  # noqa: E402
-from common import machine_tag, print_json_line, set_threads, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    forward_backward,
+    machine_tag,
+    print_json_line,
+    set_threads,
+    time_interleaved,
+)
 
 
 def time_cpu_interleaved(fns, *, repeats: int, inner: int = 3) -> dict[str, float]:
@@ -54,15 +60,6 @@ def _forward(layer: torch.nn.Module, x: torch.Tensor):
     def run() -> None:
         with torch.no_grad():
             layer(x)
-
-    return run
-
-
-def _forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    def run() -> None:
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(grad)
 
     return run
 
@@ -135,16 +132,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         fns = {
             "dense_fwd": _forward(dense, x),
             "ours_fwd": _forward(ours, x),
-            "dense_fwdbwd": _forward_backward(dense, x, grad),
-            "ours_fwdbwd": _forward_backward(ours, x, grad),
-            "oursEq_fwdbwd": _forward_backward(ours_eq, x, grad),
-            "monarch_fwdbwd": _forward_backward(monarch, x, grad),
+            "dense_fwdbwd": forward_backward(dense, x, grad),
+            "ours_fwdbwd": forward_backward(ours, x, grad),
+            "oursEq_fwdbwd": forward_backward(ours_eq, x, grad),
+            "monarch_fwdbwd": forward_backward(monarch, x, grad),
         }
         if fly is not None:
-            fns["fly_fwdbwd"] = _forward_backward(_Fly(fly, monarch), x, grad)
+            fns["fly_fwdbwd"] = forward_backward(_Fly(fly, monarch), x, grad)
         if ref is not None:
             fns["ref_fwd"] = _forward(ref, x)
-            fns["ref_fwdbwd"] = _forward_backward(ref, x, grad)
+            fns["ref_fwdbwd"] = forward_backward(ref, x, grad)
         if args.cpu_time:
             t = time_cpu_interleaved(fns, repeats=args.repeats)
         else:

@@ -23,16 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import DCTPlusSparseLinear, PermutedBlockDiagonal  # noqa: E402
-from common import machine_tag, print_json_line, set_threads, time_interleaved  # noqa: E402
-
-
-def _forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    def run() -> None:
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(grad)
-
-    return run
+from common import (  # noqa: E402
+    forward_backward,
+    machine_tag,
+    print_json_line,
+    set_threads,
+    time_interleaved,
+)
 
 
 def _numba_runtime_started() -> bool:
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ours = PermutedBlockDiagonal(n, n, width=2048, depth=20, seed=0)
     x = torch.randn(args.batch, n, requires_grad=True)
     grad = torch.randn(args.batch, n)
-    fns = {"dense": _forward_backward(dense, x, grad), "ours": _forward_backward(ours, x, grad)}
+    fns = {"dense": forward_backward(dense, x, grad), "ours": forward_backward(ours, x, grad)}
     for fn in fns.values():  # JIT compilation (or cache loads) out of the timings
         fn()
 
@@ -89,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     dctps = DCTPlusSparseLinear(4096, 4096, density=1e-3, init="normal", seed=0)
     xd = torch.randn(128, 4096, requires_grad=True)
     gd = torch.randn(128, 4096)
-    step = _forward_backward(dctps, xd, gd)
+    step = forward_backward(dctps, xd, gd)
     step()  # compile / load the kernels
     t0 = time.perf_counter()
     for _ in range(args.dctps_steps):

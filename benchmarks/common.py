@@ -79,6 +79,18 @@ def time_interleaved(
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def forward_backward(layer: torch.nn.Module, x: torch.Tensor,
+                     grad: torch.Tensor) -> Callable[[], None]:
+    """A timed case: ``layer(x).backward(grad)`` with gradients set to None first, so no
+    accumulation pass is timed."""
+    def run() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+
+    return run
+
+
 def print_json_line(record: dict[str, object]) -> None:
     print(json.dumps(record, sort_keys=True))
 
