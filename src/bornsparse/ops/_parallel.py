@@ -50,7 +50,6 @@ _POOL_WORKERS = 0
 _POOL_LOCK = threading.Lock()
 _BODY_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _BODIES: dict[int, ctypes._CFuncPtr] = {}  # cfunc address -> its ctypes callable
-HEADER_SLOTS = 3  # claimed-chunk counter, finished-chunk counter, chunk count
 
 
 @intrinsic
