@@ -33,6 +33,36 @@ def test_import_is_light():
     assert out.stdout.split() == ["False", "False"]
 
 
+
+def test_importing_ops_settles_mkl_vml_dispatch_on_one_thread():
+    # ops/_mkl_warmup.py: every VML-routed unary op runs once per float dtype, single
+    # element, while ops is imported (observed from a fresh process, through torch's own
+    # function-call hook)
+    code = """
+import torch
+from torch.overrides import TorchFunctionMode
+seen = set()
+class Record(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if args and isinstance(args[0], torch.Tensor) and args[0].numel() == 1:
+            seen.add((getattr(func, "__name__", ""), str(args[0].dtype)))
+        return out
+with Record():
+    import bornsparse.ops
+    from bornsparse.ops import _mkl_warmup
+print(torch.backends.mkl.is_available(), _mkl_warmup.warmed)
+missing = [(f, d) for f in _mkl_warmup.VML_FUNCTIONS for d in ("torch.float32", "torch.float64")
+           if (f, d) not in seen]
+print(missing)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    flags, missing = out.stdout.splitlines()
+    mkl, warmed = flags.split()
+    assert warmed == mkl
+    if mkl == "True":
+        assert missing == "[]"
+
 def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])

@@ -1,6 +1,7 @@
 """Kernels and autograd Functions: each op has a plain-PyTorch reference beside its fast path."""
 
 from bornsparse._lazy import lazy_module
+from bornsparse.ops import _mkl_warmup  # noqa: F401  (before any op runs multi-threaded)
 
 _TABLE = {
     "permuted_block_diagonal": "permuted",
