@@ -63,21 +63,31 @@ def as_voidptr(typingctx, address):
     return sig, codegen
 
 
-@intrinsic
-def prefetch(typingctx, address):
-    """Hint the cache line at ``address`` (int64) into L1 (llvm.prefetch, read, locality 3)."""
-    sig = types.void(types.int64)
-
+def _prefetch_codegen(write: int):
     def codegen(context, builder, signature, args):
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fn = builder.module.declare_intrinsic(
             "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
-        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0),
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, write),
                           ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """Hint the cache line at ``address`` (int64) into L1 for reading (llvm.prefetch,
+    locality 3: prefetcht0)."""
+    return types.void(types.int64), _prefetch_codegen(0)
+
+
+@intrinsic
+def prefetch_write(typingctx, address):
+    """Hint the cache line at ``address`` (int64) into L1 for writing (prefetchw): a line
+    about to be read and then written arrives owned, without a second request."""
+    return types.void(types.int64), _prefetch_codegen(1)
 
 
 @intrinsic

@@ -38,6 +38,7 @@ from bornsparse.ops._parallel import (
     view,
 )
 from bornsparse.ops._parallel import prefetch as _prefetch
+from bornsparse.ops._parallel import prefetch_write as _prefetch_write
 from bornsparse.ops._permuted_numba import FASTMATH, load_tile_transposed
 
 _I32 = np.empty(0, np.int32)
@@ -54,6 +55,7 @@ STEP_FIELDS = 12
 # steps ahead at which backward prefetches the rows it will read (measured: f+b 3.0-3.2 ms
 # with 2-4 vs 3.27 with none, 2 threads, batch 256, depth 20)
 PF = 3
+PF_FORWARD = 8
 _JIT = {"cache": True, "nogil": True, "fastmath": FASTMATH}
 
 
@@ -126,6 +128,13 @@ def _prefetch_row(base, i, row_bytes, nbytes):
 
 
 @numba.njit(inline="always")
+def _prefetch_row_write(base, i, row_bytes, nbytes):
+    start = base + i * row_bytes
+    for o in range(0, nbytes, 64):
+        _prefetch_write(start + o)
+
+
+@numba.njit(inline="always")
 def _row(base, i, row_bytes, ts, dtype):
     # raw views: numba's array views carry a refcount whose atomic updates, in these
     # per-step loops, measured ~40% of the time
@@ -171,7 +180,17 @@ def _forward_pair(buf, w1, w2, st, tmp, ts):
     rb = buf.shape[1] * buf.itemsize
     open_row = _row(tmp.ctypes.data, 0, rb, ts, dt)
     carry = _row(tmp.ctypes.data, 1, rb, ts, dt)
-    for i in range(st.shape[0]):
+    nbytes = ts * buf.itemsize
+    bb = 4 * w1.itemsize
+    w1b, w2b = w1.ctypes.data, w2.ctypes.data
+    nsteps = st.shape[0]
+    for i in range(nsteps):
+        if i + PF_FORWARD < nsteps:
+            j = i + PF_FORWARD
+            _prefetch_row(base, st[j, RD0], rb, nbytes)
+            _prefetch_row(base, st[j, RD1], rb, nbytes)
+            _prefetch(w1b + st[j, B1] * bb)
+            _prefetch(w2b + st[j, C2] * bb)
         b, rin = st[i, B1], st[i, RIN]
         ro = 1 - rin
         a0 = _row(base, st[i, RD0], rb, ts, dt)
@@ -237,20 +256,18 @@ def forward_tiles(x, weight, sched, final_loc, out, z, tile, c, nchunks):
 
 
 @numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
-def _back_step(act, gbuf, tmp, r0, r1, q0, q1, n00, n01, n10, n11, m00, m01, m10, m11,
+def _back_step(a0, a1, g0r, g1r, pa0, pa1, pg0, pg1, joins, gjoins,
+               n00, n01, n10, n11, m00, m01, m10, m11,
                y00, y01, y10, y11, z00, z01, z10, z11, ts):
-    """Invert F2 block (outputs act rows r0, r1; n = its inverse, m = it) and backprop it
-    (grads gbuf rows r0, r1); finish the previous F1 block (its joining output and grad in
-    tmp rows 0, 1; y = its inverse, z = it), writing its inputs and their grads into rows
-    q0, q1. Leaves this step's joining output and grad in tmp rows 0, 1. Returns the F2 and
-    F1 weight-gradient sums.
+    """Invert F2 block (outputs in rows a0, a1; n = its inverse, m = it) and backprop it
+    (grads g0r, g1r); finish the previous F1 block (its joining output and grad in joins,
+    gjoins; y = its inverse, z = it), writing its inputs and their grads into rows pa0, pa1,
+    pg0, pg1. Leaves this step's joining output and grad in joins, gjoins. Returns the F2
+    and F1 weight-gradient sums. Rows come as raw views (``_row``), as in forward.
 
     This is _back_f2 followed by _back_f1, fused on purpose: one pass over the rows with
     the F2 block's rebuilt inputs in registers, where the two (kept for the cycle ends:
     2-7 cycles per pair of 1024 blocks at width 2048) would pass twice and go through tmp."""
-    a0, a1, g0r, g1r = act[r0], act[r1], gbuf[r0], gbuf[r1]
-    pa0, pa1, pg0, pg1 = act[q0], act[q1], gbuf[q0], gbuf[q1]
-    joins, gjoins = tmp[0], tmp[1]
     zero = n00 - n00
     d00 = d01 = d10 = d11 = e00 = e01 = e10 = e11 = zero
     for s in range(ts):
@@ -284,10 +301,9 @@ def _back_step(act, gbuf, tmp, r0, r1, q0, q1, n00, n01, n10, n11, m00, m01, m10
 
 
 @numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
-def _back_f2(act, gbuf, tmp, r0, r1, n00, n01, n10, n11, m00, m01, m10, m11, ts):
-    """Invert and backprop one F2 block alone: inputs to tmp rows 4 (carried), 5 (joining),
-    their grads to 6, 7."""
-    a0, a1, g0r, g1r = act[r0], act[r1], gbuf[r0], gbuf[r1]
+def _back_f2(a0, a1, g0r, g1r, t4, t5, t6, t7, n00, n01, n10, n11, m00, m01, m10, m11, ts):
+    """Invert and backprop one F2 block alone: inputs to t4 (carried), t5 (joining), their
+    grads to t6, t7 (rows 4-7 of tmp)."""
     zero = n00 - n00
     d00 = d01 = d10 = d11 = zero
     for s in range(ts):
@@ -301,20 +317,18 @@ def _back_f2(act, gbuf, tmp, r0, r1, n00, n01, n10, n11, m00, m01, m10, m11, ts)
         d01 += g0 * j
         d10 += g1 * p
         d11 += g1 * j
-        tmp[4, s] = p
-        tmp[5, s] = j
-        tmp[6, s] = m00 * g0 + m10 * g1
-        tmp[7, s] = m01 * g0 + m11 * g1
+        t4[s] = p
+        t5[s] = j
+        t6[s] = m00 * g0 + m10 * g1
+        t7[s] = m01 * g0 + m11 * g1
     return d00, d01, d10, d11
 
 
 @numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
-def _back_f1(act, gbuf, tmp, iyi, iyo, igi, igo, q0, q1, y00, y01, y10, y11,
+def _back_f1(yi_, yo_, gi_, go_, pa0, pa1, pg0, pg1, y00, y01, y10, y11,
              z00, z01, z10, z11, ts):
-    """Finish one F1 block from its outputs and grads in tmp rows; inputs and input grads
-    into rows q0, q1."""
-    yi_, yo_, gi_, go_ = tmp[iyi], tmp[iyo], tmp[igi], tmp[igo]
-    pa0, pa1, pg0, pg1 = act[q0], act[q1], gbuf[q0], gbuf[q1]
+    """Finish one F1 block from its outputs yi_, yo_ and grads gi_, go_ (tmp rows); inputs
+    and input grads into rows pa0, pa1, pg0, pg1."""
     zero = y00 - y00
     e00 = e01 = e10 = e11 = zero
     for s in range(ts):
@@ -381,62 +395,87 @@ def _backward_pair(act, gbuf, w1, w2, st, tmp, gw1, gw2, ts):
     were read from. tmp rows: 0-1 the running joining output and grad, 2-3 the first
     block's carried output and grad (parked until the cycle closes), 4-7 scratch."""
     i0 = 0
+    dt = act.dtype
     ab, gb = act.ctypes.data, gbuf.ctypes.data
-    rb = act.shape[1] * act.itemsize
+    rb = act.strides[0]  # act and gbuf rows interleave (see backward_tiles)
+    tb, trb = tmp.ctypes.data, tmp.strides[0]
+    t0, t1, t2, t3 = (_row(tb, 0, trb, ts, dt), _row(tb, 1, trb, ts, dt),
+                      _row(tb, 2, trb, ts, dt), _row(tb, 3, trb, ts, dt))
+    t4, t5, t6, t7 = (_row(tb, 4, trb, ts, dt), _row(tb, 5, trb, ts, dt),
+                      _row(tb, 6, trb, ts, dt), _row(tb, 7, trb, ts, dt))
     nbytes = ts * act.itemsize
     nsteps = st.shape[0]
+    bb = 4 * w1.itemsize  # bytes of one 2×2 block
+    w1b, w2b, g1b, g2b = w1.ctypes.data, w2.ctypes.data, gw1.ctypes.data, gw2.ctypes.data
     for i in range(nsteps):
         if i + PF < nsteps:
             j = i + PF
-            _prefetch_row(ab, st[j, RD0], rb, nbytes)
-            _prefetch_row(ab, st[j, RD1], rb, nbytes)
-            _prefetch_row(gb, st[j, RD0], rb, nbytes)
-            _prefetch_row(gb, st[j, RD1], rb, nbytes)
+            _prefetch_row_write(ab, st[j, RD0], rb, nbytes)
+            _prefetch_row_write(ab, st[j, RD1], rb, nbytes)
+            _prefetch_row_write(gb, st[j, RD0], rb, nbytes)
+            _prefetch_row_write(gb, st[j, RD1], rb, nbytes)
+            # the blocks step j reads and the gradient blocks it adds into: at wide
+            # layers as random as the rows
+            _prefetch(w1b + st[j, B1] * bb)
+            _prefetch(w2b + st[j, C2] * bb)
+            _prefetch_write(g1b + st[j, B1] * bb)
+            _prefetch_write(g2b + st[j, C2] * bb)
         if st[i, START]:
             i0 = i
         else:
             c, cc = st[i, C2], st[i, CC]
             n00, n01, n10, n11, m00, m01, m10, m11 = _f2_cols(w2, c, cc)
+            r0, r1 = st[i, RD0], st[i, RD1]
+            a0, a1 = _row(ab, r0, rb, ts, dt), _row(ab, r1, rb, ts, dt)
+            g0, g1 = _row(gb, r0, rb, ts, dt), _row(gb, r1, rb, ts, dt)
             if i - 1 != i0:
                 bp, rinp = st[i - 1, B1], st[i - 1, RIN]
+                q0, q1 = st[i - 1, RD0], st[i - 1, RD1]
                 y00, y01, y10, y11, z00, z01, z10, z11 = _f1_rows(w1, bp, rinp)
                 d00, d01, d10, d11, e00, e01, e10, e11 = _back_step(
-                    act, gbuf, tmp, st[i, RD0], st[i, RD1], st[i - 1, RD0], st[i - 1, RD1],
+                    a0, a1, g0, g1, _row(ab, q0, rb, ts, dt), _row(ab, q1, rb, ts, dt),
+                    _row(gb, q0, rb, ts, dt), _row(gb, q1, rb, ts, dt), t0, t1,
                     n00, n01, n10, n11, m00, m01, m10, m11,
                     y00, y01, y10, y11, z00, z01, z10, z11, ts)
                 _add_f1(gw1, bp, rinp, e00, e01, e10, e11)
             else:  # the cycle's first block waits for the close
-                d00, d01, d10, d11 = _back_f2(act, gbuf, tmp, st[i, RD0], st[i, RD1],
+                d00, d01, d10, d11 = _back_f2(a0, a1, g0, g1, t4, t5, t6, t7,
                                               n00, n01, n10, n11, m00, m01, m10, m11, ts)
                 for s in range(ts):
-                    tmp[2, s] = tmp[4, s]
-                    tmp[3, s] = tmp[6, s]
-                    tmp[0, s] = tmp[5, s]
-                    tmp[1, s] = tmp[7, s]
+                    t2[s] = t4[s]
+                    t3[s] = t6[s]
+                    t0[s] = t5[s]
+                    t1[s] = t7[s]
             _add_f2(gw2, c, cc, d00, d01, d10, d11)
         if st[i, CLOSE]:
             c, cc = st[i, CL], st[i, CCL]
             n00, n01, n10, n11, m00, m01, m10, m11 = _f2_cols(w2, c, cc)
-            d00, d01, d10, d11 = _back_f2(act, gbuf, tmp, st[i, WR0], st[i, WR1],
-                                          n00, n01, n10, n11, m00, m01, m10, m11, ts)
+            w0, w1r = st[i, WR0], st[i, WR1]
+            d00, d01, d10, d11 = _back_f2(
+                _row(ab, w0, rb, ts, dt), _row(ab, w1r, rb, ts, dt),
+                _row(gb, w0, rb, ts, dt), _row(gb, w1r, rb, ts, dt), t4, t5, t6, t7,
+                n00, n01, n10, n11, m00, m01, m10, m11, ts)
             _add_f2(gw2, c, cc, d00, d01, d10, d11)
             b, rin = st[i, B1], st[i, RIN]
             y00, y01, y10, y11, z00, z01, z10, z11 = _f1_rows(w1, b, rin)
+            q0, q1 = st[i, RD0], st[i, RD1]
+            p0, p1 = _row(ab, q0, rb, ts, dt), _row(ab, q1, rb, ts, dt)
+            h0, h1 = _row(gb, q0, rb, ts, dt), _row(gb, q1, rb, ts, dt)
             if i == i0:  # a one-block cycle: both of b's outputs meet in the closing block
-                e00, e01, e10, e11 = _back_f1(act, gbuf, tmp, 5, 4, 7, 6, st[i, RD0],
-                                              st[i, RD1], y00, y01, y10, y11,
-                                              z00, z01, z10, z11, ts)
+                e00, e01, e10, e11 = _back_f1(t5, t4, t7, t6, p0, p1, h0, h1,
+                                              y00, y01, y10, y11, z00, z01, z10, z11, ts)
                 _add_f1(gw1, b, rin, e00, e01, e10, e11)
             else:
-                e00, e01, e10, e11 = _back_f1(act, gbuf, tmp, 0, 4, 1, 6, st[i, RD0],
-                                              st[i, RD1], y00, y01, y10, y11,
-                                              z00, z01, z10, z11, ts)
+                e00, e01, e10, e11 = _back_f1(t0, t4, t1, t6, p0, p1, h0, h1,
+                                              y00, y01, y10, y11, z00, z01, z10, z11, ts)
                 _add_f1(gw1, b, rin, e00, e01, e10, e11)
                 b, rin = st[i0, B1], st[i0, RIN]
                 y00, y01, y10, y11, z00, z01, z10, z11 = _f1_rows(w1, b, rin)
-                e00, e01, e10, e11 = _back_f1(act, gbuf, tmp, 5, 2, 7, 3, st[i0, RD0],
-                                              st[i0, RD1], y00, y01, y10, y11,
-                                              z00, z01, z10, z11, ts)
+                q0, q1 = st[i0, RD0], st[i0, RD1]
+                e00, e01, e10, e11 = _back_f1(
+                    t5, t2, t7, t3, _row(ab, q0, rb, ts, dt), _row(ab, q1, rb, ts, dt),
+                    _row(gb, q0, rb, ts, dt), _row(gb, q1, rb, ts, dt),
+                    y00, y01, y10, y11, z00, z01, z10, z11, ts)
                 _add_f1(gw1, b, rin, e00, e01, e10, e11)
 
 
@@ -452,8 +491,12 @@ def backward_tiles(z, weight, sched, final_loc, grad_out, grad_x, gw, tile, c, n
     batch, n_in = grad_x.shape
     width = 2 * weight.shape[1]
     n_out = grad_out.shape[1]
-    gbuf = np.empty((width, tile), dtype=z.dtype)
-    act = np.empty((width, tile), dtype=z.dtype)
+    # slot i's activation row and gradient row side by side: the walk reads and writes
+    # both at every step, so at wide layers one random slot is one place in memory (one
+    # cache line at 8 float32 samples a tile) instead of two
+    rows = np.empty((width, 2, tile), dtype=z.dtype)
+    act = rows[:, 0]
+    gbuf = rows[:, 1]
     tmp = np.empty((8, tile), dtype=z.dtype)
     gw[:] = 0
     for it in range(c, (batch + tile - 1) // tile, nchunks):
