@@ -52,8 +52,11 @@ _I64 = np.empty(0, np.int64)
 # the other) completes after this step, into the cycle's first slots WR0/WR1.
 RD0, RD1, B1, RIN, START, C2, CC, CLOSE, CL, CCL, WR0, WR1 = range(12)
 STEP_FIELDS = 12
-# steps ahead at which backward prefetches the rows it will read (measured: f+b 3.0-3.2 ms
-# with 2-4 vs 3.27 with none, 2 threads, batch 256, depth 20)
+# Steps ahead at which backward prefetches the rows and blocks a step will touch (at
+# width 2048, batch 256, depth 20: f+b 3.0-3.2 ms with 2-4 vs 3.27 with none; at width
+# 2^20, depth 40, batch 16 backward measured alike with 2, 3 and 6, ~2.0 s, and 2× that
+# with rows alone prefetched), and at which forward does (8: forward 0.58-0.61 s at 2^20
+# against 0.62 with 3 and 0.78 with none; 2 threads, Intel Xeon AVX-512).
 PF = 3
 PF_FORWARD = 8
 _JIT = {"cache": True, "nogil": True, "fastmath": FASTMATH}
