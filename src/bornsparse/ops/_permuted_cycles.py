@@ -557,7 +557,8 @@ ForwardSlot = header_layout(
     "CycleForwardSlot", "batch n_in depth nb n_out tile x weight sched final_loc out final")
 BackwardSlot = header_layout(
     "CycleBackwardSlot",
-    "batch n_in depth nb n_out tile final weight sched final_loc grad_out grad_x partial")
+    "batch n_in depth nb n_out tile final weight sched final_loc grad_out grad_x grad_weight "
+    "partial")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -581,6 +582,16 @@ def _forward_chunks(a, like):
         finish_chunk(hp)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _weight_gradient_slot(grad_weight, partial, shape, like, c):
+    """Where chunk c sums its weight gradient: chunk 0 into the result itself, chunk c > 0
+    into partial[c - 1] (added to the result afterwards): one weight-sized buffer fewer to
+    allocate and fault in than a partial per chunk and their sum."""
+    if c == 0:
+        return view(grad_weight, shape, like)
+    return view(partial + (c - 1) * (shape[0] * shape[1] * 4) * like.itemsize, shape, like)
+
+
 @numba.njit(cache=True, nogil=True)
 def _backward_chunks(a, like):
     S = BackwardSlot
@@ -599,7 +610,8 @@ def _backward_chunks(a, like):
             view(a[S.sched], (depth // 2, nb, STEP_FIELDS), _I32),
             view(a[S.final_loc], (width,), _I64), view(a[S.grad_out], (batch, n_out), like),
             view(a[S.grad_x], (batch, n_in), like),
-            view(a[S.partial], (nchunks, depth, nb, 2, 2), like)[c], tile, c, nchunks)
+            _weight_gradient_slot(a[S.grad_weight], a[S.partial], (depth, nb, 2, 2), like, c),
+            tile, c, nchunks)
         finish_chunk(hp)
 
 

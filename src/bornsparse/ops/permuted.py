@@ -303,16 +303,21 @@ def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tens
     sched, final_loc = _cycle_schedule(perms)
     nchunks = min(max(1, torch.get_num_threads()), final.shape[0])
     grad_x = torch.empty(batch, n_in, dtype=weight.dtype)
-    partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
+    # chunk 0 sums into grad_w, chunk c > 0 into partial[c - 1]; the kernels zero both
+    grad_w = torch.empty_like(weight)
+    partial = torch.empty(nchunks - 1, *weight.shape, dtype=weight.dtype)
     depth, nb = weight.shape[:2]
     header = pack_header(
         _backward_body.layout, nchunks, _dtype_code(weight), batch=batch, n_in=n_in,
         depth=depth, nb=nb, n_out=grad_out.shape[1], tile=tile, final=final.data_ptr(),
         weight=weight.data_ptr(), sched=sched.ctypes.data, final_loc=final_loc.ctypes.data,
-        grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(), partial=partial.data_ptr(),
+        grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(), grad_weight=grad_w.data_ptr(),
+        partial=partial.data_ptr(),
     )
     launch(_backward_body.address, header, nchunks)
-    return grad_x, partial.sum(0)
+    for part in partial:
+        grad_w.add_(part)
+    return grad_x, grad_w
 
 
 def _no_double_backward(op: str) -> Callable:
