@@ -283,3 +283,24 @@ def test_conditioning_is_tested_once_per_weight_version(monkeypatch):
         layer(x).square().sum().backward()
         opt.step()
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_weight_gradient_summed_over_chunks_matches_the_reference(threads):
+    # chunk 0 sums into the returned gradient, later chunks into partials added to it: with
+    # several chunks (one tile each) every tile's share must arrive exactly once
+    weight, perms = near_orthogonal(4, 9, seed=3, noise=0.02)
+    x = torch.randn(5 * 13 + 2, 18, dtype=torch.float64)
+    gy = torch.randn(x.shape[0], 15, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, xr, wr = run(x, weight, perms, gy, 15)
+        kept = _saved(lambda: permuted_block_diagonal(
+            x, weight.clone().requires_grad_(), perms, out_features=15, backend="numba"))[1][3]
+    finally:
+        torch.set_num_threads(before)
+    assert kept.shape[0] >= threads  # as many tiles (and chunks) as threads
+    _, xf, wf = run(x, weight, perms, gy, 15, backend="reference")
+    torch.testing.assert_close(xr.grad, xf.grad, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(wr.grad, wf.grad, rtol=1e-9, atol=1e-10)
