@@ -16,6 +16,7 @@ from bornsparse._checks import (
 )
 from bornsparse._random import make_generator
 from bornsparse.ops.backends import check_backend
+from bornsparse.ops.memory import huge_page_copy
 from bornsparse.ops.penalty import orthogonality_penalty
 from bornsparse.ops.permuted import permuted_block_diagonal, permuted_tanh_network
 
@@ -92,10 +93,10 @@ class _PermutedBase(nn.Module):
         nblocks = width // self.block_size
         blocks = haar_orthogonal(self.depth * nblocks, self.block_size, gen, dtype)
         self.weight = nn.Parameter(
-            # QR returns column-major blocks; the kernels want a contiguous weight
-            blocks.reshape(self.depth, nblocks, self.block_size, self.block_size)
-            .contiguous()
-            .to(device)
+            # QR returns column-major blocks; the kernels want a contiguous weight, read at
+            # random blocks: in memory advised for huge pages (ops/memory.py)
+            huge_page_copy(
+                blocks.reshape(self.depth, nblocks, self.block_size, self.block_size).to(device))
         )
         # a buffer, so the state_dict carries the permutations and a loaded module is the
         # same function

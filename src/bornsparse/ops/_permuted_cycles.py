@@ -236,21 +236,20 @@ def _store_tile_gathered(buf, rows, s0, ts, out):
 
 
 @numba.njit(**_JIT)
-def forward_tiles(x, weight, sched, final_loc, out, z, tile, c, nchunks):
+def forward_tiles(x, weight, sched, final_loc, out, z, scratch, tile, c, nchunks):
     """Forward of tiles c, c + nchunks, ... of x (batch, n_in) into out (batch, n_out).
 
     Unless z is empty (no backward to come), each tile is walked in its own slab z[it] of
     z (ntiles, width, tile), which is left holding the tile's final activation in slot
-    order for backward (no copy)."""
+    order for backward (no copy); otherwise in ``scratch`` (width, tile), this chunk's own
+    (allocated by the caller, who can ask for huge pages)."""
     batch, n_in = x.shape
-    width = 2 * weight.shape[1]
     keep = z.shape[0] > 0
-    own = np.empty((0 if keep else width, tile), dtype=x.dtype)
     tmp = np.empty((2, tile), dtype=x.dtype)
     for it in range(c, (batch + tile - 1) // tile, nchunks):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        buf = z[it] if keep else own
+        buf = z[it] if keep else scratch
         buf[n_in:] = 0  # padding rows: the walk overwrites them in place
         load_tile_transposed(x, s0, ts, buf)
         for q in range(sched.shape[0]):
@@ -483,7 +482,7 @@ def _backward_pair(act, gbuf, w1, w2, st, tmp, gw1, gw2, ts):
 
 
 @numba.njit(**_JIT)
-def backward_tiles(z, weight, sched, final_loc, grad_out, grad_x, gw, tile, c, nchunks):
+def backward_tiles(z, weight, sched, final_loc, grad_out, grad_x, gw, rows, tile, c, nchunks):
     """Backward of tiles c, c + nchunks, ...: their rows of grad_x (batch, n_in), and gw
     (depth, width // 2, 2, 2) set to the weight gradient summed over those tiles. z is
     left unchanged (a retained graph can run backward twice): each slab is first copied into
@@ -494,10 +493,10 @@ def backward_tiles(z, weight, sched, final_loc, grad_out, grad_x, gw, tile, c, n
     batch, n_in = grad_x.shape
     width = 2 * weight.shape[1]
     n_out = grad_out.shape[1]
-    # slot i's activation row and gradient row side by side: the walk reads and writes
-    # both at every step, so at wide layers one random slot is one place in memory (one
-    # cache line at 8 float32 samples a tile) instead of two
-    rows = np.empty((width, 2, tile), dtype=z.dtype)
+    # rows (width, 2, tile), this chunk's (from the caller): slot i's activation row and
+    # gradient row side by side. The walk reads and writes both at every step, so at wide
+    # layers one random slot is one place in memory (one cache line at 8 float32 samples a
+    # tile) instead of two
     act = rows[:, 0]
     gbuf = rows[:, 1]
     tmp = np.empty((8, tile), dtype=z.dtype)
@@ -554,11 +553,12 @@ def worst_amplification(weight):
 # header slots (code 0 float32, 1 float64), filled by name in ops/permuted.py.
 
 ForwardSlot = header_layout(
-    "CycleForwardSlot", "batch n_in depth nb n_out tile x weight sched final_loc out final")
+    "CycleForwardSlot",
+    "batch n_in depth nb n_out tile x weight sched final_loc out final scratch")
 BackwardSlot = header_layout(
     "CycleBackwardSlot",
     "batch n_in depth nb n_out tile final weight sched final_loc grad_out grad_x grad_weight "
-    "partial")
+    "partial rows")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -577,8 +577,10 @@ def _forward_chunks(a, like):
             view(a[S.x], (batch, n_in), like), view(a[S.weight], (depth, nb, 2, 2), like),
             view(a[S.sched], (depth // 2, nb, STEP_FIELDS), _I32),
             view(a[S.final_loc], (width,), _I64), view(a[S.out], (batch, n_out), like),
-            view(a[S.final], (ntiles if a[S.final] else 0, width, tile), like), tile, c,
-            nchunks)
+            view(a[S.final], (ntiles if a[S.final] else 0, width, tile), like),
+            # this chunk's walk buffer where no final activation is kept (else unused)
+            view(a[S.scratch] + c * (width * tile * like.itemsize) * (a[S.final] == 0),
+                 (width, tile), like), tile, c, nchunks)
         finish_chunk(hp)
 
 
@@ -611,6 +613,7 @@ def _backward_chunks(a, like):
             view(a[S.final_loc], (width,), _I64), view(a[S.grad_out], (batch, n_out), like),
             view(a[S.grad_x], (batch, n_in), like),
             _weight_gradient_slot(a[S.grad_weight], a[S.partial], (depth, nb, 2, 2), like, c),
+            view(a[S.rows] + c * (width * 2 * tile * like.itemsize), (width, 2, tile), like),
             tile, c, nchunks)
         finish_chunk(hp)
 

@@ -41,6 +41,7 @@ from bornsparse.ops._permuted_operands import check_operands as _check_operands
 from bornsparse.ops._permuted_operands import check_permutations as _check_permutations
 from bornsparse.ops._validated import check_once, once_per_version
 from bornsparse.ops.backends import NUMBA_DTYPES, cache_bytes, num_threads, resolve_backend
+from bornsparse.ops.memory import advise_huge_pages
 
 # Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
 # thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
@@ -215,12 +216,17 @@ def _permuted_op(
         sched, final_loc = _cycle_schedule(perms)
         nchunks = max(1, min(torch.get_num_threads(), -(-batch // cycle_tile)))
         write_final = final.numel() and _inverse_is_safe(weight)
+        # the walk runs in place in the kept final activation, else in a buffer per chunk;
+        # either is touched at random rows all over: huge pages (advise_huge_pages)
+        scratch = torch.empty(0 if write_final else (nchunks, nb * k, cycle_tile),
+                              dtype=x.dtype)
+        advise_huge_pages(final if write_final else scratch)
         header = pack_header(
             cycle_forward_body.layout, nchunks, _dtype_code(x), batch=batch,
             n_in=x.shape[1], depth=depth, nb=nb, n_out=out_features, tile=cycle_tile,
             x=x.data_ptr(), weight=weight.data_ptr(), sched=sched.ctypes.data,
             final_loc=final_loc.ctypes.data, out=out.data_ptr(),
-            final=final.data_ptr() if write_final else 0,
+            final=final.data_ptr() if write_final else 0, scratch=scratch.data_ptr(),
         )
         launch(cycle_forward_body.address, header, nchunks)
         if final.numel():
@@ -307,12 +313,17 @@ def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tens
     grad_w = torch.empty_like(weight)
     partial = torch.empty(nchunks - 1, *weight.shape, dtype=weight.dtype)
     depth, nb = weight.shape[:2]
+    # each chunk's (width, 2, tile) walk buffer: activation and gradient rows of a slot
+    # side by side (_permuted_cycles.backward_tiles)
+    rows = torch.empty(nchunks, 2 * nb, 2, tile, dtype=weight.dtype)
+    for buffer in (rows, grad_w, partial):  # random rows and blocks: huge pages
+        advise_huge_pages(buffer)
     header = pack_header(
         _backward_body.layout, nchunks, _dtype_code(weight), batch=batch, n_in=n_in,
         depth=depth, nb=nb, n_out=grad_out.shape[1], tile=tile, final=final.data_ptr(),
         weight=weight.data_ptr(), sched=sched.ctypes.data, final_loc=final_loc.ctypes.data,
         grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(), grad_weight=grad_w.data_ptr(),
-        partial=partial.data_ptr(),
+        partial=partial.data_ptr(), rows=rows.data_ptr(),
     )
     launch(_backward_body.address, header, nchunks)
     for part in partial:
