@@ -578,9 +578,9 @@ def _forward_chunks(a, like):
             view(a[S.sched], (depth // 2, nb, STEP_FIELDS), _I32),
             view(a[S.final_loc], (width,), _I64), view(a[S.out], (batch, n_out), like),
             view(a[S.final], (ntiles if a[S.final] else 0, width, tile), like),
-            # this chunk's walk buffer where no final activation is kept (else unused)
-            view(a[S.scratch] + c * (width * tile * like.itemsize) * (a[S.final] == 0),
-                 (width, tile), like), tile, c, nchunks)
+            # this chunk's walk buffer where no final activation is kept (else never read)
+            view(a[S.scratch] + c * (width * tile * like.itemsize), (width, tile), like),
+            tile, c, nchunks)
         finish_chunk(hp)
 
 
