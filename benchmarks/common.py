@@ -19,10 +19,15 @@ import torch
 
 
 def set_threads(n: int) -> None:
-    """torch's thread count; every bornsparse kernel runs on torch's OpenMP team
-    (ops/_parallel.py), so numba's own thread count is never set (setting it would start a
-    second OpenMP runtime)."""
-    torch.set_num_threads(n)
+    """Exactly ``n`` compute threads whatever the environment exports (the sweeps' own
+    rule, :func:`~bornsparse.experiments.sweep.use_threads`): every bornsparse kernel runs
+    on torch's OpenMP team (ops/_parallel.py), so numba's own thread count is never set
+    (setting it would start a second OpenMP runtime)."""
+    from bornsparse.experiments.sweep import use_threads
+
+    use_threads(n)
+    if torch.get_num_threads() != n:
+        raise RuntimeError(f"asked for {n} threads, torch runs {torch.get_num_threads()}")
 
 
 def machine_tag() -> dict[str, object]:
@@ -43,6 +48,7 @@ def machine_tag() -> dict[str, object]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "thread_variables": {k: v for k, v in os.environ.items() if k.endswith("_THREADS")},
         "torch": torch.__version__,
         "numba": numba.__version__,
         "numpy": numpy.__version__,

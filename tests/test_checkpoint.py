@@ -117,7 +117,7 @@ def edit_doc(fn):
 # ----------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("target", ["dense", "meta", "other_support"])
+@pytest.mark.parametrize("target", ["dense", "meta", "other_support", "own_meta"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_round_trip_every_layer_class(case, target, tmp_path):
     make_sparse, make_dense, shape = CASES[case]
@@ -129,6 +129,9 @@ def test_round_trip_every_layer_class(case, target, tmp_path):
     elif target == "meta":
         with torch.device("meta"):
             fresh = wrap(make_dense())
+    elif target == "own_meta":  # the user's own model of bornsparse layers, built on meta
+        with torch.device("meta"):
+            fresh = wrap(make_sparse(2, 5))
     else:  # a model already sparse, on another support with another nnz
         fresh = wrap(make_sparse(2, 5))
     out = bornsparse.load(fresh, path)

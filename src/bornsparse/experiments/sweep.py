@@ -14,8 +14,9 @@ from this process (the driver) only, so the file has one writer and the torn-lin
   cluster at ``address`` (``ray start --head`` ...) or, with none, on a local one started here
   and stopped afterwards. Ray retries a task whose worker died ``max_retries`` times.
 
-Every run gets ``threads`` torch and numba threads whichever executor runs it, so records
-agree across executors. A run that raises, or whose worker keeps dying, is reported in
+Every run gets exactly ``threads`` compute threads whichever executor runs it and whatever
+thread variables the environment exports (:func:`use_threads`), so records agree across
+executors. A run that raises, or whose worker keeps dying, is reported in
 :attr:`SweepOutcome.failed` and not written, so a rerun retries it; nothing is dropped
 silently. Under torch.distributed (``torchrun``) every rank runs each run together (a data-
 parallel run); rank 0 decides what is left to do and writes the records.
@@ -88,8 +89,9 @@ def add_executor_arguments(parser: argparse.ArgumentParser, *, default_workers: 
                         f"most {default_workers})")
     parser.set_defaults(workers_cap=default_workers)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch and numba threads of every run, on any executor (default "
-                        "1: the runs, not the threads, share the cores)")
+                        help="compute threads of every run, on any executor, whatever "
+                        "OMP_NUM_THREADS or MKL_NUM_THREADS say (default 1: the runs, not "
+                        "the threads, share the cores)")
     parser.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
                         help="times a run is resubmitted after its worker process died "
                         f"(default {DEFAULT_MAX_RETRIES}); a run that raises is not retried")
@@ -147,17 +149,27 @@ def import_ray():
 # Threads
 
 
+# Every variable a thread runtime in the process reads at start-up. torch alone is not
+# enough to set: it sizes its OpenMP team from MKL's count when both are present (so an
+# exported MKL_NUM_THREADS=2 beat OMP_NUM_THREADS=1 and a worker ran two busy threads), and
+# child processes and libraries loaded later read the environment, not torch.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
 def use_threads(threads: int) -> None:
-    """Give this process ``threads`` torch and numba threads (worker start-up)."""
-    # read by torch (OpenMP) and numba when they first load in this process, so a fresh
-    # worker does not pay for importing them before its run needs them
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    if "numba" in sys.modules:
-        numba = sys.modules["numba"]
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    """Make this process run ``threads`` compute threads, whatever the environment says.
+
+    Sets every thread variable (:data:`THREAD_VARIABLES`) to ``threads`` for what loads
+    later, then torch's own count (which also sets MKL's and the OpenMP team every
+    bornsparse kernel runs on). numba's parallel runtime is never used (ops/_parallel.py),
+    so its thread count is only capped through NUMBA_NUM_THREADS, never started.
+    """
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _run_with_threads(run: RunFn, cfg: dict[str, Any], threads: int) -> Record:
@@ -271,18 +283,21 @@ def _rank_and_world() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def _threads_here(threads: int):
-    """``threads`` torch and numba threads in this process for a while (inline runs)."""
-    import numba
+    """``threads`` compute threads in this process for a while (inline runs), restored
+    after, with the thread variables as they were."""
     import torch
 
-    before = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    before = torch.get_num_threads(), {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    use_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before[0])
-        numba.set_num_threads(before[1])
+        for name, value in before[1].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run_inline(todo, run, threads, finished, failed) -> None:

@@ -108,7 +108,8 @@ def sample_support(
         generator.seed()
     # the draw itself runs in numpy (faster sorts), seeded from the torch generator so
     # torch.manual_seed / a layer's seed fix the support
-    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    rng = np.random.default_rng(
+        int(torch.randint(2**62, (1,), generator=generator, device="cpu")))
     if per_row:
         # nnz <= rows·cols, so ceil(nnz / rows) <= cols always fits
         counts = per_row_counts(rows, nnz)

@@ -81,6 +81,8 @@ def register_alpha(module: nn.Module, alpha: object, train_alpha: object) -> Non
         raise TypeError(f"alpha must be a real number, got {alpha!r}")
     if not isinstance(train_alpha, bool):
         raise TypeError(f"train_alpha must be a bool, got {train_alpha!r}")
+    # reset_parameters puts α back to this start
+    module._alpha_start = float(alpha)
     t = torch.tensor(float(alpha), dtype=module.values.dtype, device=module.values.device)
     if train_alpha:
         module.alpha = nn.Parameter(t)

@@ -14,9 +14,9 @@ from bornsparse._checks import (
     check_optional_positive_int,
     check_positive_int,
 )
-from bornsparse._random import make_generator
+from bornsparse._random import make_generator, resolve_seed
 from bornsparse.ops.backends import check_backend
-from bornsparse.ops.memory import huge_page_copy
+from bornsparse.ops.memory import advise_huge_pages
 from bornsparse.ops.penalty import orthogonality_penalty
 from bornsparse.ops.permuted import permuted_block_diagonal, permuted_tanh_network
 
@@ -39,11 +39,22 @@ def default_depth(width: int, block_size: int) -> int:
 
 def haar_orthogonal(n: int, k: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """n Haar-random k×k orthogonal matrices, shape (n, k, k) (QR with sign correction)."""
-    a = torch.randn(n, k, k, generator=generator, dtype=torch.float64)
+    a = torch.randn(n, k, k, generator=generator, dtype=torch.float64, device="cpu")
     q, r = torch.linalg.qr(a)
     # QR alone is not Haar: fix the signs so diag(r) > 0 (Mezzadri 2007)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     return q.to(dtype)
+
+
+def draw_factors(depth: int, width: int, block_size: int, generator: torch.Generator,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random permutations (depth, width) int64, then Haar-orthogonal blocks
+    (depth, width/k, k, k) in ``dtype``, both on the CPU, in that order from ``generator``."""
+    perms = torch.stack([torch.randperm(width, generator=generator, device="cpu")
+                         for _ in range(depth)])
+    nblocks = width // block_size
+    blocks = haar_orthogonal(depth * nblocks, block_size, generator, dtype)
+    return perms, blocks.reshape(depth, nblocks, block_size, block_size)
 
 
 class _PermutedBase(nn.Module):
@@ -88,19 +99,30 @@ class _PermutedBase(nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
 
-        gen = make_generator(seed)
-        perms = torch.stack([torch.randperm(width, generator=gen) for _ in range(self.depth)])
+        self.seed = resolve_seed(seed)
         nblocks = width // self.block_size
-        blocks = haar_orthogonal(self.depth * nblocks, self.block_size, gen, dtype)
-        self.weight = nn.Parameter(
-            # QR returns column-major blocks; the kernels want a contiguous weight, read at
-            # random blocks: in memory advised for huge pages (ops/memory.py)
-            huge_page_copy(
-                blocks.reshape(self.depth, nblocks, self.block_size, self.block_size).to(device))
-        )
+        shape = (self.depth, nblocks, self.block_size, self.block_size)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         # a buffer, so the state_dict carries the permutations and a loaded module is the
         # same function
-        self.register_buffer("perms", perms.to(device))
+        self.register_buffer("perms", torch.empty(
+            (self.depth, width), device=device, dtype=torch.int64))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the permutations and blocks anew from ``seed`` and zero the biases: bitwise
+        the layer its constructor built. For a layer built on the meta device, after
+        ``to_empty(device=...)``."""
+        perms, blocks = draw_factors(self.depth, self.width, self.block_size,
+                                     make_generator(self.seed), self.weight.dtype)
+        # the kernels read the weight at random blocks: memory advised for huge pages
+        # (ops/memory.py) before its first touch
+        advise_huge_pages(self.weight)
+        self.weight.copy_(blocks)
+        self.perms.copy_(perms)
+        for name in ("bias", "biases"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).zero_()
 
     @property
     def backend(self) -> str:
@@ -160,10 +182,12 @@ class PermutedBlockDiagonal(_PermutedBase):
         )
         if bias:
             self.bias = nn.Parameter(
-                torch.zeros(out_features, device=device, dtype=self.weight.dtype)
+                torch.empty(out_features, device=device, dtype=self.weight.dtype)
             )
         else:
             self.register_parameter("bias", None)
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -269,8 +293,10 @@ class PermutedTanhNetwork(_PermutedBase):
             seed=seed, backend=backend, device=device, dtype=dtype,
         )
         self.biases = nn.Parameter(
-            torch.zeros(self.depth, self.width, device=device, dtype=self.weight.dtype)
+            torch.empty(self.depth, self.width, device=device, dtype=self.weight.dtype)
         )
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

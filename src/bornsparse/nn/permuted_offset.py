@@ -21,8 +21,9 @@ from bornsparse._checks import (
     check_optional_positive_int,
     check_positive_int,
 )
+from bornsparse._random import make_generator
 from bornsparse.nn.dct_plus_sparse import register_alpha
-from bornsparse.nn.permuted import default_depth, haar_orthogonal
+from bornsparse.nn.permuted import default_depth, draw_factors
 from bornsparse.nn.sparse_linear import SparseWeightBase
 from bornsparse.ops.permuted import permuted_block_diagonal
 from bornsparse.ops.sparse_product import sparse_matmul
@@ -100,25 +101,36 @@ class PermutedOffsetSparseLinear(SparseWeightBase):
         depth = check_optional_positive_int("offset_depth", offset_depth)
         self.offset_width = width
         self.offset_depth = default_depth(width, OFFSET_BLOCK) if depth is None else depth
-        gen = self._init_support(
+        self._init_support(
             self.out_features, self.in_features, nnz=nnz, density=density, support=support,
-            indices=indices, seed=seed, backend=backend, device=device, dtype=dtype,
+            init=init, indices=indices, seed=seed, backend=backend, device=device,
+            dtype=dtype,
         )
-        self._init_values(init, gen)
         register_alpha(self, alpha, train_alpha)
         dtype = self.values.dtype
-        perms = torch.stack([torch.randperm(width, generator=gen)
-                             for _ in range(self.offset_depth)])
-        blocks = haar_orthogonal(self.offset_depth * (width // OFFSET_BLOCK), OFFSET_BLOCK,
-                                 gen, dtype)
-        self.register_buffer("offset_weight", blocks.reshape(
-            self.offset_depth, width // OFFSET_BLOCK, OFFSET_BLOCK, OFFSET_BLOCK
-        ).contiguous().to(device))
-        self.register_buffer("offset_perms", perms.to(device))
+        self.register_buffer("offset_weight", torch.empty(
+            (self.offset_depth, width // OFFSET_BLOCK, OFFSET_BLOCK, OFFSET_BLOCK),
+            device=device, dtype=dtype))
+        self.register_buffer("offset_perms", torch.empty(
+            (self.offset_depth, width), device=device, dtype=torch.int64))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        if self._materialised():
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw S's support and values, then G₀, anew from ``seed`` (zero bias, α at its
+        start): bitwise the layer its constructor built. For a layer built on the meta
+        device, after ``to_empty(device=...)``."""
+        gen = make_generator(self.seed)
+        self._reset_sparse(gen)
+        perms, blocks = draw_factors(self.offset_depth, self.offset_width, OFFSET_BLOCK, gen,
+                                     self.values.dtype)
+        self.offset_weight.copy_(blocks)
+        self.offset_perms.copy_(perms)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_float_tensor("input", x)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bornsparse._checks import check_choice, check_float_tensor, check_positive_int
+from bornsparse._random import make_generator
 from bornsparse.nn.dct_plus_sparse import register_alpha
 from bornsparse.nn.sparse_linear import SparseWeightBase, copy_given_values
 from bornsparse.ops.discrete_cosine import dct_matrix
@@ -132,7 +133,7 @@ class _SparseConvBase(SparseWeightBase):
 
     def _make_bias(self, bias: bool, device, dtype) -> None:
         if bias:
-            self.bias = nn.Parameter(torch.zeros(self.out_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
 
@@ -186,12 +187,14 @@ class SparseConv2d(_SparseConvBase):
             padding_mode,
         )
         check_choice("init", init, self._inits)
-        gen = self._init_support(
+        self._init_support(
             self.out_channels, self.patch_size, nnz=nnz, density=density, support=support,
-            indices=indices, seed=seed, backend=backend, device=device, dtype=dtype,
+            init=init, indices=indices, seed=seed, backend=backend, device=device,
+            dtype=dtype,
         )
-        self._init_values(init, gen)
         self._make_bias(bias, device, self.values.dtype)
+        if self._materialised():
+            self._reset_sparse(make_generator(self.seed))
 
     _inits = ("kaiming", "normal", "zeros")
 

@@ -20,7 +20,7 @@ from bornsparse._checks import (
     check_fraction,
     check_positive_int,
 )
-from bornsparse._random import make_generator
+from bornsparse._random import make_generator, resolve_seed
 from bornsparse.nn._support import sample_support
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.sparse_product import (
@@ -88,35 +88,68 @@ class SparseWeightBase(nn.Module):
         nnz: object,
         density: object,
         support: str,
+        init: str,
         indices: torch.Tensor | None,
         seed: object,
         backend: object = "auto",
         device: torch.device | str | None,
         dtype: torch.dtype | None,
-    ) -> torch.Generator:
+    ) -> None:
+        """Validate and allocate the support and values; nothing is drawn here (see
+        :meth:`reset_parameters`), so this works on the meta device."""
         self._rows, self._cols = rows, cols
         self.backend = backend
         self.support = check_choice("support", support, SUPPORTS)
+        self.init = init
+        self.seed = resolve_seed(seed)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a real floating torch.dtype, got {dtype!r}")
-        gen = make_generator(seed)
+        # a given support is put in by the first reset_parameters and kept by later ones
+        self._given_indices: torch.Tensor | None = None
+        self._support_given = indices is not None
         if indices is not None:
             if nnz is not None or density is not None:
                 raise ValueError("pass either indices or nnz/density, not both")
-            idx, _ = sort_support(indices.detach().cpu(), (rows, cols))
-            check_indices(idx, (rows, cols))
+            self._given_indices, _ = sort_support(indices.detach().cpu(), (rows, cols))
+            check_indices(self._given_indices, (rows, cols))
+            n = self._given_indices.shape[1]
         else:
             n = resolve_nnz(nnz, density, rows, cols)
-            idx = sample_support(rows, cols, n, gen, per_row=support == "per_row")
         # int32 where it fits: 12 bytes per float32 stored weight instead of 20
-        self.register_buffer("indices", idx.to(device=device, dtype=index_dtype(rows, cols)))
-        self.values = nn.Parameter(torch.empty(idx.shape[1], device=device, dtype=dtype))
+        self.register_buffer("indices", torch.empty(
+            (2, n), device=device, dtype=index_dtype(rows, cols)))
+        self.values = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
         self._plan_key: tuple | None = None
         for name in _PLAN_BUFFERS:
             self.register_buffer(name, None, persistent=False)
+
+    def _materialised(self) -> bool:
+        return self.values.device.type != "meta"
+
+    @torch.no_grad()
+    def _reset_sparse(self, gen: torch.Generator) -> None:
+        """The support (drawn from ``gen``, or the given one), then S's values from ``gen``,
+        then a zero bias and α at its start value; the plan is rebuilt."""
+        if not self._support_given:
+            self.indices.copy_(sample_support(self._rows, self._cols, self.nnz, gen,
+                                              per_row=self.support == "per_row"))
+        elif self._given_indices is not None:
+            self.indices.copy_(self._given_indices)
+            self._given_indices = None
+        self._init_values(self.init, gen)
+        if getattr(self, "bias", None) is not None:
+            self.bias.zero_()
+        alpha = getattr(self, "alpha", None)
+        if isinstance(alpha, torch.Tensor):
+            alpha.fill_(self._alpha_start)
         self.refresh_plan()
-        return gen
+
+    def reset_parameters(self) -> None:
+        """Draw the layer's start anew from its ``seed``: bitwise the layer its constructor
+        built (support, values, bias, α). For a layer built on the meta device, after
+        ``to_empty(device=...)``. A layer built on given ``indices`` keeps its support."""
+        self._reset_sparse(make_generator(self.seed))
 
     # ---- support ---------------------------------------------------------------------
 
@@ -219,7 +252,7 @@ class SparseWeightBase(nn.Module):
             # fan-in of the sparse weight: the mean number of entries per output row
             fan = max(1.0, self.nnz / self._rows)
             std = math.sqrt((2.0 if init == "kaiming" else 1.0) / fan)
-            v = torch.randn(self.nnz, generator=gen, dtype=torch.float64) * std
+            v = torch.randn(self.nnz, generator=gen, dtype=torch.float64, device="cpu") * std
             self.values.copy_(v.to(self.values.dtype))
 
     def _check_dtype(self, x: torch.Tensor) -> None:
@@ -264,17 +297,19 @@ class SparseLinear(SparseWeightBase):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         check_choice("init", init, ("kaiming", "normal", "zeros"))
-        gen = self._init_support(
+        self._init_support(
             self.out_features, self.in_features, nnz=nnz, density=density, support=support,
-            indices=indices, seed=seed, backend=backend, device=device, dtype=dtype,
+            init=init, indices=indices, seed=seed, backend=backend, device=device,
+            dtype=dtype,
         )
-        self._init_values(init, gen)
         if bias:
             self.bias = nn.Parameter(
-                torch.zeros(out_features, device=device, dtype=self.values.dtype)
+                torch.empty(out_features, device=device, dtype=self.values.dtype)
             )
         else:
             self.register_parameter("bias", None)
+        if self._materialised():
+            self._reset_sparse(make_generator(self.seed))
 
     @classmethod
     def from_indices(
@@ -322,6 +357,9 @@ def copy_given_values(
     """Put ``values`` (ordered like the caller's ``indices``) into the sorted layer."""
     if values is None:
         return
+    if layer.values.device.type == "meta":
+        raise ValueError("values cannot be put into a layer on the meta device; build it "
+                         "on a real device, or load the values after to_empty()")
     if not isinstance(values, torch.Tensor) or values.shape != (layer.nnz,):
         got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
         raise ValueError(f"values must have shape ({layer.nnz},), got {got}")

@@ -17,17 +17,22 @@ import torch
 from torch import nn
 
 from bornsparse._checks import check_float_tensor, check_positive_int
-from bornsparse._random import make_generator
+from bornsparse._random import make_generator, resolve_seed
 
 
-def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator,
-             dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Parameter:
-    # drawn in float64 on the CPU so a seed gives the same start on every device and dtype
-    t = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+def _empty(shape: tuple[int, ...], dtype: torch.dtype | None,
+           device: torch.device | str | None) -> nn.Parameter:
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a real floating torch.dtype, got {dtype!r}")
-    return nn.Parameter(t.to(device=device, dtype=dtype))
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+
+@torch.no_grad()
+def _fill_uniform(t: torch.Tensor, bound: float, gen: torch.Generator) -> None:
+    # drawn in float64 on the CPU so a seed gives the same start on every device and dtype
+    t.copy_((torch.rand(t.shape, generator=gen, dtype=torch.float64, device="cpu") * 2 - 1)
+            * bound)
 
 
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, batch: int, k: int, n: int) -> torch.Tensor:
@@ -103,14 +108,31 @@ class _StructuredLinear(nn.Module):
     in_features: int
     out_features: int
 
-    def _init_bias(self, bias: object, gen: torch.Generator, dtype, device) -> None:
+    def _init_bias(self, bias: object, dtype, device) -> None:
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {bias!r}")
         if bias:
-            self.bias = _uniform((self.out_features,), 1 / math.sqrt(self.in_features), gen,
-                                 dtype, device)
+            self.bias = _empty((self.out_features,), dtype, device)
         else:
             self.register_parameter("bias", None)
+
+    def _factors(self) -> tuple[tuple[torch.Tensor, float], ...]:
+        """Each factor with its init bound, in drawing order."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Draw the factors and the bias anew from ``seed``: bitwise the layer its
+        constructor built. For a layer built on the meta device, after
+        ``to_empty(device=...)``."""
+        gen = make_generator(self.seed)
+        for t, bound in self._factors():
+            _fill_uniform(t, bound, gen)
+        if self.bias is not None:
+            _fill_uniform(self.bias, 1 / math.sqrt(self.in_features), gen)
+
+    def _reset_unless_meta(self) -> None:
+        if self._factors()[0][0].device.type != "meta":
+            self.reset_parameters()
 
     def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         check_float_tensor("input", x)
@@ -154,12 +176,14 @@ class LowRankLinear(_StructuredLinear):
                 f"rank must be at most min(in_features, out_features) = "
                 f"{min(self.in_features, self.out_features)}, got {rank}"
             )
-        gen = make_generator(seed)
-        self.v = _uniform((self.in_features, self.rank), 1 / math.sqrt(self.in_features),
-                          gen, dtype, device)
-        self.u = _uniform((self.out_features, self.rank), math.sqrt(3 / self.rank), gen,
-                          dtype, device)
-        self._init_bias(bias, gen, dtype, device)
+        self.seed = resolve_seed(seed)
+        self.v = _empty((self.in_features, self.rank), dtype, device)
+        self.u = _empty((self.out_features, self.rank), dtype, device)
+        self._init_bias(bias, dtype, device)
+        self._reset_unless_meta()
+
+    def _factors(self) -> tuple[tuple[torch.Tensor, float], ...]:
+        return ((self.v, 1 / math.sqrt(self.in_features)), (self.u, math.sqrt(3 / self.rank)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, self.u.dtype)
@@ -217,10 +241,16 @@ class MonarchLinear(_StructuredLinear):
         k = self.nblocks
         p, q = self.in_features // k, min(self.in_features, self.out_features) // k
         s = self.out_features // k
-        gen = make_generator(seed)
-        self.right = _uniform((k, q, p), 1 / math.sqrt(p), gen, dtype, device)
-        self.left = _uniform((k, s, q), math.sqrt(3 / q), gen, dtype, device)
-        self._init_bias(bias, gen, dtype, device)
+        self.seed = resolve_seed(seed)
+        self.right = _empty((k, q, p), dtype, device)
+        self.left = _empty((k, s, q), dtype, device)
+        self._init_bias(bias, dtype, device)
+        self._reset_unless_meta()
+
+    def _factors(self) -> tuple[tuple[torch.Tensor, float], ...]:
+        k = self.nblocks
+        p, q = self.in_features // k, min(self.in_features, self.out_features) // k
+        return ((self.right, 1 / math.sqrt(p)), (self.left, math.sqrt(3 / q)))
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """M x for the rows of x2 (batch, in) -> (batch, out), without the bias."""
