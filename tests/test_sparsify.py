@@ -159,9 +159,9 @@ def test_bad_input():
         sparsify(Net(), density=0.1, distribution="er")
     with pytest.raises(ValueError, match=r"density must lie in \(0, 1\], got 0"):
         sparsify(Net(), density=0.0)
-    with pytest.raises(ValueError, match="found no nn.Linear or nn.Conv2d"):
+    with pytest.raises(ValueError, match="found no nn.Linear, transformers Conv1D or nn.Conv2d"):
         sparsify(nn.Sequential(nn.ReLU()), density=0.1)
-    with pytest.raises(ValueError, match="found no nn.Linear or nn.Conv2d"):
+    with pytest.raises(ValueError, match="found no nn.Linear, transformers Conv1D or nn.Conv2d"):
         sparsify(Net(), density=0.1, include="nothing.*")
     with pytest.raises(ValueError, match="below one per layer"):
         sparsify(Net(), density=1e-5)

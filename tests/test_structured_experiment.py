@@ -73,6 +73,8 @@ def test_budget_choices_are_the_closest_the_structure_allows():
     assert block_size_choice("lowrank", n, budget) == {"rank": 8}
     assert block_size_choice("monarch", n, budget) == {"nblocks": 64}  # 8×8 blocks
     assert block_size_choice("permuted", n, budget) == {"depth": 8}
+    assert block_size_choice("permuted", n, budget, block_size=8) == {"depth": 2,
+                                                                       "block_size": 8}
     d = block_size_choice("permuted_tanh", n, budget)["depth"]
     for other in (d - 1, d + 1):  # neighbours are further off in ratio
         assert abs(math.log(3 * n * other / target)) > abs(math.log(3 * n * d / target))
@@ -86,7 +88,7 @@ def test_budget_choices_are_the_closest_the_structure_allows():
     (("lowrank", 16, None), "needs a budget"),
     (("lowrank", 16, 1.5), "budget must be a fraction"),
     (("circulant", 16, 0.1), "method must be one of"),
-    (("permuted", 15, 0.1), "width must be even"),
+    (("permuted", 15, 0.1), "block_size must be at least 2 and divide width = 15"),
 ])
 def test_block_size_choice_rejects_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
@@ -119,7 +121,10 @@ def test_records_have_the_fields_and_budgets_are_matched(tiny_run):
     out, _, rc = tiny_run
     assert rc == 0
     recs = read_jsonl(out / "results.jsonl")
-    assert sorted(r["method"] for r in recs) == sorted(METHODS)
+    # width 16 at 1/4: G(θ) at k = 2, 4, 8 (k = 8: 128 + 16 against 80, +80%, not run)
+    assert sorted(r["method"] for r in recs) == sorted([*METHODS, "permuted"])
+    assert sorted(r["block_size"] for r in recs if r["method"] == "permuted") == [2, 4]
+    assert {r["train_samples"] for r in recs} == {1437}
     for r in recs:
         for field in RECORD_FIELDS:
             assert field in r, (r["method"], field)
@@ -139,7 +144,7 @@ def test_records_have_the_fields_and_budgets_are_matched(tiny_run):
             assert r["hidden_params"] == round(r["budget_params"] * (1 + r["budget_error"]))
         assert (r["final_penalty"] is not None) == (r["method"] in ("permuted",
                                                                     "permuted_tanh"))
-    by = {r["method"]: r for r in recs}
+    by = {r["method"]: r for r in recs if r["block_size"] in (None, 2)}
     # the input layer (64·16 + 16) and classifier (16·10 + 10) are dense for everyone
     assert by["lowrank"]["trainable_params"] == 1040 + 80 + 170
     assert by["dense"]["peak_memory_bytes"] > by["lowrank"]["peak_memory_bytes"]
@@ -149,10 +154,17 @@ def test_table_and_figures_are_written(tiny_run, capsys):
     out, _, _ = tiny_run
     table = (out / "table.md").read_text()
     assert "### digits: test accuracy (%)" in table and "| 1/4 |" in table
-    for m in METHODS.values():
-        assert f"| {m.label} |" in table
+    for name, m in METHODS.items():
+        assert f"| {'G(θ) k=2' if name == 'permuted' else m.label} |" in table
     assert "| low rank | 1/4 | r=2 | 80 | +0.0% |" in table
+    assert "| G(θ) k=4 | 1/4 | N=1, block_size=4 | 80 | +0.0% |" in table
+    assert "Not run: G(θ) k=8 at 1/4" in table
+    # the headline: every layer's gap to dense and its time against dense's
+    head = table.split("### digits: which layer, per budget")[1].split("###")[0]
+    assert "1,437 training samples" in head and "| dense | dense | — |" in head
+    assert head.count("| 1/4 |") == len(METHODS) - 1 + 1  # + G(θ) k=4
     assert (out / "accuracy_digits.png").stat().st_size > 10_000
+    assert (out / "pareto_digits.png").stat().st_size > 10_000
 
 
 def test_rerun_does_no_new_runs_and_a_partial_file_is_completed(tiny_run):
@@ -231,7 +243,24 @@ def test_quick_config_is_what_the_demo_runs(tmp_path, monkeypatch):
     assert configs == structured.build_configs(_parse(["--quick"]))[0]
     # one seed of every method at every budget on MNIST-1D, a few epochs
     assert info["datasets"] == ["mnist1d"] and info["seeds"] == 1
-    assert len(configs) == 1 + (len(METHODS) - 1) * len(structured.BUDGETS)
+    # G(θ) at k = 2, 4 at 1/128, 2, 4, 8 at 1/32 and 2, 4, 8, 32 at 1/8 of 512²
+    assert len(configs) == 1 + (len(METHODS) - 2) * len(structured.BUDGETS) + 2 + 3 + 4
+    assert {c["samples"] for c in configs} == {structured.QUICK_SAMPLES}
+    assert [b for _, k, b in info["too_big"] if k == 32] == [1 / 128, 1 / 32]
     assert {c["train"]["epochs"] for c in configs} == {structured.QUICK["epochs"]}
     full, _ = structured.build_configs(_parse([]))
     assert len(full) == 3 * 2 * len(configs)  # three seeds, both data sets
+    assert {c["samples"] for c in full} == {structured.SAMPLES, None}  # None: digits
+    bigger, _ = structured.build_configs(_parse(["--quick", "--samples", "20000"]))
+    assert {c["samples"] for c in bigger} == {20000}
+
+
+def test_samples_and_block_sizes_are_checked():
+    with pytest.raises(ValueError, match="--samples must be at least 100"):
+        structured.build_configs(_parse(["--samples", "50"]))
+    with pytest.raises(ValueError, match="--block-sizes: every block size must be at least 2 "
+                                         "and divide --width 512, got 3"):
+        structured.build_configs(_parse(["--block-sizes", "2", "3"]))
+    configs, _ = structured.build_configs(_parse(["--quick", "--block-sizes", "16",
+                                                  "--methods", "permuted"]))
+    assert {c["block_size"] for c in configs if c["method"] == "permuted"} == {16}

@@ -325,8 +325,8 @@ def test_sparsify_permuted_is_seeded_and_leaves_convolutions():
     assert [r.name for r in ra.layers] == ["6"] and isinstance(a[6], PermutedBlockDiagonal)
     assert "left dense (kind 'permuted' has no layer for them): 0, 3" in str(ra)
     assert a(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    with pytest.raises(ValueError, match="nn.Linear layers only, and the selected layers are "
-                                         r"all convolutions: \['0'\]"):
+    with pytest.raises(ValueError, match=r"nn.Linear \(and Conv1D\) layers only, and the "
+                                         r"selected layers are all convolutions: \['0'\]"):
         sparsify(convnet(), kind="permuted_offset", density=0.5, include="0")
 
 
@@ -406,7 +406,7 @@ def test_sparsify_structured_option_errors():
     with pytest.raises(ValueError, match="offset_depth must be a positive integer"):
         sparsify(mlp(), kind="permuted_offset", density=0.1, offset_depth=0)
     with torch.device("meta"):
-        meta = nn.Sequential(nn.Linear(8, 4))
+        meta = nn.Sequential(nn.Linear(16, 16))
     with pytest.raises(ValueError, match="fit needs the dense weights, but the layer's weight "
                                          "is on the meta device"):
         sparsify(meta, kind="permuted", density=0.5, fit=True)
@@ -430,3 +430,19 @@ def test_support_methods_reject_the_structured_kinds(kind):
             cls(model, opt, density=0.1, total_steps=100, kind=kind)
     # nothing was swapped before the refusal
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_sparsify_permuted_never_puts_a_layer_far_over_its_budget():
+    """A 256 → 10 classifier's smallest G(θ) (depth 1, width 512) holds 1,024 weights: at a
+    budget of 256 it is left as it is and listed with the reason."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    report = sparsify(model, kind="permuted", density=1 / 8, distribution="uniform", seed=0)
+    assert [r.name for r in report.layers] == ["0"]
+    assert isinstance(model[0], PermutedBlockDiagonal) and type(model[2]) is nn.Linear
+    assert list(report.over_budget) == ["2"]
+    assert "1,024 weights, 3.2× its budget of 320" in report.over_budget["2"]
+    assert "left dense (2): its smallest G(θ)" in str(report)
+    for r in report.layers:  # what was swapped stays near its budget
+        assert r.nnz <= 1.5 * round(r.numel / 8)
+    with pytest.raises(ValueError, match="every selected layer's smallest G"):
+        sparsify(nn.Sequential(nn.Linear(64, 4)), kind="permuted", density=0.05)

@@ -42,6 +42,10 @@ PENALTY_SCHEDULE = ((7 / 12, 3.0), (1.0, 0.3))
 # f+b times are the median over the steps after these (numba JIT, allocator warm-up)
 TIMING_WARMUP = 10
 QUICK = {"datasets": ("mnist1d",), "seeds": 1, "epochs": 6}
+# MNIST-1D samples generated (train 80%, test 20%): the full run's 40,000 make dense the
+# ceiling (at the package's 5,000 it overfits and ranks last); --quick keeps 5,000
+SAMPLES = 40_000
+QUICK_SAMPLES = 5_000
 
 
 # ---------------------------------------------------------------------------------------
@@ -49,10 +53,14 @@ QUICK = {"datasets": ("mnist1d",), "seeds": 1, "epochs": 6}
 
 
 def make_config(*, dataset: str, method: str, budget: float | None, seed: int, width: int,
-                blocks: int, train: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-serialisable configuration of one run; its hash is the resume key."""
+                blocks: int, train: dict[str, Any], samples: int | None = None,
+                block_size: int | None = None) -> dict[str, Any]:
+    """The JSON-serialisable configuration of one run; its hash is the resume key.
+    ``samples``: MNIST-1D samples generated (None for digits); ``block_size``: G(θ)'s k
+    (None for the other methods)."""
     return {"experiment": "structured", "dataset": dataset, "method": method,
-            "budget": budget, "seed": seed, "width": width, "blocks": blocks, "train": train}
+            "budget": budget, "seed": seed, "width": width, "blocks": blocks, "train": train,
+            "samples": samples, "block_size": block_size}
 
 
 def default_train(dataset: str, *, quick: bool = False) -> dict[str, Any]:
@@ -64,7 +72,7 @@ def default_train(dataset: str, *, quick: bool = False) -> dict[str, Any]:
 
 def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Validate every flag before anything trains; ValueError naming the flag on bad input."""
-    from bornsparse.experiments.structured_methods import METHODS
+    from bornsparse.experiments.structured_methods import BLOCK_SIZES, METHODS, fits_budget
 
     quick = bool(args.quick)
     datasets = list(args.datasets) if args.datasets else list(
@@ -98,21 +106,42 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
         raise ValueError(f"--width must be an even integer >= 4 (2×2 blocks), got {width}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    samples = args.samples if args.samples is not None else (
+        QUICK_SAMPLES if quick else SAMPLES)
+    if samples < 100:
+        raise ValueError(f"--samples must be at least 100 (MNIST-1D draws samples // 10 per "
+                         f"class, 80% for training), got {samples}")
+    # the defaults that divide the width (a narrow test width keeps the small ones)
+    block_sizes = list(args.block_sizes) if args.block_sizes else [
+        k for k in BLOCK_SIZES if width % k == 0]
+    for k in block_sizes:
+        if k < 2 or width % k:
+            raise ValueError(f"--block-sizes: every block size must be at least 2 and "
+                             f"divide --width {width}, got {k}")
+    if len(set(block_sizes)) != len(block_sizes):
+        raise ValueError(f"--block-sizes: repeated values in {block_sizes}")
 
-    configs = []
+    configs, too_big = [], []
     for seed in range(seeds):
         for dataset in datasets:
             train = default_train(dataset, quick=quick)
             train.update(batch_size=args.batch_size, lr=args.lr)
             if args.epochs is not None:
                 train["epochs"] = args.epochs
+            n = samples if dataset == "mnist1d" else None
             for method in methods:
                 for b in (budgets if METHODS[method].budgeted else [None]):
-                    configs.append(make_config(dataset=dataset, method=method, budget=b,
-                                               seed=seed, width=width, blocks=args.blocks,
-                                               train=train))
+                    for k in (block_sizes if method == "permuted" else [None]):
+                        if not fits_budget(method, width, b, block_size=k or 2):
+                            if seed == 0 and dataset == datasets[0]:
+                                too_big.append((method, k, b))
+                            continue
+                        configs.append(make_config(
+                            dataset=dataset, method=method, budget=b, seed=seed, width=width,
+                            blocks=args.blocks, train=train, samples=n, block_size=k))
     info = {"datasets": datasets, "methods": methods, "budgets": budgets, "seeds": seeds,
-            "width": width, "blocks": args.blocks,
+            "width": width, "blocks": args.blocks, "samples": samples,
+            "block_sizes": block_sizes, "too_big": too_big,
             "train": {c["dataset"]: c["train"] for c in configs}}
     return configs, info
 
@@ -150,10 +179,16 @@ def _saved_activation_bytes(model, x, y, loss_of) -> tuple[Any, int]:
     return loss, sum(saved.values())
 
 
+def dataset_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """load_dataset's options for a run: MNIST-1D's sample count."""
+    return {"num_samples": cfg["samples"]} if cfg.get("samples") else {}
+
+
 def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration and return its results record.
 
-    Record: the config's ``method``, ``dataset``, ``budget``, ``seed``; ``accuracy`` (test,
+    Record: the config's ``method``, ``dataset``, ``budget``, ``seed``, ``block_size``
+    (G(θ)'s k, else None); ``train_samples`` (training-set size); ``accuracy`` (test,
     in [0, 1]); ``hidden_params`` (trainable parameters of one hidden block, the budgeted
     count), ``budget_params`` (its target), ``budget_error`` (relative), ``size`` (what the
     method took: rank, nblocks, depth, nnz, offset_depth), ``trainable_params`` (whole
@@ -179,13 +214,14 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
     t_start = time.perf_counter()
-    splits = load_dataset(cfg["dataset"])
+    splits = load_dataset(cfg["dataset"], **dataset_options(cfg))
     memory = MemoryTracker()  # after the data: its tensors are not the method's memory
     tr = cfg["train"]
     width, budget = cfg["width"], cfg["budget"]
     model, size = build_mlp(cfg["method"], input_shape=splits.input_shape,
                             num_classes=splits.num_classes, width=width,
-                            blocks=cfg["blocks"], budget=budget, seed=cfg["seed"])
+                            blocks=cfg["blocks"], budget=budget, seed=cfg["seed"],
+                            block_size=cfg.get("block_size") or 2)
     memory.sample("init")
     block = model.blocks[0]
     hidden = trainable_params(block)
@@ -261,7 +297,8 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
     peaks["activations"] = activations
     return {
         "key": run_key(cfg), "config": cfg, "method": cfg["method"], "dataset": cfg["dataset"],
-        "budget": budget, "seed": cfg["seed"], "accuracy": accuracy, "finite": finite,
+        "budget": budget, "seed": cfg["seed"], "block_size": cfg.get("block_size"),
+        "train_samples": int(n), "accuracy": accuracy, "finite": finite,
         "hidden_params": hidden, "budget_params": target,
         "budget_error": hidden / target - 1.0, "size": size,
         "trainable_params": trainable_params(model),
@@ -293,7 +330,8 @@ def _cost_order(cfg: dict[str, Any]) -> tuple:
 def _describe(rec: dict[str, Any]) -> str:
     acc = "diverged" if rec["accuracy"] is None else f"{100 * rec['accuracy']:.1f}%"
     b = "" if rec["budget"] is None else f" {rec['budget']:.4g}"
-    return f"{rec['dataset']} {rec['method']}{b} s={rec['seed']} {acc}"
+    k = "" if not rec.get("block_size") else f" k={rec['block_size']}"
+    return f"{rec['dataset']} {rec['method']}{k}{b} s={rec['seed']} {acc}"
 
 
 def run_sweep(configs: Iterable[dict[str, Any]], results_path: str | os.PathLike, *,
@@ -323,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"the small version that bornsparse demo runs: "
                         f"{', '.join(QUICK['datasets'])} only, one seed, {QUICK['epochs']} "
-                        "epochs (explicit flags still override)")
+                        f"epochs, {QUICK_SAMPLES:,} samples (explicit flags still override)")
     parser.add_argument("--datasets", nargs="+", default=None, metavar="DATASET",
                         help=f"among {', '.join(DATASETS)} (default both)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
@@ -332,6 +370,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=None, metavar="F",
                         help="trainable parameters per hidden layer as a fraction of its "
                         "dense weights, plus its bias (default 1/128 1/32 1/8)")
+    parser.add_argument("--samples", type=int, default=None, metavar="N",
+                        help=f"MNIST-1D samples generated, 80%% for training (default "
+                        f"{SAMPLES:,}; quick {QUICK_SAMPLES:,}: the package's size, where "
+                        "dense overfits)")
+    parser.add_argument("--block-sizes", nargs="+", type=int, default=None, metavar="K",
+                        help="G(θ)'s block sizes, each dividing --width (default "
+                        "those of 2 4 8 32 that divide it); a block size whose one factor "
+                        "is more than 50%% over a budget is not run there")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="seeds 0..N-1 (default 3; quick 1)")
     parser.add_argument("--epochs", type=int, default=None,
@@ -372,7 +418,8 @@ def main(args: argparse.Namespace) -> int:
         from bornsparse.data import load_dataset
 
         for d in info["datasets"]:  # generates and caches MNIST-1D before workers start
-            load_dataset(d)
+            load_dataset(d, **dataset_options(
+                {"samples": info["samples"] if d == "mnist1d" else None}))
     except (ValueError, TypeError, ImportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -385,18 +432,26 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(configs)} runs on {', '.join(info['datasets'])}: width {info['width']}, "
           f"{info['blocks']} hidden blocks, budgets "
           f"{', '.join(budget_text(b) for b in info['budgets'])}, {info['seeds']} seed(s), "
-          f"{how}; results in {out / 'results.jsonl'}", file=sys.stderr)
+          f"MNIST-1D at {info['samples']:,} samples, {how}; results in "
+          f"{out / 'results.jsonl'}", file=sys.stderr)
+    for method, k, b in info["too_big"]:
+        print(f"not run: {method}{'' if k is None else f' k={k}'} at budget {budget_text(b)} "
+              "(its smallest size is more than 50% over the budget)", file=sys.stderr)
     outcome = run_sweep(configs, out / "results.jsonl", progress=not args.no_progress,
                         **options)
     wall = time.perf_counter() - t0
     print(outcome.summary(), file=sys.stderr)
 
-    from bornsparse.experiments.structured_report import markdown_report, plot_figures
+    from bornsparse.experiments.structured_report import (
+        markdown_report,
+        plot_figures,
+        plot_pareto,
+    )
 
     text = markdown_report(outcome.records, info)
     (out / "table.md").write_text(text)
     if not args.no_plots:
-        for path in plot_figures(outcome.records, out):
+        for path in [*plot_figures(outcome.records, out), *plot_pareto(outcome.records, out)]:
             print(f"wrote {path}", file=sys.stderr)
     print(text)
     print(f"sweep wall time {wall:.1f} s", file=sys.stderr)

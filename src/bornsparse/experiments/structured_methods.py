@@ -10,8 +10,10 @@ How each method meets the budget B = round(f·n²) + n (n = 512 by default):
 
 * ``lowrank``: 2·n·r + n with rank r;
 * ``monarch``: 2·n²/k + n with k blocks per factor, k a divisor of n;
-* ``permuted``: G(θ) of the permuted block-diagonal paper (eq. 1), width n, 2×2 blocks,
-  with a bias: 2·n·N + n with depth N;
+* ``permuted``: G(θ) of the permuted block-diagonal paper (eq. 1), width n, k×k blocks
+  (``block_size`` k, default 2), with a bias: k·n·N + n with depth N; a block size whose
+  one factor already exceeds the budget by more than :data:`FIT_TOLERANCE` does not
+  take part at that budget (:func:`fits_budget`);
 * ``permuted_tanh``: h_θ of the same paper (eq. 3-5), width n: 3·n·N (2·n block entries and
   n biases per factor; its last bias is the block's bias);
 * ``sparse``: a random support of nnz = f·n² weights, plus the bias;
@@ -39,6 +41,12 @@ from bornsparse._checks import check_positive_int
 BUDGET_TOLERANCE = 0.25
 #: the offset depth of ``permuted_offset_small``: each output mixes 2² = 4 inputs
 SMALL_OFFSET_DEPTH = 2
+#: G(θ)'s block sizes compared by default: 2 (the paper's), 4, 8, and 32 (Monarch's block
+#: size at n = 1024, so k = 32 is Monarch's structure with random permutations)
+BLOCK_SIZES = (2, 4, 8, 32)
+#: a size choice more than this far over its budget is not run at that budget (one factor
+#: of G(θ) at k = 32 is 1/16 of a 512-wide layer's weights: 8× the 1/128 budget)
+FIT_TOLERANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,11 @@ def offset_depth(method: str, width: int) -> int:
     return SMALL_OFFSET_DEPTH if method == "permuted_offset_small" else default_depth(width, 2)
 
 
-def block_size_choice(method: str, width: int, budget: float | None) -> dict[str, int]:
+def block_size_choice(method: str, width: int, budget: float | None, *,
+                      block_size: int = 2) -> dict[str, int]:
     """What ``method`` takes to meet the budget at ``width``: {"rank"}, {"nblocks"},
-    {"depth"}, {"nnz"} or {"nnz", "offset_depth"} ({} for dense)."""
+    {"depth"} ({"depth", "block_size"} for G(θ)), {"nnz"} or {"nnz", "offset_depth"} ({}
+    for dense). ``block_size``: G(θ)'s k (other methods take only the default)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     n = check_positive_int("width", width)
@@ -107,11 +117,16 @@ def block_size_choice(method: str, width: int, budget: float | None) -> dict[str
         return {"rank": closest_size(range(1, n + 1), lambda r: 2 * n * r + n, target)}
     if method == "monarch":
         return {"nblocks": closest_size(_divisors(n), lambda k: 2 * n * n // k + n, target)}
+    if block_size != 2 and method != "permuted":
+        raise ValueError(f"block_size is G(θ)'s (method 'permuted'), got block_size="
+                         f"{block_size} for method {method!r}")
     if method == "permuted":
-        if n % 2:
-            raise ValueError(f"width must be even for 2×2 blocks, got {n}")
-        # depth above n/2 has more parameters than a dense layer: not a budget of interest
-        return {"depth": closest_size(range(1, n // 2 + 1), lambda d: 2 * n * d + n, target)}
+        k = check_positive_int("block_size", block_size)
+        if k < 2 or n % k:
+            raise ValueError(f"block_size must be at least 2 and divide width = {n}, got {k}")
+        # depth above n/k has more parameters than a dense layer: not a budget of interest
+        depth = closest_size(range(1, n // k + 1), lambda d: k * n * d + n, target)
+        return {"depth": depth, "block_size": k} if k != 2 else {"depth": depth}
     if method == "permuted_tanh":
         if n % 2:
             raise ValueError(f"width must be even for 2×2 blocks, got {n}")
@@ -124,16 +139,44 @@ def block_size_choice(method: str, width: int, budget: float | None) -> dict[str
     return {"nnz": nnz, "offset_depth": offset_depth(method, n)}
 
 
-def build_block(method: str, width: int, budget: float | None, *,
-                seed: int) -> tuple[nn.Module, dict[str, int]]:
+def block_params(method: str, width: int, size: dict[str, int]) -> int:
+    """Trainable parameters of one block of ``method`` with the ``size`` it chose (what
+    :func:`build_block` builds, without building it)."""
+    n = width
+    if method == "dense":
+        return n * n + n
+    if method == "lowrank":
+        return 2 * n * size["rank"] + n
+    if method == "monarch":
+        return 2 * n * n // size["nblocks"] + n
+    if method == "permuted":
+        return size.get("block_size", 2) * n * size["depth"] + n
+    if method == "permuted_tanh":
+        return 3 * n * size["depth"]
+    return size["nnz"] + n + (method != "sparse")  # α is trainable
+
+
+def fits_budget(method: str, width: int, budget: float | None, *,
+                block_size: int = 2) -> bool:
+    """Whether ``method``'s closest size is within :data:`FIT_TOLERANCE` of the budget
+    (False: its smallest structure is too big, e.g. G(θ) at k = 32 for 1/128)."""
+    if budget is None:
+        return True
+    size = block_size_choice(method, width, budget, block_size=block_size)
+    got = block_params(method, width, size)
+    return abs(got / budget_params(width, budget) - 1) <= FIT_TOLERANCE
+
+
+def build_block(method: str, width: int, budget: float | None, *, seed: int,
+                block_size: int = 2) -> tuple[nn.Module, dict[str, int]]:
     """One hidden block (B, width) -> (B, width) of ``method`` sized to ``budget``.
 
     Returns (block, size choice of :func:`block_size_choice`); ``seed`` fixes its start
-    (and its support, permutations or offset).
+    (and its support, permutations or offset); ``block_size``: G(θ)'s k.
     """
     from bornsparse import nn as bnn
 
-    size = block_size_choice(method, width, budget)
+    size = block_size_choice(method, width, budget, block_size=block_size)
     n = width
     if method == "dense":
         torch.manual_seed(seed)
@@ -146,7 +189,7 @@ def build_block(method: str, width: int, budget: float | None, *,
         # width n, not the layer's default 2n: a square hidden layer needs no padding, and at
         # 2n one factor alone would cost 0.8% of the dense weights at n = 512
         block = bnn.PermutedBlockDiagonal(n, n, width=n, depth=size["depth"], bias=True,
-                                          seed=seed)
+                                          block_size=block_size, seed=seed)
     elif method == "permuted_tanh":
         block = bnn.PermutedTanhNetwork(n, n, width=n, depth=size["depth"], seed=seed)
     elif method == "sparse":
@@ -196,11 +239,13 @@ class BlockMLP(nn.Module):
 
 
 def build_mlp(method: str, *, input_shape: Sequence[int], num_classes: int, width: int,
-              blocks: int, budget: float | None, seed: int) -> tuple[BlockMLP, dict[str, Any]]:
+              blocks: int, budget: float | None, seed: int,
+              block_size: int = 2) -> tuple[BlockMLP, dict[str, Any]]:
     """A :class:`BlockMLP` with ``blocks`` hidden blocks of ``method`` (block i seeded
     ``seed·1000 + i``, so blocks differ and a seed is reproducible); returns it and the size
-    choice."""
+    choice. ``block_size``: G(θ)'s k."""
     check_positive_int("blocks", blocks)
-    made = [build_block(method, width, budget, seed=seed * 1000 + i) for i in range(blocks)]
+    made = [build_block(method, width, budget, seed=seed * 1000 + i, block_size=block_size)
+            for i in range(blocks)]
     model = BlockMLP(input_shape, num_classes, width, [b for b, _ in made], seed=seed)
     return model, made[0][1]

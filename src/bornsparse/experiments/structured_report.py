@@ -15,17 +15,39 @@ from pathlib import Path
 from typing import Any
 
 
-def _label(method: str) -> str:
+def series(rec: dict[str, Any]) -> str:
+    """What a line of the tables and figures is: the method, and for G(θ) its block size
+    ("permuted_k4"; records without a block size are k = 2)."""
+    if rec["method"] != "permuted":
+        return rec["method"]
+    return f"permuted_k{rec.get('block_size') or 2}"
+
+
+def _block_size(name: str) -> int | None:
+    return int(name.removeprefix("permuted_k")) if name.startswith("permuted_k") else None
+
+
+def _label(name: str) -> str:
     from bornsparse.experiments.structured_methods import METHODS
 
-    return METHODS[method].label if method in METHODS else method
+    k = _block_size(name)
+    if k is not None:
+        return f"G(θ) k={k}"
+    return METHODS[name].label if name in METHODS else name
 
 
-def _method_order(methods: Iterable[str]) -> list[str]:
+def _method_order(names: Iterable[str]) -> list[str]:
     from bornsparse.experiments.structured_methods import METHODS
 
-    present = set(methods)
-    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    present = set(names)
+    order = []
+    for m in METHODS:
+        if m == "permuted":  # G(θ) at every block size, smallest first
+            order += sorted((n for n in present if _block_size(n) is not None),
+                            key=_block_size)
+        elif m in present:
+            order.append(m)
+    return order + sorted(present - set(order))
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float | None]:
@@ -33,14 +55,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[tuple, dict[str, Any]]]:
-    """{dataset: {(method, budget): cell}}; a cell holds ``acc``/``acc_std`` (percent; None
+    """{dataset: {(series, budget): cell}} (:func:`series`: G(θ) once per block size); a
+    cell holds ``acc``/``acc_std`` (percent; None
     if every seed diverged), ``seeds``, ``diverged``, and the means over seeds of
     ``hidden_params``, ``hidden_total`` (all hidden blocks), ``trainable_params``, ``fb_ms``,
     ``stored_bytes``, ``hidden_stored_bytes``, ``peak_memory_bytes``, plus ``size`` and
     ``budget_error`` of the first seed; ``fb_ms`` is the minimum over seeds."""
     groups: dict[str, dict[tuple, list[dict]]] = {}
     for r in records:
-        groups.setdefault(r["dataset"], {}).setdefault((r["method"], r["budget"]), []).append(r)
+        groups.setdefault(r["dataset"], {}).setdefault((series(r), r["budget"]), []).append(r)
     out: dict[str, dict[tuple, dict[str, Any]]] = {}
     for dataset, cells in groups.items():  # in the records' order (the sweep's: data set order)
         out[dataset] = {}
@@ -64,6 +87,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[tuple, dict[s
                 "hidden_stored_bytes": mean("hidden_stored_bytes"),
                 "peak_memory_bytes": mean("peak_memory_bytes"),
                 "size": recs[0]["size"], "budget_error": recs[0]["budget_error"],
+                "train_samples": recs[0].get("train_samples"),
             }
     return out
 
@@ -133,6 +157,29 @@ def cost_table(cells: dict[tuple, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_table(cells: dict[tuple, dict[str, Any]]) -> str:
+    """Markdown, per budget: each layer's accuracy gap to dense (points) and f+b time per
+    batch, with the time as a fraction of dense's ("vs dense"), best accuracy first."""
+    dense = cells.get(("dense", None))
+    lines = ["| budget | layer | size | accuracy % | gap to dense (points) | "
+             "f+b ms / batch | vs dense |", "|---:|---|---|---:|---:|---:|---:|"]
+    if dense is not None:
+        fb = "—" if dense["fb_ms"] is None else f"{dense['fb_ms']:.2f}"
+        lines.append(f"| dense | dense | — | {_acc(dense)} | 0 | {fb} | 1 |")
+    for b in sorted({b for (_, b) in cells if b is not None}):
+        row_cells = [(m, c) for (m, bb), c in cells.items() if bb == b]
+        row_cells.sort(key=lambda mc: -(mc[1]["acc"] if mc[1]["acc"] is not None else -1))
+        for m, c in row_cells:
+            gap = ("—" if c["acc"] is None or dense is None or dense["acc"] is None
+                   else f"{c['acc'] - dense['acc']:+.1f}")
+            ratio = ("—" if c["fb_ms"] is None or dense is None or not dense["fb_ms"]
+                     else f"{c['fb_ms'] / dense['fb_ms']:.2f}×")
+            fb = "—" if c["fb_ms"] is None else f"{c['fb_ms']:.2f}"
+            lines.append(f"| {budget_text(b)} | {_label(m)} | {_size(c['size'])} | {_acc(c)} "
+                         f"| {gap} | {fb} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
     """The whole report: per data set, the accuracy table then the cost table."""
     records = list(records)
@@ -153,9 +200,18 @@ def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | No
             "backward per batch over the warm steps of a run, the fastest seed's (runs share "
             "the machine); stored: state_dict bytes; "
             "peak memory: live tensor bytes in training plus what autograd saves.\n")
+        for method, k, b in info.get("too_big", []):
+            what = _label(f"permuted_k{k}") if method == "permuted" else _label(method)
+            parts.append(f"Not run: {what} at {budget_text(b)} (its smallest size is more "
+                         "than 50% over the budget).\n")
     for dataset, cells in summarize(records).items():
         any_rec = next(r for r in records if r["dataset"] == dataset)
         fixed = any_rec["trainable_params"] - any_rec["hidden_params"] * any_rec["config"]["blocks"]
+        n_train = any_rec.get("train_samples")
+        parts.append(f"### {dataset}: which layer, per budget\n\n"
+                     + ("" if n_train is None else f"{n_train:,} training samples. ")
+                     + "Gap: test accuracy minus dense's, in points; vs dense: f+b time "
+                     "over dense's.\n\n" + headline_table(cells))
         parts.append(f"### {dataset}: test accuracy (%)\n\n"
                      f"The dense input layer and classifier hold {fixed:,} parameters in every "
                      f"model.\n\n" + accuracy_table(cells))
@@ -169,7 +225,9 @@ def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | No
 
 _STYLE = {
     "lowrank": ("tab:blue", "s"), "monarch": ("tab:green", "^"),
-    "permuted": ("tab:red", "o"), "permuted_tanh": ("tab:orange", "D"),
+    "permuted_k2": ("tab:red", "o"), "permuted_k4": ("firebrick", "p"),
+    "permuted_k8": ("indianred", "h"), "permuted_k16": ("salmon", "8"),
+    "permuted_k32": ("darkred", "P"), "permuted_tanh": ("tab:orange", "D"),
     "sparse": ("tab:gray", "x"), "dctps": ("tab:purple", "v"),
     "permuted_offset_small": ("tab:brown", "<"), "permuted_offset": ("tab:pink", ">"),
 }
@@ -219,6 +277,69 @@ def plot_figures(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
                      fontsize=10)
         fig.tight_layout()
         target = out_dir / f"accuracy_{dataset}.png"
+        fig.savefig(target, dpi=130)
+        plt.close(fig)
+        paths.append(target)
+    return paths
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (time, accuracy) points no other point beats on both, by time."""
+    front, best = [], -float("inf")
+    for t, a in sorted(points, key=lambda p: (p[0], -p[1])):
+        if a > best:
+            front.append((t, a))
+            best = a
+    return front
+
+
+def plot_pareto(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """One PNG per data set, ``pareto_{dataset}.png``: a panel per budget, test accuracy
+    against f+b time per batch, a point per layer (std over seeds as error bars), dense as
+    the reference star and dashed line, the Pareto front as a grey line. Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    for dataset, cells in summarize(records).items():
+        budgets = sorted({b for (_, b) in cells if b is not None})
+        if not budgets:
+            continue
+        dense = cells.get(("dense", None))
+        fig, axes = plt.subplots(1, len(budgets), figsize=(4.4 * len(budgets), 4.2),
+                                 sharey=True, squeeze=False)
+        for ax, b in zip(axes[0], budgets, strict=True):
+            pts = []
+            for m in _method_order(m for (m, bb) in cells if bb == b):
+                c = cells[(m, b)]
+                if c["acc"] is None or c["fb_ms"] is None:
+                    continue
+                colour, marker = _STYLE.get(m, ("tab:olive", "."))
+                ax.errorbar([c["fb_ms"]], [c["acc"]], yerr=[c["acc_std"] or 0.0], fmt=marker,
+                            color=colour, ms=7, capsize=2, label=_label(m))
+                pts.append((c["fb_ms"], c["acc"]))
+            if dense is not None and dense["acc"] is not None and dense["fb_ms"] is not None:
+                ax.errorbar([dense["fb_ms"]], [dense["acc"]], yerr=[dense["acc_std"] or 0.0],
+                            fmt="*", color="black", ms=11, label="dense")
+                ax.axhline(dense["acc"], color="black", lw=0.8, ls="--")
+                pts.append((dense["fb_ms"], dense["acc"]))
+            front = _pareto(pts)
+            if len(front) > 1:
+                ax.plot(*zip(*front, strict=True), color="0.6", lw=1, zorder=0)
+            ax.set_xscale("log")
+            ax.set_title(f"budget {budget_text(b)} of the dense weights", fontsize=9)
+            ax.set_xlabel("f+b time per batch (ms, fastest seed)")
+            ax.grid(True, which="both", alpha=0.25)
+        axes[0][0].set_ylabel("test accuracy (%)")
+        axes[0][-1].legend(fontsize=6, loc="best")
+        n_train = next(iter(cells.values())).get("train_samples")
+        fig.suptitle(f"{dataset}" + ("" if n_train is None else f", {n_train:,} training "
+                     "samples") + ": accuracy against cost, per budget", fontsize=10)
+        fig.tight_layout()
+        target = out_dir / f"pareto_{dataset}.png"
         fig.savefig(target, dpi=130)
         plt.close(fig)
         paths.append(target)

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bornsparse.sparsity.swap import default_device, set_submodule
+from bornsparse.sparsity.swap import (
+    default_device,
+    is_dense_linear,
+    is_dense_target,
+    linear_features,
+    set_submodule,
+)
 
 FORMAT_VERSION = 1
 METADATA_KEY = "bornsparse"
@@ -505,6 +511,8 @@ def _check_perms(key: str, perms: torch.Tensor) -> None:
 def _geometry(mod: nn.Module) -> dict[str, object]:
     """What a module's own attributes say about its shape, in the file's JSON form."""
     out = {}
+    if is_dense_linear(mod):  # transformers' Conv1D names them nx, nf
+        out["in_features"], out["out_features"] = linear_features(mod)
     for k in ("in_features", "out_features", "in_channels", "out_channels", "groups",
               "padding_mode"):
         if hasattr(mod, k):
@@ -539,7 +547,8 @@ def _check_fits(name: str, cls: str, args: dict, mod: nn.Module) -> None:
                 f"layer {name!r}: the file's {cls} has {k}={args[k]!r}, the model's "
                 f"{type(mod).__name__} has {k}={geo[k]!r}"
             )
-    if _SPECS[cls].sparse and (isinstance(mod, nn.Linear | nn.Conv2d) or hasattr(mod, "nnz")):
+    if _SPECS[cls].sparse and (isinstance(mod, nn.Linear | nn.Conv2d) or is_dense_target(mod)
+                               or hasattr(mod, "nnz")):
         has_bias = getattr(mod, "bias", None) is not None
         if has_bias != args["bias"]:
             raise CheckpointError(

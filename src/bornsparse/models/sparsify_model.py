@@ -34,9 +34,13 @@ from bornsparse.sparsity.swap import (
     default_device,
     dense_targets,
     has_meta,
+    is_dense_linear,
     materialize_meta,
+    permuted_over_budget,
     swap_in_sparse_layers,
     swap_in_structured_layers,
+    tied_targets,
+    weight_shape,
 )
 
 # "sparse", "dctps" (a support per layer, shared with sparsity/), "permuted",
@@ -88,6 +92,12 @@ class SparsifyReport:
     sparse_model_bytes: int = 0
     # selected layers the kind has no layer for (convolutions for the structured kinds)
     left_dense: list[str] = field(default_factory=list)
+    # kind="permuted": selected layers left as they are because their smallest G(θ) is far
+    # over their budget: name -> the reason
+    over_budget: dict[str, str] = field(default_factory=dict)
+    # selected layers left as they are because their weight is shared with other modules:
+    # name -> the modules sharing it (GPT-2's lm_head and its token embedding)
+    tied: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def total_nnz(self) -> int:
@@ -129,6 +139,12 @@ class SparsifyReport:
         if self.left_dense:
             lines.append(f"left dense (kind {self.kind!r} has no layer for them): "
                          + ", ".join(self.left_dense))
+        for name, why in self.over_budget.items():
+            lines.append(f"left dense ({name}): {why}")
+        if self.tied:
+            lines.append("left dense (weight tied to another module, swapping would untie "
+                         "it): " + ", ".join(f"{n} (shared with {', '.join(o)})"
+                                             for n, o in self.tied.items()))
         lines.append(f"model state: {_human(self.sparse_model_bytes)} "
                      f"(dense model: {_human(self.dense_model_bytes)})")
         return "\n".join(lines)
@@ -159,7 +175,7 @@ def sparsify(
     fit: bool | Mapping[str, Any] = False,
     method: str | None = None,
 ) -> SparsifyReport:
-    """Replace ``model``'s nn.Linear and nn.Conv2d layers in place; return a report.
+    """Replace ``model``'s nn.Linear, Conv1D and nn.Conv2d layers in place; return a report.
 
     ``kind``: the layer kind, "dctps" (DCTPlusSparse layers) or "sparse"
     (SparseLinear/SparseConv2d); ``method`` is its deprecated old name (in
@@ -174,7 +190,9 @@ def sparsify(
     listed in ``report.left_dense``, and the budget is shared among the linear layers):
     "permuted" makes each a :class:`~bornsparse.nn.PermutedBlockDiagonal` (2×2 blocks,
     width 2·max(in, out)) whose depth · width · 2 weights come closest to its share of the
-    budget (depth >= 1, so a share below one factor gets one); ``fit=True`` (or a dict of
+    budget (depth >= 1); a layer whose one factor alone holds more than 1.5× its share
+    (a small classifier) is left as it is and listed in ``report.over_budget`` with the
+    reason, so no layer is silently far over budget; ``fit=True`` (or a dict of
     ``from_dense``'s keyword arguments among :data:`FIT_OPTIONS`) fits each to the dense
     weight it replaces (:meth:`PermutedBlockDiagonal.from_dense`, a real weight needed)
     instead of drawing it, on the same permutations. "permuted_offset" makes each a
@@ -192,9 +210,15 @@ def sparsify(
     layers and the materialised modules live. For an already dense model, results for a seed
     are the same as without meta support.
 
-    NOTE: only exact nn.Linear / nn.Conv2d instances are swapped, not subclasses (e.g.
-    nn.MultiheadAttention's out_projection reads its .weight directly). A layer reachable
-    under several names (weight sharing) is replaced everywhere by one sparse layer.
+    Hugging Face models: transformers' ``Conv1D`` (GPT-2's attention and MLP projections,
+    a linear layer storing its weight transposed) is swapped wherever nn.Linear is. A layer
+    whose weight is shared with another module (an output layer tied to the token
+    embedding) is never swapped, which would untie it: it is listed in ``report.tied``.
+
+    NOTE: only exact nn.Linear / Conv1D / nn.Conv2d instances are swapped, not subclasses
+    (e.g. nn.MultiheadAttention's out_projection reads its .weight directly). A layer
+    reachable under several names (one module shared) is replaced everywhere by one sparse
+    layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -220,18 +244,33 @@ def sparsify(
     device = torch.device(default_device(model) if device is None else device)
     if device.type == "meta":
         raise ValueError(f"device must be a real device, not the meta device, got {device}")
+    tied = dict(tied_targets(model, include=include, exclude=exclude))
     layers = dense_targets(model, include=include, exclude=exclude, allow_meta=meta)
     left_dense = []
     if kind in STRUCTURED_KINDS:
-        left_dense = [name for name, m in layers if type(m) is not nn.Linear]
-        layers = [(name, m) for name, m in layers if type(m) is nn.Linear]
+        left_dense = [name for name, m in layers if not is_dense_linear(m)]
+        layers = [(name, m) for name, m in layers if is_dense_linear(m)]
         if not layers:
             raise ValueError(
-                f"kind={kind!r} replaces nn.Linear layers only, and the selected layers are "
-                f"all convolutions: {left_dense}"
+                f"kind={kind!r} replaces nn.Linear (and Conv1D) layers only, and the "
+                f"selected layers are all convolutions: {left_dense}"
             )
     dense_model_bytes = _state_bytes(model)
-    counts = allocate_nnz([tuple(m.weight.shape) for _, m in layers], density, distribution)
+    counts = allocate_nnz([weight_shape(m) for _, m in layers], density, distribution)
+    over_budget = {}
+    if kind == "permuted":  # never far over a layer's budget: leave such a layer dense
+        over_budget = {name: why for (name, m), c in zip(layers, counts, strict=True)
+                       if (why := permuted_over_budget(m, c)) is not None}
+        kept = [(lc, c) for lc, c in zip(layers, counts, strict=True)
+                if lc[0] not in over_budget]
+        if not kept:
+            reasons = "; ".join(f"{n}: {w}" for n, w in over_budget.items())
+            raise ValueError(
+                f"kind='permuted' at density={density}: every selected layer's smallest "
+                f"G(θ) is more than 1.5× its budget ({reasons}); raise the density or use "
+                "kind='sparse' or 'dctps'"
+            )
+        layers, counts = [lc for lc, _ in kept], [c for _, c in kept]
     gen = torch.Generator()
     if seed is None:
         gen.seed()
@@ -258,12 +297,13 @@ def sparsify(
         materialize_meta(model, device, seed=rest_seed if seed is not None else None)
     report = SparsifyReport(
         kind=kind, distribution=distribution, density=float(density),
-        dense_model_bytes=dense_model_bytes, left_dense=left_dense,
+        dense_model_bytes=dense_model_bytes, left_dense=left_dense, tied=tied,
+        over_budget=over_budget,
     )
     for (name, old), budget in zip(layers, counts, strict=True):
         report.layers.append(LayerReport(
             name=name, replaced=type(old).__name__, now=type(new[name]).__name__,
-            shape=tuple(old.weight.shape), nnz=_trainable_weights(new[name]),
+            shape=weight_shape(old), nnz=_trainable_weights(new[name]),
             stored_bytes=_state_bytes(new[name]), dense_bytes=_state_bytes(old),
             detail=_detail(new[name], budget) if kind in STRUCTURED_KINDS else "",
         ))

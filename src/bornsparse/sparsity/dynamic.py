@@ -54,10 +54,12 @@ from bornsparse.sparsity.swap import (
     dense_targets,
     has_meta,
     indices_to_flat,
+    is_dense_target,
     materialize_meta,
     rebind_optimizer,
     sparse_targets,
     swap_in_sparse_layers,
+    weight_shape,
 )
 
 _SCALAR_STATE = ("step",)
@@ -150,7 +152,7 @@ class _Capture:
 def _check_density_has_dense_layers(model, density, include, exclude) -> None:
     """``density`` converts dense layers: on a model that already holds bornsparse layers and
     no dense ones, say that density must be left out instead of "no nn.Linear" alone."""
-    dense = [m for _, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    dense = [m for _, m in model.named_modules() if is_dense_target(m)]
     sparse = sparse_targets(model, include=include, exclude=exclude)
     if not dense and sparse:
         raise ValueError(
@@ -258,7 +260,7 @@ class _DynamicSparse(ABC):
 
         targets = dense_targets(model, include=include, exclude=exclude,
                                 allow_meta=device is not None)
-        counts = allocate_nnz([tuple(m.weight.shape) for _, m in targets], density, distribution)
+        counts = allocate_nnz([weight_shape(m) for _, m in targets], density, distribution)
         per_row = support_layout(distribution) == "per_row"
         supports, seeds = {}, {}
         for (name, mod), k in zip(targets, counts, strict=True):

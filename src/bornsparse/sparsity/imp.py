@@ -36,10 +36,9 @@ from bornsparse.sparsity.swap import (
     DCTOffset,
     Selector,
     check_kind,
-    dense_shape,
     dense_targets,
-    flat_to_indices,
     rebind_optimizer,
+    support_of_weight,
     swap_in_sparse_layers,
 )
 
@@ -215,9 +214,8 @@ class IMP:
             self._offsets.remove()
         supports, flats, old = {}, {}, {}
         for (name, mod), m in zip(self.targets, self.masks, strict=True):
-            _, cols = dense_shape(mod)
-            flats[name] = m.flatten().nonzero().flatten()
-            supports[name] = flat_to_indices(flats[name], cols)
+            # positions in the weight's own layout, ordered like the new layer's entries
+            supports[name], flats[name] = support_of_weight(mod, m.flatten().nonzero().flatten())
             old[name] = mod.weight
         new = swap_in_sparse_layers(self.model, supports, kind=self.kind)
         if self.optimizer is not None:

@@ -31,10 +31,13 @@ from bornsparse.sparsity.swap import (
     DCTOffset,
     Selector,
     check_kind,
+    dense_layout,
     dense_shape,
     dense_targets,
-    flat_to_indices,
+    support_of_weight,
     swap_in_sparse_layers,
+    weight_positions,
+    weight_shape,
 )
 
 METHODS = ("snip", "grasp", "synflow", "force")
@@ -104,7 +107,18 @@ class PruneReport:
 
 
 def _weight_shapes(targets) -> list[tuple[int, ...]]:
-    return [tuple(mod.weight.shape) for _, mod in targets]
+    return [weight_shape(mod) for _, mod in targets]
+
+
+def _select_per_layer(scores, counts, per_row: bool, targets) -> list[torch.Tensor]:
+    """S.select_per_layer with rows meaning output rows for every layer (a Conv1D's weight,
+    and so its scores, are stored transposed); positions in each weight's own layout."""
+    if not per_row:
+        return S.select_per_layer(scores, counts)
+    mods = [mod for _, mod in targets]
+    rows = [dense_layout(mod, sc) for mod, sc in zip(mods, scores, strict=True)]
+    return [weight_positions(mod, sel) for mod, sel in zip(
+        mods, S.select_per_layer(rows, counts, per_row=True), strict=True)]
 
 
 def _masks_from(selected: list[torch.Tensor], targets) -> list[torch.Tensor]:
@@ -214,7 +228,7 @@ def prune_at_init(
             if counts is None:
                 selected, moved = S.select_global(sc, keep, min_per_layer=min_per_layer)
             else:
-                selected, moved = S.select_per_layer(sc, counts, per_row=per_row), 0
+                selected, moved = _select_per_layer(sc, counts, per_row, targets), 0
             report.floor_moved = report.floor_moved_total = moved
         else:
             if counts is None:
@@ -235,7 +249,7 @@ def prune_at_init(
                 if counts is None:
                     selected, moved = S.select_global(sc, ks[0], min_per_layer=min_per_layer)
                 else:
-                    selected, moved = S.select_per_layer(sc, ks, per_row=per_row), 0
+                    selected, moved = _select_per_layer(sc, ks, per_row, targets), 0
                 report.floor_moved = moved
                 report.floor_moved_total += moved
                 masks = _masks_from(selected, targets)
@@ -246,7 +260,7 @@ def prune_at_init(
     supports = {}
     for (name, mod), sel in zip(targets, selected, strict=True):
         rows, cols = dense_shape(mod)
-        supports[name] = flat_to_indices(sel, cols).to(mod.weight.device)
+        supports[name] = support_of_weight(mod, sel)[0].to(mod.weight.device)
         report.layers.append(LayerReport(name, (rows, cols), int(sel.numel())))
     swap_in_sparse_layers(model, supports, kind=kind)
     report._model = weakref.ref(model)

@@ -89,7 +89,14 @@ def _grads(
     x, y = batch
     overrides = {f"{name}.weight": w for (name, _), w in zip(targets, weights, strict=True)}
     out = functional_call(model, overrides, (x,))
-    loss = loss_fn(out / temperature, y)
+    if temperature != 1.0:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"GraSP divides the model's output by its temperature, so the model must "
+                f"return a tensor, got {type(out).__name__}; wrap the model to return logits"
+            )
+        out = out / temperature
+    loss = loss_fn(out, y)
     if not loss.requires_grad:
         raise ValueError("loss_fn returned a value that does not depend on the weights")
     return list(torch.autograd.grad(loss, weights, create_graph=create_graph))

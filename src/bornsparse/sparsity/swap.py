@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -25,6 +26,42 @@ STRUCTURED_KINDS = ("permuted", "permuted_offset")
 Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 """Which layers to take: glob pattern(s) on the qualified module name ("features.*"), or a
 callable ``(name, module) -> bool``; None means no filter."""
+
+
+def _hf_conv1d() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight stored (in, out)) where
+    transformers is loaded; a model holding one has loaded it, so it is never imported here."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
+
+
+def is_dense_linear(module: nn.Module) -> bool:
+    """An exact ``nn.Linear``, or transformers' ``Conv1D`` (a linear layer whose weight is
+    the transpose of nn.Linear's)."""
+    conv1d = _hf_conv1d()
+    return type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d)
+
+
+def is_dense_target(module: nn.Module) -> bool:
+    """What the sparse kinds replace: :func:`is_dense_linear` layers and exact nn.Conv2d."""
+    return is_dense_linear(module) or type(module) is nn.Conv2d
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a :func:`is_dense_linear` layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D: (nx, nf) = (in, out)
+
+
+def _transposed(module: nn.Module) -> bool:
+    return not isinstance(module, nn.Linear | nn.Conv2d) and is_dense_linear(module)
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The dense weight's shape in nn.Linear / nn.Conv2d layout ((out, in) for a Conv1D)."""
+    shape = tuple(module.weight.shape)
+    return shape[::-1] if _transposed(module) else shape
 
 
 def _sparse_classes() -> dict[str, tuple[type, type]]:
@@ -111,11 +148,16 @@ def dense_targets(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # exact types: subclasses of nn.Linear may carry their own weight semantics
     # (nn.MultiheadAttention reads its out_proj weight directly)
-    found = _select(model, lambda m: type(m) in (nn.Linear, nn.Conv2d), include, exclude)
+    found = _select(model, is_dense_target, include, exclude)
+    tied = tied_weights(model)
+    found = [(name, mod) for name, mod in found if id(mod) not in tied]
     if not found:
+        untied = "" if not tied else (
+            " (layers whose weight is shared with another module are never swapped: "
+            + ", ".join(sorted({n for names in tied.values() for n in names[:1]})) + ")")
         raise ValueError(
-            "model has no prunable layers: found no nn.Linear or nn.Conv2d with "
-            f"include={include!r}, exclude={exclude!r}"
+            "model has no prunable layers: found no nn.Linear, transformers Conv1D or "
+            f"nn.Conv2d with include={include!r}, exclude={exclude!r}{untied}"
         )
     for name, mod in found:
         w = mod.weight
@@ -124,6 +166,32 @@ def dense_targets(
         ):
             raise ValueError(f"layer {name!r} has no materialised weight; build it first")
     return found
+
+
+def tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """id(layer) -> [its name, the names of the other modules holding its weight] for every
+    dense target layer whose ``weight`` Parameter another module shares (GPT-2's and BERT's
+    output layer and token embedding). Such a layer is never swapped: replacing it would
+    break the tie (two weights where one is trained) and take ``weight`` from the other."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((name, mod))
+    tied = {}
+    for name, mod in model.named_modules():
+        if is_dense_target(mod) and len(owners.get(id(mod.weight), ())) > 1:
+            tied[id(mod)] = [name] + [n for n, m in owners[id(mod.weight)] if m is not mod]
+    return tied
+
+
+def tied_targets(model: nn.Module, *, include: Selector = None,
+                 exclude: Selector = None) -> list[tuple[str, list[str]]]:
+    """The selected dense layers :func:`dense_targets` leaves out because their weight is
+    tied, each with the names of the modules sharing it."""
+    tied = tied_weights(model)
+    return [(name, tied[id(mod)][1:])
+            for name, mod in _select(model, is_dense_target, include, exclude)
+            if id(mod) in tied]
 
 
 def sparse_targets(
@@ -139,8 +207,9 @@ def sparse_targets(
 
 def dense_shape(module: nn.Module) -> tuple[int, int]:
     """(rows, cols) of the matrix a support indexes, for dense and sparse layers alike."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
+    if isinstance(module, nn.Linear) or is_dense_linear(module):
+        in_features, out_features = linear_features(module)
+        return out_features, in_features
     if isinstance(module, nn.Conv2d):
         w = module.weight
         return w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
@@ -150,8 +219,39 @@ def dense_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The dense weight of an nn.Linear/nn.Conv2d viewed as (rows, cols) (a view, no copy)."""
+    """The dense weight of an nn.Linear/Conv1D/nn.Conv2d viewed as (rows, cols) (a view, no
+    copy; a Conv1D's is its transpose)."""
+    if _transposed(module):
+        return module.weight.T
     return module.weight.reshape(dense_shape(module))
+
+
+def dense_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t``, shaped like the module's weight, as its (rows, cols) matrix (a view)."""
+    return t.T if _transposed(module) else t.reshape(dense_shape(module))
+
+
+def weight_positions(module: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+    """Positions in the flattened (rows, cols) matrix as positions in the flattened weight
+    (the same for every layer but a Conv1D, whose weight is the transpose)."""
+    if not _transposed(module):
+        return flat
+    rows, cols = dense_shape(module)
+    return (flat % cols) * rows + flat // cols
+
+
+def support_of_weight(module: nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``flat`` in the module's flattened ``weight`` (a mask's nonzeros) as
+    sorted (2, k) indices of its (rows, cols) matrix, and the same positions in that order
+    (what per-element state is gathered at). Equal to ``flat_to_indices`` and ``flat``
+    sorted except for a Conv1D, whose weight is stored transposed."""
+    flat = torch.sort(flat.to(torch.int64)).values
+    if not _transposed(module):
+        return flat_to_indices(flat, dense_shape(module)[1]), flat
+    out_features = module.weight.shape[1]
+    rows, cols = flat % out_features, flat // out_features  # weight is (in, out)
+    order = torch.argsort(rows * module.weight.shape[0] + cols)
+    return torch.stack([rows[order], cols[order]]), flat[order]
 
 
 def flat_to_indices(flat: torch.Tensor, cols: int) -> torch.Tensor:
@@ -196,8 +296,8 @@ def make_sparse_layer(
     """
     kind = check_kind(kind)
     lin_cls, conv_cls = _sparse_classes()[kind]
-    if isinstance(module, nn.Linear):
-        cls, args, geometry = lin_cls, (module.in_features, module.out_features), {}
+    if isinstance(module, nn.Linear) or is_dense_linear(module):
+        cls, args, geometry = lin_cls, linear_features(module), {}
     elif isinstance(module, nn.Conv2d):
         cls = conv_cls
         args = (module.in_channels, module.out_channels, module.kernel_size)
@@ -253,6 +353,26 @@ def _take_bias(module: nn.Module, new: nn.Module, seed: int | None, device: torc
         new.bias = nn.Parameter(b.detach().to(device), requires_grad=b.requires_grad)
 
 
+#: a structured layer is not swapped in where its smallest form holds more than this many
+#: times its budget of weights (sparsify leaves the layer as it is and reports it)
+OVER_BUDGET = 1.5
+
+
+def permuted_over_budget(module: nn.Module, budget: int) -> str | None:
+    """Why ``kind="permuted"`` leaves ``module`` as it is at ``budget`` weights, or None: its
+    smallest G(θ) (depth 1 at the default width 2·max(in, out), 2×2 blocks) holds more than
+    :data:`OVER_BUDGET` times the budget (a 256 → 10 classifier at budget 256: 1,024 weights
+    a factor)."""
+    from bornsparse.nn.permuted import default_width
+
+    width = default_width(*linear_features(module), 2)
+    smallest = 2 * width
+    if smallest <= OVER_BUDGET * budget:
+        return None
+    return (f"its smallest G(θ) (depth 1, width {width}) holds {smallest:,} weights, "
+            f"{smallest / budget:.1f}× its budget of {budget:,}")
+
+
 def permuted_depth(budget: int, width: int, block_size: int = 2) -> int:
     """The depth whose depth · width · block_size weights come closest to ``budget`` (>= 1)."""
     per_factor = width * block_size
@@ -283,19 +403,20 @@ def make_structured_layer(
     """
     if kind not in STRUCTURED_KINDS:
         raise ValueError(f"kind must be one of {STRUCTURED_KINDS}, got {kind!r}")
-    if type(module) is not nn.Linear:
-        raise TypeError(f"kind={kind!r} replaces nn.Linear layers only, got "
+    if not is_dense_linear(module):
+        raise TypeError(f"kind={kind!r} replaces nn.Linear (and Conv1D) layers only, got "
                         f"{type(module).__name__}")
     w = module.weight
     device = w.device if device is None else torch.device(device)
     if device.type == "meta":
         raise ValueError(f"make_structured_layer needs a real device, got device={device}")
     has_bias = module.bias is not None
-    shape = dict(in_features=module.in_features, out_features=module.out_features)
+    in_features, out_features = linear_features(module)
+    shape = dict(in_features=in_features, out_features=out_features)
     if kind == "permuted":
         from bornsparse.nn.permuted import PermutedBlockDiagonal, default_width
 
-        depth = permuted_depth(budget, default_width(module.in_features, module.out_features, 2))
+        depth = permuted_depth(budget, default_width(in_features, out_features, 2))
         if fit is None:
             new = PermutedBlockDiagonal(**shape, depth=depth, bias=has_bias, seed=seed,
                                         device=device, dtype=w.dtype)
@@ -307,8 +428,8 @@ def make_structured_layer(
                 )
             # the same seed as the unfitted path: the same permutations, fitted blocks;
             # bias-free, the bias Parameter is put in below
-            new = PermutedBlockDiagonal.from_dense(w.detach(), depth=depth, seed=seed,
-                                                   **fit).to(device)
+            new = PermutedBlockDiagonal.from_dense(weight_matrix(module).detach(),
+                                                   depth=depth, seed=seed, **fit).to(device)
     else:
         from bornsparse.nn.permuted_offset import PermutedOffsetSparseLinear
 
