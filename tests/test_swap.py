@@ -73,7 +73,8 @@ def test_as_matcher():
 
 
 def test_nothing_to_prune_and_root_is_never_a_target():
-    with pytest.raises(ValueError, match="no prunable layers: found no nn.Linear, transformers Conv1D or nn.Conv2d"):
+    with pytest.raises(ValueError, match="no prunable layers: found no nn.Linear, "
+                                         "transformers Conv1D or nn.Conv2d"):
         dense_targets(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="no prunable layers"):
         dense_targets(net(), include="nothing")
