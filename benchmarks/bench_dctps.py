@@ -52,7 +52,7 @@ def main() -> None:
     x = torch.randn(b, n, requires_grad=True)
     dense = torch.nn.Linear(n, n)
     dctps = DCTPlusSparseLinear(n, n, density=args.density, seed=0)
-    # "auto" is the fused single op (ops/dct_sparse.py); torch.sparse and the
+    # "auto" is the fused single op (ops/discrete_cosine/plus_sparse.py); torch.sparse and the
     # plain-PyTorch reference are kept for comparison
     candidates = {"dense nn.Linear": dense, "DCTPlusSparseLinear (auto: fused)": dctps}
     for backend in ("torch_sparse", "reference"):

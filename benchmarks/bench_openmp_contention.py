@@ -9,7 +9,7 @@ links ``libgomp.so.1.0.0`` by file name, so the dynamic loader does not reuse th
 ships in ``torch/lib``): two teams of threads that each spin after their own regions. With
 "workqueue" (or a Python thread pool) numba's threads compete with torch's spinning ones
 after every torch op. Prints milliseconds per step and for the kernel alone. The permuted
-kernels avoid both by running on torch's own team (``bornsparse/ops/_parallel.py``).
+kernels avoid both by running on torch's own team (``bornsparse/ops/runtime/region.py``).
 """
 
 import time

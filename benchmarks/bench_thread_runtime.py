@@ -4,7 +4,7 @@ PermutedBlockDiagonal(1024, 1024, width=2048, depth=20) against dense nn.Linear(
 forward+backward at batch 256, float32: the ratio (ours / dense) is measured first in this
 fresh process, then again after DCTPlusSparseLinear(4096, 4096, density=1e-3) ran f+b at
 batch 128 in the same process. Every bornsparse kernel runs on torch's own OpenMP team
-(ops/_parallel.py), so the two ratios should agree; when numba's own parallel runtime (a
+(ops/runtime/region.py), so the two ratios should agree; when numba's own parallel runtime (a
 second libgomp) had started, the ratio moved from 0.68-0.73x to 0.70-0.97x (docs/design.md).
 ``--numba-runtime`` then starts that runtime on purpose (a numba ``prange`` loop) and
 measures a third time, for contrast. Prints a table and one JSON line.

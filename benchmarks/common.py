@@ -21,7 +21,7 @@ import torch
 def set_threads(n: int) -> None:
     """Exactly ``n`` compute threads whatever the environment exports (the sweeps' own
     rule, :func:`~bornsparse.experiments.sweep.use_threads`): every bornsparse kernel runs
-    on torch's OpenMP team (ops/_parallel.py), so numba's own thread count is never set
+    on torch's OpenMP team (ops/runtime/region.py), so numba's own thread count is never set
     (setting it would start a second OpenMP runtime)."""
     from bornsparse.experiments.sweep import use_threads
 

@@ -17,8 +17,8 @@ import argparse
 import torch
 
 from bornsparse.nn import PermutedBlockDiagonal
-from bornsparse.ops._permuted_cycles import worst_amplification
-from bornsparse.ops._permuted_operands import INVERSE_MAX_AMPLIFICATION
+from bornsparse.ops.permuted.numba_cycles import worst_amplification
+from bornsparse.ops.permuted.operands import INVERSE_MAX_AMPLIFICATION
 from common import machine_tag, print_json_line, set_threads
 
 

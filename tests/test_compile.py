@@ -203,7 +203,7 @@ def test_opcheck_dct(dtype, shape):
 @pytest.mark.parametrize("batch,n,m,nnz,bias", [(1, 5, 3, 4, True), (9, 6, 11, 20, False),
                                                  (40, 17, 17, 30, True)])
 def test_opcheck_dct_sparse_affine(monkeypatch, dtype, batch, n, m, nnz, bias):
-    import bornsparse.ops.dct_sparse as A
+    import bornsparse.ops.discrete_cosine.plus_sparse as A
 
     monkeypatch.setattr(A, "_BLOCK_BYTES", 0)  # several blocks
     values, plan = _plan_operands(m, n, nnz, dtype, seed=n)
@@ -277,7 +277,7 @@ def test_reference_backend_is_plain_pytorch_all_the_way_down(name):
 def test_export_of_a_fresh_layer_leaves_later_eager_calls_real(backend):
     # cold DCT tables built while export traces are fake tensors; kept in a cache they made
     # every later eager output fake
-    from bornsparse.ops import discrete_cosine
+    from bornsparse.ops.discrete_cosine import transform as discrete_cosine
 
     discrete_cosine._TABLES.clear()
     make, shape = LAYERS["dctps_fused"]

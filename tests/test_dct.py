@@ -107,7 +107,7 @@ def test_bad_input():
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 100, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_numba_twiddle_matches_torch_reference(monkeypatch, n, dtype):
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.discrete_cosine.transform as D
 
     x = torch.randn(7, n, dtype=dtype)
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 1 << 62)
@@ -126,7 +126,7 @@ def test_numba_twiddle_matches_torch_reference(monkeypatch, n, dtype):
                                    (2, 37, 100)])
 @pytest.mark.parametrize("use_y,use_bias", [(True, True), (False, False), (True, False)])
 def test_fused_dct_affine_matches_reference(monkeypatch, b, n, m, use_y, use_bias):
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.discrete_cosine.transform as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     g = torch.Generator().manual_seed(n * m)
@@ -156,7 +156,7 @@ def test_fused_dct_affine_matches_reference(monkeypatch, b, n, m, use_y, use_bia
 
 
 def test_fused_dct_affine_gradcheck(monkeypatch):
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.discrete_cosine.transform as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     for n, m in [(3, 5), (5, 3), (4, 4)]:
@@ -190,8 +190,8 @@ def _sparse_case(b, n, m, nnz, seed):
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("grads", ["all", "values_only", "x_only"])
 def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bias, grads):
-    import bornsparse.ops.dct_sparse as A
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.discrete_cosine.plus_sparse as A
+    import bornsparse.ops.discrete_cosine.transform as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     monkeypatch.setattr(A, "_BLOCK_BYTES", 0)  # blocks of 16 samples: several per batch
@@ -223,7 +223,7 @@ def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bia
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
     # large enough that the default thresholds take the fused path, several default blocks
-    import bornsparse.ops.dct_sparse as A
+    import bornsparse.ops.discrete_cosine.plus_sparse as A
 
     b, n, m = 150, 300, 257
     ts, idx, plan = _sparse_case(b, n, m, 500, seed=1)
@@ -238,8 +238,8 @@ def test_fused_dct_sparse_affine_unpatched_sizes(dtype):
 
 
 def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
-    import bornsparse.ops.dct_sparse as A
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.discrete_cosine.plus_sparse as A
+    import bornsparse.ops.discrete_cosine.transform as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     monkeypatch.setattr(A, "_BLOCK_BYTES", 0)
@@ -253,7 +253,7 @@ def test_fused_dct_sparse_affine_gradcheck(monkeypatch):
 
 
 def test_fused_dct_sparse_affine_rejects_mismatched_plan():
-    import bornsparse.ops.dct_sparse as A
+    import bornsparse.ops.discrete_cosine.plus_sparse as A
 
     ts, _, plan = _sparse_case(2, 5, 3, 4, seed=0)
     with pytest.raises(ValueError, match="plan and values must describe a"):

@@ -1,11 +1,11 @@
-"""ops/memory.py: huge-page advice covers exactly the 2 MiB-aligned interior of a tensor,
+"""ops/runtime/memory.py: huge-page advice covers exactly the 2 MiB-aligned interior of a tensor,
 and a huge-page copy is an ordinary contiguous copy."""
 
 from __future__ import annotations
 
 import torch
 
-from bornsparse.ops import memory
+from bornsparse.ops.runtime import memory
 
 
 class _RecordingLibc:

@@ -35,7 +35,7 @@ def test_import_is_light():
 
 
 def test_importing_ops_settles_mkl_vml_dispatch_on_one_thread():
-    # ops/_mkl_warmup.py: every VML-routed unary op runs once per float dtype, single
+    # ops/runtime/mkl_warmup.py: every VML-routed unary op runs once per float dtype, single
     # element, while ops is imported (observed from a fresh process, through torch's own
     # function-call hook)
     code = """
@@ -50,7 +50,7 @@ class Record(TorchFunctionMode):
         return out
 with Record():
     import bornsparse.ops
-    from bornsparse.ops import _mkl_warmup
+    from bornsparse.ops.runtime import mkl_warmup as _mkl_warmup
 print(torch.backends.mkl.is_available(), _mkl_warmup.warmed)
 missing = [(f, d) for f in _mkl_warmup.VML_FUNCTIONS for d in ("torch.float32", "torch.float64")
            if (f, d) not in seen]
@@ -157,3 +157,17 @@ def test_no_two_modules_import_each_other():
     for m in sorted(mods):
         if m not in state:
             visit(m, [])
+
+
+def test_ops_is_one_package_per_family():
+    """ops/ holds one package per op family plus runtime/, and few loose files (the backend
+    switch, the lazy map and re-exports under old import paths)."""
+    from pathlib import Path
+
+    import bornsparse.ops
+
+    root = Path(bornsparse.ops.__file__).parent
+    loose = sorted(p.name for p in root.glob("*.py"))
+    packages = sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists())
+    assert len(loose) <= 8, loose
+    assert packages == ["discrete_cosine", "penalty", "permuted", "runtime", "sparse"]

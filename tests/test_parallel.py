@@ -1,4 +1,4 @@
-"""The parallel launcher of the fused kernels (ops/_parallel.py): torch's OpenMP team, a
+"""The parallel launcher of the fused kernels (ops/runtime/region.py): torch's OpenMP team, a
 Python thread pool, or the calling thread must give bitwise the same results, whatever
 number of threads actually runs the chunks."""
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from numba import types
 
-from bornsparse.ops import _parallel
-from bornsparse.ops._parallel import claim_chunk
 from bornsparse.ops.permuted import (
     FORWARD_TILE,
     permuted_block_diagonal,
     permuted_tanh_network,
 )
+from bornsparse.ops.runtime import region as _parallel
+from bornsparse.ops.runtime.bodies import claim_chunk
 
 
 def _operands(dtype, depth=5):
@@ -73,7 +73,7 @@ def test_openmp_pool_and_serial_launches_agree_bitwise(monkeypatch, dtype, depth
 def test_every_chunk_runs_once_when_fewer_threads_than_chunks(monkeypatch, how):
     if how == "openmp" and _parallel._torch_openmp() is None:
         pytest.skip("torch has no GNU OpenMP runtime here")
-    from bornsparse.ops._permuted_numba import _forward_body
+    from bornsparse.ops.permuted.numba_pairs import _forward_body
 
     x, weight, perms, _ = _operands(torch.float64)
     depth, nb, k, _ = weight.shape
@@ -153,7 +153,8 @@ def test_header_layout_names_every_slot_and_pack_header_checks_them():
 
 def test_region_bodies_from_one_template_run_their_own_chunk_loop():
     # two bodies built from the same template must not share code or on-disk cache entries
-    from bornsparse.ops import _dct_numba, _sparse_numba
+    from bornsparse.ops.discrete_cosine import numba_kernels as _dct_numba
+    from bornsparse.ops.sparse import numba_matmul as _sparse_numba
 
     names = {b._pyfunc.__name__.rsplit("_", 1)[0] for b in (_dct_numba._twiddle_take_body,
                                                             _dct_numba._affine_take_t_body,

@@ -1,4 +1,4 @@
-"""The cycle-walk kernels (ops/_permuted_cycles.py: 2×2 blocks, even depth): schedule, the
+"""The cycle-walk kernels (ops/permuted/numba_cycles.py: 2×2 blocks, even depth): schedule, the
 conditioning guard, and agreement with the reference on both backward paths (through the
 blocks' inverses, and the recompute fallback)."""
 
@@ -10,8 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bornsparse.ops import _permuted_cycles as cycles
-from bornsparse.ops import permuted as permuted_ops
 from bornsparse.ops.permuted import (
     CYCLE_MIN_TILE,
     CYCLE_TILE,
@@ -20,6 +18,8 @@ from bornsparse.ops.permuted import (
     permuted_block_diagonal_dense_reference,
     permuted_block_diagonal_reference,
 )
+from bornsparse.ops.permuted import custom_ops as permuted_ops
+from bornsparse.ops.permuted import numba_cycles as cycles
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +140,7 @@ def test_small_tiles_of_wide_layers_take_the_cycle_walk(monkeypatch):
 
 def _takes_inverse_path(x, weight, perms, n_out):
     """Whether backward rebuilt the activations through the inverses (counted by a spy)."""
-    import bornsparse.ops.permuted as P
+    import bornsparse.ops.permuted.custom_ops as P
 
     calls = []
     real = P._cycle_backward
@@ -269,7 +269,7 @@ def test_gradcheck_through_the_cycle_path(dtype):
 
 def test_conditioning_is_tested_once_per_weight_version(monkeypatch):
     # forward and backward ask the same question of the same weight: one answer per step
-    import bornsparse.ops.permuted as P
+    import bornsparse.ops.permuted.custom_ops as P
     from bornsparse.nn import PermutedBlockDiagonal
 
     calls = []

@@ -290,7 +290,7 @@ def test_tanh_network_numba_gradcheck_and_bias_validation():
 
 
 def _forward_in_child(args):
-    from bornsparse.ops import _parallel
+    from bornsparse.ops.runtime import region as _parallel
 
     x, weight, perms = args
     torch.set_num_threads(2)

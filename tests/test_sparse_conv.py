@@ -328,7 +328,7 @@ def test_op_rejects_bad_plans_and_double_backward():
 
 
 def test_layers_run_the_kernel_without_a_dense_kernel(monkeypatch):
-    import bornsparse.ops.sparse_conv as C
+    import bornsparse.ops.sparse.conv as C
 
     def no_dense(*args, **kwargs):
         raise AssertionError("the numba path formed a dense kernel")

@@ -327,7 +327,7 @@ def test_bad_alpha():
 
 @pytest.mark.parametrize("n_in,n_out", SHAPES)
 def test_fused_and_plain_dct_paths_agree_in_the_layer(monkeypatch, n_in, n_out):
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.discrete_cosine.transform as D
 
     layer = DCTPlusSparseLinear(n_in, n_out, density=0.5, alpha=0.8, init="normal",
                                 dtype=torch.float64, seed=2)
@@ -356,10 +356,10 @@ def test_empty_batch_and_inference_mode(cls):
 
 @pytest.mark.parametrize("n_in,n_out,batch", [(7, 12, 1), (12, 7, 37), (30, 30, 20)])
 def test_fused_layer_path_matches_reference(monkeypatch, n_in, n_out, batch):
-    # small sizes normally skip the fused CPU path (ops/discrete_cosine.py);
+    # small sizes normally skip the fused CPU path (ops/discrete_cosine/transform.py);
     # force it, in several blocks
-    import bornsparse.ops.dct_sparse as A
-    import bornsparse.ops.discrete_cosine as D
+    import bornsparse.ops.discrete_cosine.plus_sparse as A
+    import bornsparse.ops.discrete_cosine.transform as D
 
     monkeypatch.setattr(D, "_NUMBA_MIN_SIZE", 0)
     monkeypatch.setattr(A, "_BLOCK_BYTES", 0)

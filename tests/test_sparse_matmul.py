@@ -151,7 +151,7 @@ def test_bad_input():
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62])
 def test_parallel_and_serial_numba_kernels_agree(monkeypatch, min_work):
-    import bornsparse.ops.sparse_product as sm
+    import bornsparse.ops.sparse.matmul as sm
 
     monkeypatch.setattr(sm, "PARALLEL_MIN_WORK", min_work)
     for rows, cols, nnz, batch in [(1, 1, 1, 1), (17, 9, 40, 5), (64, 80, 900, 33)]:
@@ -174,8 +174,8 @@ def test_parallel_and_serial_numba_kernels_agree(monkeypatch, min_work):
     frac=st.floats(0.05, 1.0), seed=st.integers(0, 10_000), parallel=st.booleans(),
 )
 def test_fused_backward_kernel_matches_reference(rows, cols, batch, frac, seed, parallel):
-    # grad_x and grad_values from one sweep (ops/_sparse_numba.py), against plain torch
-    from bornsparse.ops import _sparse_numba as ks
+    # grad_x and grad_values from one sweep (ops/sparse/numba_matmul.py), against plain torch
+    from bornsparse.ops.sparse import numba_matmul as ks
 
     g = torch.Generator().manual_seed(seed)
     nnz = max(1, int(frac * rows * cols))
@@ -202,7 +202,7 @@ def test_fused_backward_kernel_matches_reference(rows, cols, batch, frac, seed, 
 def test_support_checks_run_once_per_support_version(monkeypatch):
     # a layer hands the op fresh views of its indices every call; the O(nnz) support check
     # must still run once per version of the buffer, not once per call
-    import bornsparse.ops._validated as V
+    import bornsparse.ops.runtime.validated as V
     from bornsparse.nn import SparseLinear
 
     calls = []
@@ -211,7 +211,7 @@ def test_support_checks_run_once_per_support_version(monkeypatch):
     def counting(tag, tensors, check):
         return real(tag, tensors, lambda: (calls.append(tag), check()))
 
-    monkeypatch.setattr("bornsparse.ops.sparse_product.check_once", counting)
+    monkeypatch.setattr("bornsparse.ops.sparse.plan.check_once", counting)
     layer = SparseLinear(30, 20, density=0.2, seed=0)
     x = torch.randn(4, 30, requires_grad=True)
     for _ in range(3):

@@ -157,7 +157,7 @@ def test_table_and_figures_are_written(tiny_run, capsys):
     for name, m in METHODS.items():
         assert f"| {'G(θ) k=2' if name == 'permuted' else m.label} |" in table
     assert "| low rank | 1/4 | r=2 | 80 | +0.0% |" in table
-    assert "| G(θ) k=4 | 1/4 | N=1, block_size=4 | 80 | +0.0% |" in table
+    assert "| G(θ) k=4 | 1/4 | N=1 | 80 | +0.0% |" in table
     assert "Not run: G(θ) k=8 at 1/4" in table
     # the headline: every layer's gap to dense and its time against dense's
     head = table.split("### digits: which layer, per budget")[1].split("###")[0]
@@ -243,13 +243,15 @@ def test_quick_config_is_what_the_demo_runs(tmp_path, monkeypatch):
     assert configs == structured.build_configs(_parse(["--quick"]))[0]
     # one seed of every method at every budget on MNIST-1D, a few epochs
     assert info["datasets"] == ["mnist1d"] and info["seeds"] == 1
-    # G(θ) at k = 2, 4 at 1/128, 2, 4, 8 at 1/32 and 2, 4, 8, 32 at 1/8 of 512²
-    assert len(configs) == 1 + (len(METHODS) - 2) * len(structured.BUDGETS) + 2 + 3 + 4
+    # quick: G(θ) at k = 2 at every budget, k = 8 at 1/32 and 1/8 (one factor: 1/64 of 512²)
+    assert len(configs) == 1 + (len(METHODS) - 2) * len(structured.BUDGETS) + 3 + 2
     assert {c["samples"] for c in configs} == {structured.QUICK_SAMPLES}
-    assert [b for _, k, b in info["too_big"] if k == 32] == [1 / 128, 1 / 32]
+    assert info["too_big"] == [("permuted", 8, 1 / 128)]
     assert {c["train"]["epochs"] for c in configs} == {structured.QUICK["epochs"]}
-    full, _ = structured.build_configs(_parse([]))
-    assert len(full) == 3 * 2 * len(configs)  # three seeds, both data sets
+    full, full_info = structured.build_configs(_parse([]))
+    # three seeds, both data sets, G(θ) at k = 2, 4 at 1/128, 2, 4, 8 at 1/32, all at 1/8
+    assert len(full) == 3 * 2 * (len(configs) + 4)
+    assert [b for _, k, b in full_info["too_big"] if k == 32] == [1 / 128, 1 / 32]
     assert {c["samples"] for c in full} == {structured.SAMPLES, None}  # None: digits
     bigger, _ = structured.build_configs(_parse(["--quick", "--samples", "20000"]))
     assert {c["samples"] for c in bigger} == {20000}

@@ -1,6 +1,7 @@
-"""One thread runtime for every CPU kernel: the DCT passes (ops/_dct_numba.py) and the sparse
-products (ops/_sparse_numba.py) run as chunks on torch's OpenMP team through
-ops/_parallel.py, like the permuted operator, and never start numba's own parallel runtime.
+"""One thread runtime for every CPU kernel: the DCT passes
+(ops/discrete_cosine/numba_kernels.py) and the sparse products (ops/sparse/numba_matmul.py)
+run as chunks on torch's OpenMP team through ops/runtime/region.py, like the permuted
+operator, and never start numba's own parallel runtime.
 
 Each kernel is checked against plain numpy on odd shapes, batch 1 and an empty batch, in
 float32 and float64; its result must not depend on the chunking (every output row is
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from bornsparse.ops import _dct_numba as kd
-from bornsparse.ops import _sparse_numba as ks
+from bornsparse.ops.discrete_cosine import numba_kernels as kd
+from bornsparse.ops.sparse import numba_matmul as ks
 
 DTYPES = [np.float32, np.float64]
 CHUNKS = [1, 2, 5]  # 1: the chunk function called directly; more: a region via launch()
@@ -304,7 +305,7 @@ def test_one_and_two_threads_agree_bitwise(monkeypatch):
 
 
 def test_chunk_plan_sizes():
-    from bornsparse.ops._parallel import CHUNKS_PER_THREAD, PARALLEL_MIN_WORK, chunk_plan
+    from bornsparse.ops.runtime.bodies import CHUNKS_PER_THREAD, PARALLEL_MIN_WORK, chunk_plan
 
     assert chunk_plan(1000, PARALLEL_MIN_WORK - 1) == (1, 1)
     assert chunk_plan(1, 1 << 30) == (1, 1)
@@ -320,7 +321,7 @@ _NO_NUMBA_RUNTIME = textwrap.dedent("""
     import numba.np.ufunc.parallel as npp
     import torch
 
-    import bornsparse.ops._parallel as P
+    import bornsparse.ops.runtime.region as P
 
     launches = []
     launch = P.launch

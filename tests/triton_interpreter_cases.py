@@ -27,7 +27,6 @@ from bornsparse.nn import (  # noqa: E402
     SparseLinear,
 )
 from bornsparse.ops import backends  # noqa: E402
-from bornsparse.ops._permuted_triton import inverse_amplification  # noqa: E402
 from bornsparse.ops.dct_sparse import dct_sparse_affine_reference  # noqa: E402
 from bornsparse.ops.permuted import (  # noqa: E402
     INVERSE_MAX_AMPLIFICATION,
@@ -36,6 +35,7 @@ from bornsparse.ops.permuted import (  # noqa: E402
     permuted_tanh_network,
     permuted_tanh_network_reference,
 )
+from bornsparse.ops.permuted.triton_kernels import inverse_amplification  # noqa: E402
 from bornsparse.ops.sparse_product import (  # noqa: E402
     build_plan,
     sparse_matmul,
@@ -395,7 +395,7 @@ def test_dct_plus_sparse_half_precision(dtype):
 
 
 def test_dct_plus_sparse_ops_opcheck():
-    import bornsparse.ops._dct_sparse_triton  # noqa: F401  (registers the ops)
+    import bornsparse.ops.discrete_cosine.triton_plus_sparse  # noqa: F401  (registers the ops)
 
     n_in, n_out, nnz, batch = 6, 9, 14, 4
     idx = _support(n_out, n_in, nnz, seed=4)
@@ -448,10 +448,10 @@ def test_auto_picks_triton_on_cuda_for_every_op_with_a_kernel(monkeypatch):
         decisions.append((family, has_triton, kind))
         return kind
 
-    import bornsparse.ops.dct_sparse as dsa
-    import bornsparse.ops.penalty as penalty
-    import bornsparse.ops.permuted as permuted
-    import bornsparse.ops.sparse_product as sparse_product
+    import bornsparse.ops.discrete_cosine.plus_sparse as dsa
+    import bornsparse.ops.penalty.functional as penalty
+    import bornsparse.ops.permuted.functional as permuted
+    import bornsparse.ops.sparse.matmul as sparse_product
 
     layers = [
         PermutedBlockDiagonal(6, 5, width=8, depth=2, seed=0),

@@ -3,7 +3,7 @@
 libgomp's thread team does not survive ``fork``: a parallel region in the child can hang.
 The flag is set by an at-fork hook registered when ``bornsparse`` is imported (this module
 is stdlib-only, so that costs nothing), and the fused kernels then run on the calling thread
-alone (``ops/_parallel.py``).
+alone (``ops/runtime/region.py``).
 """
 
 from __future__ import annotations

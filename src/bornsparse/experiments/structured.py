@@ -41,7 +41,8 @@ BATCH_SIZE = 128
 PENALTY_SCHEDULE = ((7 / 12, 3.0), (1.0, 0.3))
 # f+b times are the median over the steps after these (numba JIT, allocator warm-up)
 TIMING_WARMUP = 10
-QUICK = {"datasets": ("mnist1d",), "seeds": 1, "epochs": 6}
+# quick: G(θ) at two block sizes only, so that the demo's step stays under a minute
+QUICK = {"datasets": ("mnist1d",), "seeds": 1, "epochs": 6, "block_sizes": (2, 8)}
 # MNIST-1D samples generated (train 80%, test 20%): the full run's 40,000 make dense the
 # ceiling (at the package's 5,000 it overfits and ranks last); --quick keeps 5,000
 SAMPLES = 40_000
@@ -113,7 +114,7 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
                          f"class, 80% for training), got {samples}")
     # the defaults that divide the width (a narrow test width keeps the small ones)
     block_sizes = list(args.block_sizes) if args.block_sizes else [
-        k for k in BLOCK_SIZES if width % k == 0]
+        k for k in (QUICK["block_sizes"] if quick else BLOCK_SIZES) if width % k == 0]
     for k in block_sizes:
         if k < 2 or width % k:
             raise ValueError(f"--block-sizes: every block size must be at least 2 and "
@@ -361,7 +362,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"the small version that bornsparse demo runs: "
                         f"{', '.join(QUICK['datasets'])} only, one seed, {QUICK['epochs']} "
-                        f"epochs, {QUICK_SAMPLES:,} samples (explicit flags still override)")
+                        f"epochs, {QUICK_SAMPLES:,} samples, G(θ) at block sizes "
+                        f"{' '.join(map(str, QUICK['block_sizes']))} (explicit flags still "
+                        "override)")
     parser.add_argument("--datasets", nargs="+", default=None, metavar="DATASET",
                         help=f"among {', '.join(DATASETS)} (default both)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
@@ -376,8 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "dense overfits)")
     parser.add_argument("--block-sizes", nargs="+", type=int, default=None, metavar="K",
                         help="G(θ)'s block sizes, each dividing --width (default "
-                        "those of 2 4 8 32 that divide it); a block size whose one factor "
-                        "is more than 50%% over a budget is not run there")
+                        "those of 2 4 8 32 that divide it; quick 2 8); a block size whose "
+                        "one factor is more than 50%% over a budget is not run there")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="seeds 0..N-1 (default 3; quick 1)")
     parser.add_argument("--epochs", type=int, default=None,

@@ -121,8 +121,10 @@ def budget_text(budget: float) -> str:
 
 
 def _size(size: dict[str, int]) -> str:
+    # G(θ)'s block size is in its label ("G(θ) k=4"); Monarch's k is its block count
     names = {"rank": "r", "nblocks": "k", "depth": "N", "nnz": "nnz", "offset_depth": "d"}
-    return ", ".join(f"{names.get(k, k)}={v}" for k, v in size.items()) or "—"
+    return ", ".join(f"{names.get(k, k)}={v}" for k, v in size.items()
+                     if k != "block_size") or "—"
 
 
 def accuracy_table(cells: dict[tuple, dict[str, Any]]) -> str:
@@ -301,6 +303,7 @@ def plot_pareto(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     out_dir = Path(out_dir)
     paths = []
@@ -309,7 +312,7 @@ def plot_pareto(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[
         if not budgets:
             continue
         dense = cells.get(("dense", None))
-        fig, axes = plt.subplots(1, len(budgets), figsize=(4.4 * len(budgets), 4.2),
+        fig, axes = plt.subplots(1, len(budgets), figsize=(4.4 * len(budgets) + 2, 4.2),
                                  sharey=True, squeeze=False)
         for ax, b in zip(axes[0], budgets, strict=True):
             pts = []
@@ -330,15 +333,24 @@ def plot_pareto(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[
             if len(front) > 1:
                 ax.plot(*zip(*front, strict=True), color="0.6", lw=1, zorder=0)
             ax.set_xscale("log")
+            # plain numbers at 1-2-5 steps: the default 3×10⁰ labels run into each other
+            ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(f"budget {budget_text(b)} of the dense weights", fontsize=9)
             ax.set_xlabel("f+b time per batch (ms, fastest seed)")
             ax.grid(True, which="both", alpha=0.25)
         axes[0][0].set_ylabel("test accuracy (%)")
-        axes[0][-1].legend(fontsize=6, loc="best")
+        # one legend for all panels, outside them: no panel's points hidden under it
+        seen: dict[str, Any] = {}
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                seen.setdefault(lab, h)
+        fig.legend(list(seen.values()), list(seen), fontsize=7, loc="center right")
         n_train = next(iter(cells.values())).get("train_samples")
         fig.suptitle(f"{dataset}" + ("" if n_train is None else f", {n_train:,} training "
                      "samples") + ": accuracy against cost, per budget", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
         target = out_dir / f"pareto_{dataset}.png"
         fig.savefig(target, dpi=130)
         plt.close(fig)

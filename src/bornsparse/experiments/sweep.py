@@ -162,7 +162,7 @@ def use_threads(threads: int) -> None:
 
     Sets every thread variable (:data:`THREAD_VARIABLES`) to ``threads`` for what loads
     later, then torch's own count (which also sets MKL's and the OpenMP team every
-    bornsparse kernel runs on). numba's parallel runtime is never used (ops/_parallel.py),
+    bornsparse kernel runs on). numba's parallel runtime is never used (ops/runtime/region.py),
     so its thread count is only capped through NUMBA_NUM_THREADS, never started.
     """
     for name in THREAD_VARIABLES:

@@ -116,7 +116,7 @@ class _PermutedBase(nn.Module):
         perms, blocks = draw_factors(self.depth, self.width, self.block_size,
                                      make_generator(self.seed), self.weight.dtype)
         # the kernels read the weight at random blocks: memory advised for huge pages
-        # (ops/memory.py) before its first touch
+        # (ops/runtime/memory.py) before its first touch
         advise_huge_pages(self.weight)
         self.weight.copy_(blocks)
         self.perms.copy_(perms)

@@ -11,20 +11,22 @@ way down (any device, autograd of any order) and "auto" means the same rule ever
   raises for tensors it does not suit (other devices and dtypes).
 * ``"torch_sparse"``: the sparse products through ``torch.sparse`` CSR kernels (sparse
   matmul and the DCT-plus-sparse layer only), for comparison.
-* ``"triton"``: the Triton GPU kernels (``_permuted_triton.py``: the permuted product and
-  the tanh network; ``_sparse_triton.py``: the sparse product; ``_dct_sparse_triton.py``:
-  the DCT-plus-sparse layer, its FFT through torch.fft), for CUDA tensors; on CPU tensors
-  only under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run them). An op of those
-  families without a Triton kernel (the penalty, the DCT itself) runs its reference, so a
-  layer built with ``backend="triton"`` works on every op it calls.
+* ``"triton"``: the Triton GPU kernels (``permuted/triton_kernels.py``: the permuted product
+  and the tanh network; ``sparse/triton_matmul.py``: the sparse product;
+  ``discrete_cosine/triton_plus_sparse.py``: the DCT-plus-sparse layer, its FFT through
+  torch.fft), for CUDA tensors; on CPU tensors only under Triton's interpreter
+  (``TRITON_INTERPRET=1``, how the tests run them). An op of those families without a
+  Triton kernel (the penalty, the DCT itself) runs its reference, so a layer built with
+  ``backend="triton"`` works on every op it calls.
+
+What the kernels share besides this switch (the parallel launch, the validation cache,
+hardware probes) lives in ``ops/runtime/``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import glob
-import os
 import threading
 from collections.abc import Iterator
 
@@ -136,33 +138,3 @@ def resolve_backend(
             f"backend='numba' needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
         )
     return backend  # type: ignore[return-value]
-
-
-@torch.compiler.assume_constant_result
-def num_threads() -> int:
-    """torch's intra-op thread count, as a constant that torch.compile can trace.
-
-    The kernels' tiles depend on it; a compiled graph keeps the value it was traced with
-    (dynamo cannot trace ``torch.get_num_threads`` itself).
-    """
-    return max(1, torch.get_num_threads())
-
-
-def cache_bytes(level: int, default: int) -> int:
-    """Size of CPU 0's level-``level`` data (or unified) cache from sysfs, read at run time
-    so that tile and path choices follow the machine they run on; ``default`` where the
-    system does not say."""
-    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
-        try:
-            with open(os.path.join(d, "level")) as f:
-                found = int(f.read().strip())
-            with open(os.path.join(d, "type")) as f:
-                kind = f.read().strip()
-            with open(os.path.join(d, "size")) as f:
-                size = f.read().strip()
-        except (OSError, ValueError):
-            continue
-        digits = size.rstrip("KMG")
-        if found == level and kind in ("Data", "Unified") and digits.isdigit():
-            return int(digits) << {"K": 10, "M": 20, "G": 30}.get(size[-1:], 0)
-    return default

@@ -1,8 +1,8 @@
 """The DCT-plus-sparse layer out = α·T(x) + x Sᵀ + bias as one op on the GPU: the sparse
-product through the Triton kernels of ``_sparse_triton.py``, the DCT's FFT through torch.fft
+product through the Triton kernels of ``sparse/triton_matmul.py``, the DCT's FFT through torch.fft
 (cuFFT), and every other pass of the layer fused into four small Triton kernels around them
-(ops/dct_sparse.py has the layer's definition and the plain-PyTorch reference;
-ops/discrete_cosine.py the DCT through one real FFT, whose tables these kernels read).
+(plus_sparse.py has the layer's definition and the plain-PyTorch reference;
+transform.py the DCT through one real FFT, whose tables these kernels read).
 
 Forward, for x (batch, n), S (m, n), q = max(n, m):
 
@@ -34,9 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from bornsparse.ops import discrete_cosine as _dct
-from bornsparse.ops._permuted_triton import acc_dtype, work_dtype
-from bornsparse.ops._sparse_triton import (
+from bornsparse.ops.discrete_cosine import transform as _dct
+from bornsparse.ops.runtime.autograd import no_double_backward
+from bornsparse.ops.runtime.triton_support import acc_dtype, work_dtype
+from bornsparse.ops.sparse.triton_matmul import (
     _check_op_operands,
     compressed_matmul_t,
     sampled_dot_t,
@@ -97,7 +98,7 @@ def _untake_transpose_kernel(g_ptr, winv_ptr, z_ptr, gt_ptr, batch, m, q, half,
     j_ok = j < half
     srow = s[:, None].to(tl.int64)
     # z_j = (c_j − i·c_{q−j}) / w_j with c the coefficients (g, zero past m); j = 0 has no
-    # imaginary part (ops/discrete_cosine.py's "put" and "sign" tables)
+    # imaginary part (transform.py's "put" and "sign" tables)
     re_ok = s_ok & (j_ok & (j < m))[None, :]
     jj = q - j
     im_ok = s_ok & (j_ok & (j > 0) & (jj < m))[None, :]
@@ -141,7 +142,7 @@ def _grad_gather_kernel(v_ptr, unorder_ptr, gst_ptr, xt_ptr, alpha_ptr, gx_ptr, 
 
 @functools.cache
 def _jitted(interpret: bool) -> SimpleNamespace:
-    # wrapped per TRITON_INTERPRET setting, as in _permuted_triton._jitted
+    # wrapped per TRITON_INTERPRET setting, as in permuted/triton_kernels._jitted
     return SimpleNamespace(reorder_transpose=triton.jit(_reorder_transpose_kernel),
                            affine_take=triton.jit(_affine_take_kernel),
                            untake_transpose=triton.jit(_untake_transpose_kernel),
@@ -297,12 +298,8 @@ def _backward(ctx, grad_out, _grad_x_t):
             *([None] * len(plan)))
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("double backward through the Triton kernels of dct_sparse_affine is "
-                       "not supported; use backend='reference' (gradients of any order)")
-
-
 _dct_sparse_triton_op.register_autograd(_backward, setup_context=_setup)
 _dct_sparse_triton_backward_op.register_autograd(
-    _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    no_double_backward("dct_sparse_affine", "Triton"),
+    setup_context=lambda ctx, inputs, output: None,
 )

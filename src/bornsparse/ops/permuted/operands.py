@@ -1,7 +1,7 @@
 """Operand checks and constants shared by every backend of the permuted operator.
 
-Here, below ``ops/permuted.py`` (the functional and the numba ops) and
-``ops/_permuted_triton.py`` (the Triton ops), so that neither imports the other.
+Here, below ``functional.py`` and ``custom_ops.py`` (the numba ops) and
+``triton_kernels.py`` (the Triton ops), so that neither imports the other.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def check_operands(
 def check_permutations(perms: torch.Tensor) -> None:
     # The numba kernels do no bounds checks, so a bad index would read outside memory.
     if perms.device.type == "cpu":
-        from bornsparse.ops._permutation_check import _perms_are_permutations_kernel
+        from bornsparse.ops.permuted.permutation_check import _perms_are_permutations_kernel
 
         ok = _perms_are_permutations_kernel(perms.contiguous().numpy())
     else:

@@ -1,4 +1,4 @@
-"""Fused numba CPU kernels for the permuted block-diagonal operator (see ``ops/permuted.py``).
+"""Fused numba CPU kernels for the permuted block-diagonal operator (see the package docstring).
 
 Why the kernels look the way they do:
 
@@ -16,7 +16,7 @@ Why the kernels look the way they do:
 * Work is split into chunks of whole tiles (chunk c: tiles c, c + nchunks, ...), each with
   its own buffers and partial weight gradient; the partials are summed afterwards in chunk
   order, so results depend on the chunk count (torch's thread count) only. The chunks run as
-  a parallel region of torch's own OpenMP team (``ops/_parallel.py``, through the cfunc
+  a parallel region of torch's own OpenMP team (``ops/runtime/``, through the cfunc
   bodies at the end of this file): numba's ``parallel=True`` runs on a second copy of libgomp
   whose threads, and torch's, spin while the other works, and a Python thread pool fights
   torch's spinning threads the same way (2 threads ran slower than 1; docs/design.md).
@@ -25,7 +25,7 @@ Why the kernels look the way they do:
   infinity or signed zeros; both only change rounding (summation order over the batch, which
   differs from PyTorch's anyway).
 * Numba does no bounds checking: the public wrappers validate shapes, dtypes and that every
-  row of ``perms`` is a permutation (``ops/_permutation_check.py``) before calling here.
+  row of ``perms`` is a permutation (``permutation_check.py``) before calling here.
 """
 
 from __future__ import annotations
@@ -33,16 +33,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bornsparse.ops._parallel import (
-    NoAliasCompiler,
-    claim_chunk,
-    finish_chunk,
-    header_address,
-    header_layout,
-    prefetch,
-    region_body,
-    view,
-)
+from bornsparse.ops.runtime.bodies import NoAliasCompiler, claim_chunk, finish_chunk, region_body
+from bornsparse.ops.runtime.intrinsics import header_address, prefetch, view
+from bornsparse.ops.runtime.region import header_layout
 
 FASTMATH = {"contract", "reassoc"}
 # Blocks ahead at which the fused pair kernel prefetches its random source rows, and the
@@ -600,8 +593,8 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
 
 
 # ---------------------------------------------------------------------------------------
-# Parallel-region bodies for ops/_parallel.py: each reads its header by the named slots of
-# its layout (slot ``code``: 0 float32, 1 float64; ops/permuted.py fills them by name) and
+# Parallel-region bodies for ops/runtime/region.py: each reads its header by the named slots of
+# its layout (slot ``code``: 0 float32, 1 float64; custom_ops.py fills them by name) and
 # runs the kernel above on every chunk its thread claims. Chunk c of the batch kernels is
 # "tiles c, c + nchunks, ...", so results are the same whichever thread runs which chunk.
 

@@ -14,17 +14,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bornsparse.ops._parallel import (
-    chunk_plan,
-    claim_chunk,
-    finish_chunk,
-    header_address,
-    header_layout,
-    launch,
-    pack_header,
-    region_body,
-    view,
-)
+from bornsparse.ops.runtime.bodies import chunk_plan, claim_chunk, finish_chunk, region_body
+from bornsparse.ops.runtime.intrinsics import header_address, view
+from bornsparse.ops.runtime.region import header_layout, launch, pack_header
 
 _F64 = np.empty(0, np.float64)
 # code: 0 float32, 1 float64 weights

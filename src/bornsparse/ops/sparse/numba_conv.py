@@ -1,4 +1,4 @@
-"""Numba CPU kernels of the direct sparse convolution (see ``ops/sparse_conv.py``).
+"""Numba CPU kernels of the direct sparse convolution (see ``conv.py``).
 
 The stored weights are entries e = (o, l) of the (out_channels, L) kernel matrix, l the
 flattened (c_local, kh, kw) patch index (F.unfold order). Output channel o of group
@@ -21,12 +21,12 @@ g = o // (out/groups) reads input channel c = g·(in/groups) + c_local, so entry
   same memory, so results do not depend on the chunking (nor on the threads).
 
 Chunks (contiguous ranges of units) run as a parallel region of torch's OpenMP team through
-``ops/_parallel.launch``; below a work threshold, or with one torch thread, the same body
+``runtime/region.launch``; below a work threshold, or with one torch thread, the same body
 runs as one chunk on the calling thread. The headers' slots are named once
 (``ForwardSlot``, ``BackwardSlot``) for the packing and the chunk loops alike. numba's
 ``parallel=True`` is never used (it would start a second OpenMP runtime, docs/design.md).
 ``fastmath`` contraction and reassociation let LLVM use FMAs and vectorise the dot
-products; numba does no bounds checks, so ``ops/sparse_conv.py`` validates every index
+products; numba does no bounds checks, so ``conv.py`` validates every index
 tensor before calling here.
 """
 
@@ -35,19 +35,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bornsparse.ops._parallel import (
+from bornsparse.ops.runtime.bodies import (
     NoAliasCompiler,
     chunk_plan,
     claim_chunk,
     finish_chunk,
-    header_address,
-    header_layout,
-    launch,
-    pack_header,
     region_body,
-    view,
 )
-from bornsparse.ops.backends import cache_bytes
+from bornsparse.ops.runtime.hardware import cache_bytes
+from bornsparse.ops.runtime.intrinsics import header_address, view
+from bornsparse.ops.runtime.region import header_layout, launch, pack_header
 
 _FASTMATH = {"contract", "reassoc"}
 _I64 = np.empty(0, np.int64)
@@ -188,7 +185,7 @@ def _backward_plane(xc, gyn, gxc, vals, rows, cols, perm, k0, k1, acc, kh_, kw_,
 
 # ---- chunk loops: unpack the header, run every chunk this thread claims ----------------
 
-# the headers (ops/_parallel.header_layout; code 1: float64): sizes, then pointers
+# the headers (runtime/region.header_layout; code 1: float64): sizes, then pointers
 ForwardSlot = header_layout(
     "ConvForwardSlot",
     "n c h w o ho wo kh kw sh sw ph pw dh dw groups nnz tile has_bias x vals cols rowptr bias out",

@@ -1,4 +1,4 @@
-"""Triton kernels of the sparse product y = x Sᵀ (ops/sparse_product.py has the layout).
+"""Triton kernels of the sparse product y = x Sᵀ (matmul.py has the layout).
 
 Imported only by the "triton" backend. Like the numba kernels they work on transposed,
 contiguous activations (features, batch), so a program's loads run along the batch
@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from bornsparse.ops._permuted_triton import acc_dtype, check_triton_tensor
-from bornsparse.ops._validated import check_once
 from bornsparse.ops.backends import INDEX_DTYPES
+from bornsparse.ops.runtime.autograd import no_double_backward
+from bornsparse.ops.runtime.triton_support import acc_dtype, check_triton_tensor
+from bornsparse.ops.runtime.validated import check_once
 
 BLOCK_N = 32  # samples per program
 BLOCK_E = 16  # nonzeros per step
@@ -71,7 +72,7 @@ def _sampled_dot_kernel(rows_ptr, cols_ptr, gy_ptr, x_ptr, out_ptr, nnz, batch,
 
 @functools.cache
 def _jitted(interpret: bool) -> SimpleNamespace:
-    # wrapped per TRITON_INTERPRET setting, as in _permuted_triton._jitted
+    # wrapped per TRITON_INTERPRET setting, as in permuted/triton_kernels._jitted
     return SimpleNamespace(compressed=triton.jit(_compressed_kernel),
                            sampled_dot=triton.jit(_sampled_dot_kernel))
 
@@ -213,12 +214,8 @@ def _backward(ctx, grad_y, _grad_x_t):
     return (grad_x if need_x else None), (grad_v if need_v else None), *([None] * len(plan))
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("double backward through the Triton kernel of sparse_matmul is not "
-                       "supported; use backend='reference' (gradients of any order)")
-
-
 _sparse_matmul_triton_op.register_autograd(_backward, setup_context=_setup)
 _sparse_matmul_triton_backward_op.register_autograd(
-    _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    no_double_backward("sparse_matmul", "Triton"),
+    setup_context=lambda ctx, inputs, output: None,
 )

@@ -4,7 +4,7 @@ P(θ) = mean over every k×k block B of 2‖I − BᵀB‖²_F, for a weight (de
 The reference is plain torch (closed form for 2×2 blocks, a batched matmul otherwise,
 gradients of any order); ``torch.ops.bornsparse.orthogonality_penalty`` reads the blocks
 once for the value, and its backward op reads them once more and writes the gradient
-g·(8/N)·B(BᵀB − I) already scaled by the incoming g (ops/_penalty_numba.py): three passes
+g·(8/N)·B(BᵀB − I) already scaled by the incoming g (numba_kernels.py): three passes
 over weight-sized memory per training step instead of dozens.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from bornsparse._checks import check_float_tensor
 from bornsparse.ops.backends import check_backend, resolve_backend
+from bornsparse.ops.runtime.autograd import no_double_backward
 
 
 def orthogonality_penalty_reference(weight: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def _check_kernel_weight(weight: torch.Tensor) -> None:
 @torch.library.custom_op("bornsparse::orthogonality_penalty", mutates_args=())
 def _penalty_op(weight: torch.Tensor) -> torch.Tensor:
     """P for a CPU float32/float64 weight (..., k, k): one read of the blocks."""
-    from bornsparse.ops._penalty_numba import orthogonality_penalty_kernel
+    from bornsparse.ops.penalty.numba_kernels import orthogonality_penalty_kernel
 
     _check_kernel_weight(weight)
     value = orthogonality_penalty_kernel(weight.contiguous().numpy(), None)
@@ -55,7 +56,7 @@ def _(weight):
 @torch.library.custom_op("bornsparse::orthogonality_penalty_backward", mutates_args=())
 def _penalty_backward_op(weight: torch.Tensor, grad_value: torch.Tensor) -> torch.Tensor:
     """grad_value · ∂P/∂weight in one pass (a read of the blocks, a write of the gradient)."""
-    from bornsparse.ops._penalty_numba import orthogonality_penalty_kernel
+    from bornsparse.ops.penalty.numba_kernels import orthogonality_penalty_kernel
 
     _check_kernel_weight(weight)
     w = weight.contiguous()
@@ -79,14 +80,11 @@ def _backward(ctx, grad_value):
     return torch.ops.bornsparse.orthogonality_penalty_backward(weight, grad_value)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("double backward through the numba kernel of orthogonality_penalty is "
-                       "not supported; use backend='reference'")
-
-
 _penalty_op.register_autograd(_backward, setup_context=_setup)
-_penalty_backward_op.register_autograd(_no_double_backward,
-                                       setup_context=lambda ctx, inputs, output: None)
+_penalty_backward_op.register_autograd(
+    no_double_backward("orthogonality_penalty"),
+    setup_context=lambda ctx, inputs, output: None,
+)
 
 
 def orthogonality_penalty(weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -5,7 +5,7 @@ Both use Makhoul's (1980) reordering: the DCT-II of ``x`` of length N is the rea
 a twiddle ``exp(-iπk/2N)``. One real FFT of length N, no padding to 2N and no dense matrix.
 The reorderings are single gathers with cached index tables (a flip of the FFT's strided
 imaginary part measured 7x slower than the FFT itself); on CPU a numba kernel fuses the
-twiddle with the output gather (ops/_dct_numba.py), the torch version being its reference.
+twiddle with the output gather (numba_kernels.py), the torch version being its reference.
 ``scipy.fft.dct(x, norm="ortho")`` is the reference in the tests. The transform is
 orthogonal, so the backward of dct is idct and vice versa: gradients are O(q log q) too.
 """
@@ -123,7 +123,7 @@ def _dct_last(x: torch.Tensor, fused: bool = True) -> torch.Tensor:
     v = x.index_select(-1, t["reorder"])
     spec = torch.fft.rfft(v, dim=-1)  # (..., n//2 + 1)
     if fused and use_numba_twiddle(x):
-        from bornsparse.ops._dct_numba import _twiddle_take_kernel
+        from bornsparse.ops.discrete_cosine.numba_kernels import _twiddle_take_kernel
 
         out = torch.empty_like(x)
         _twiddle_take_kernel(
@@ -148,7 +148,7 @@ def _idct_last(c: torch.Tensor, fused: bool = True) -> torch.Tensor:
         return torch.empty_like(c)
     t = dct_tables(n, c.dtype, c.device)
     if fused and use_numba_twiddle(c):
-        from bornsparse.ops._dct_numba import _untake_twiddle_kernel
+        from bornsparse.ops.discrete_cosine.numba_kernels import _untake_twiddle_kernel
 
         cdtype = torch.complex128 if c.dtype == torch.float64 else torch.complex64
         z = torch.empty(*c.shape[:-1], n // 2 + 1, dtype=cdtype)

@@ -1,5 +1,6 @@
 """Triton kernels of the permuted block-diagonal product and of the permuted tanh network
-(ops/permuted.py has the layout and the plain-PyTorch references beside which these run).
+(the package docstring has the layout; reference.py the plain-PyTorch references beside
+which these run).
 
 Imported only by the "triton" backend (ops/backends.py), so ``import bornsparse`` never loads
 triton. Activations are kept transposed, (rows, batch) contiguous, like the sparse kernels:
@@ -51,19 +52,19 @@ import torch
 import triton
 import triton.language as tl
 
-from bornsparse.ops._permuted_operands import (
+from bornsparse.ops.permuted.operands import (
     INVERSE_MAX_AMPLIFICATION,
     check_operands,
     check_permutations,
 )
-from bornsparse.ops._validated import check_once
-from bornsparse.ops.backends import suits_triton
+from bornsparse.ops.runtime.autograd import no_double_backward
+from bornsparse.ops.runtime.triton_support import acc_dtype, check_triton_tensor, work_dtype
+from bornsparse.ops.runtime.validated import check_once
 
 BLOCK_B = 16  # blocks per program
 BLOCK_N = 64  # samples per program: 64 × 4 B = one 256 B run per gathered row
 MAX_SPLITS = 64  # batch splits of the block gradient: parallelism without atomics
 TARGET_PROGRAMS = 1024  # enough programs to fill every SM of a large GPU a few times
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _factor_kernel(src_ptr, m_ptr, perm_ptr, bias_ptr, act_ptr, gz_ptr, dst_ptr, batch,
@@ -169,25 +170,6 @@ def kernels() -> SimpleNamespace:
     return _jitted(bool(triton.knobs.runtime.interpret))
 
 
-def acc_dtype(t: torch.Tensor):
-    """The accumulation dtype for ``t``: float64 for float64, float32 otherwise."""
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64, float32 otherwise: what partial sums and rebuilds are kept in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_triton_tensor(name: str, t: torch.Tensor) -> None:
-    """Raise unless ``t`` suits the Triton kernels (device, dtype)."""
-    if not suits_triton(t) or t.dtype not in TRITON_DTYPES:
-        raise ValueError(
-            f"{name} must be a float16/bfloat16/float32/float64 CUDA tensor (or CPU with "
-            f"TRITON_INTERPRET=1), got {t.dtype} on {t.device}"
-        )
-
-
 def transposed(t: torch.Tensor) -> torch.Tensor:
     """A fresh contiguous copy of ``t.T`` (2-D): never a view, so an op never returns an
     alias of its input or of another output (a (1, n) tensor's transpose is contiguous)."""
@@ -253,7 +235,7 @@ def block_grad(g: torch.Tensor, h: torch.Tensor, perm: torch.Tensor, nb: int, k:
 def inverse_amplification(weight: torch.Tensor) -> float:
     """Product over factors of the largest block condition number of ``weight``
     (depth, nb, k, k), inf for a singular or non-finite block: the CPU cycle walk's bound
-    (``_permuted_cycles.worst_amplification``) for any k, on the weight's device."""
+    (``numba_cycles.worst_amplification``) for any k, on the weight's device."""
     w = weight.detach().to(torch.float64)
     if not bool(torch.isfinite(w).all()):
         return float("inf")
@@ -394,16 +376,9 @@ def _backward(ctx, grad_out, _grad_final):
     return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None
 
 
-def _no_double_backward(op: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"double backward through the Triton kernel of {op} is not "
-                           f"supported; use backend='reference' (gradients of any order)")
-    return backward
-
-
 _permuted_triton_op.register_autograd(_backward, setup_context=_setup)
 _permuted_triton_backward_op.register_autograd(
-    _no_double_backward("permuted_block_diagonal"),
+    no_double_backward("permuted_block_diagonal", "Triton"),
     setup_context=lambda ctx, inputs, output: None,
 )
 
@@ -546,7 +521,8 @@ def _tanh_backward(ctx, grad_out, _grad_acts):
 
 _tanh_op.register_autograd(_tanh_backward, setup_context=_tanh_setup)
 _tanh_backward_op.register_autograd(
-    _no_double_backward("permuted_tanh_network"), setup_context=lambda ctx, inputs, output: None
+    no_double_backward("permuted_tanh_network", "Triton"),
+    setup_context=lambda ctx, inputs, output: None,
 )
 
 

@@ -1,6 +1,6 @@
 """Cycle-walk kernels for the permuted block-diagonal operator with 2×2 blocks and even depth.
 
-Why they exist: the one-factor-at-a-time kernels (``_permuted_numba.py``) are bound by moving
+Why they exist: the one-factor-at-a-time kernels (``numba_pairs.py``) are bound by moving
 (width, tile) rows through L2. For two consecutive 2×2 factors F1, F2 the blocks form cycles
 (each F1 block feeds two F2 blocks and each F2 block reads two F1 blocks), so a walk along
 a cycle applies *both* factors while reading each row once and writing it once, in place:
@@ -14,10 +14,10 @@ Backward walks the same cycles and rebuilds each factor's input from its output 
 tile) slab per tile: memory independent of depth). So there is neither a recompute pass nor
 a depth-sized scratch. Rebuilding amplifies rounding by the blocks' condition numbers:
 callers use these kernels only while ``worst_amplification(weight)`` is small and fall back
-to the recompute kernels otherwise (``ops/permuted.py``).
+to the recompute kernels otherwise (``custom_ops.py``).
 
 Layout, tiles, threads, fastmath and the ``noalias`` helpers are as in
-``_permuted_numba.py`` (its docstring says why); rows are addressed through raw pointer views
+``numba_pairs.py`` (its docstring says why); rows are addressed through raw pointer views
 (``_row``): numba's array views carry a reference count whose atomic updates, in these
 per-step loops, measured ~40% of the time.
 """
@@ -27,19 +27,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bornsparse.ops._parallel import (
-    NoAliasCompiler,
-    as_voidptr,
-    claim_chunk,
-    finish_chunk,
-    header_address,
-    header_layout,
-    region_body,
-    view,
-)
-from bornsparse.ops._parallel import prefetch as _prefetch
-from bornsparse.ops._parallel import prefetch_write as _prefetch_write
-from bornsparse.ops._permuted_numba import FASTMATH, load_tile_transposed
+from bornsparse.ops.permuted.numba_pairs import FASTMATH, load_tile_transposed
+from bornsparse.ops.runtime.bodies import NoAliasCompiler, claim_chunk, finish_chunk, region_body
+from bornsparse.ops.runtime.intrinsics import as_voidptr, header_address, view
+from bornsparse.ops.runtime.intrinsics import prefetch as _prefetch
+from bornsparse.ops.runtime.intrinsics import prefetch_write as _prefetch_write
+from bornsparse.ops.runtime.region import header_layout
 
 _I32 = np.empty(0, np.int32)
 _I64 = np.empty(0, np.int64)
@@ -549,8 +542,8 @@ def worst_amplification(weight):
 
 
 # ---------------------------------------------------------------------------------------
-# Parallel-region bodies (ops/_parallel.py), as at the end of _permuted_numba.py: named
-# header slots (code 0 float32, 1 float64), filled by name in ops/permuted.py.
+# Parallel-region bodies (ops/runtime/), as at the end of numba_pairs.py: named
+# header slots (code 0 float32, 1 float64), filled by name in custom_ops.py.
 
 ForwardSlot = header_layout(
     "CycleForwardSlot",

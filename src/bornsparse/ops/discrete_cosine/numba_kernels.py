@@ -1,11 +1,11 @@
-"""Numba kernels fusing the DCT's twiddle with its output reordering; see ops/discrete_cosine.py.
+"""Numba kernels fusing the DCT's twiddle with its output reordering; see transform.py.
 
 In plain torch the twiddle is a broadcast complex multiply, then a conjugation and a gather:
 three passes over the spectrum, each as slow as the FFT itself on CPU. Here each is one
 pass, parallel over rows.
 
 Each kernel is a function of a range of rows (or of _TILE-sample tiles), run over chunks of
-the batch as a parallel region of torch's own OpenMP team (ops/_parallel.py): the
+the batch as a parallel region of torch's own OpenMP team (ops/runtime/region.py): the
 Python-callable ``*_kernel`` functions at the end build the int64 header (named slots:
 ``code`` 0 float32, 1 float64; then sizes, α as float64 bits, data pointers) and launch the cfunc
 body. Numba's ``parallel=True`` would start a second OpenMP runtime whose threads, and
@@ -21,19 +21,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bornsparse.ops._parallel import (
+from bornsparse.ops.runtime.bodies import (
     NoAliasCompiler,
     chunk_plan,
     claim_chunk,
     finish_chunk,
-    float_slot,
-    header_address,
-    header_layout,
-    launch,
-    pack_header,
     region_body,
-    view,
 )
+from bornsparse.ops.runtime.intrinsics import header_address, view
+from bornsparse.ops.runtime.region import float_slot, header_layout, launch, pack_header
 
 _I64 = np.empty(0, np.int64)
 _JIT = dict(cache=True, nogil=True, fastmath=True, pipeline_class=NoAliasCompiler)
@@ -134,8 +130,8 @@ def _gather_scale_dot_rows(v, unorder, x, alpha, gx, dots, b0, b1):
         dots[b] = acc
 
 
-# ---- DCT plus sparse, fused (ops/dct_sparse.py: dct_sparse_affine) ----------------------
-# The sparse kernels (_sparse_numba) want activations transposed, (features, batch). A
+# ---- DCT plus sparse, fused (plus_sparse.py: dct_sparse_affine) ----------------------
+# The sparse kernels (sparse/numba_matmul.py) want activations transposed, (features, batch). A
 # separate transpose costs as much as the FFT, so each transpose rides along a pass that
 # reads or writes the same array anyway. These passes walk tiles of _TILE samples: within a
 # tile one feature of every sample is one contiguous run of the transposed array (a cache
@@ -171,7 +167,7 @@ def _reorder_transpose_tiles(x, v, x_t, t0, t1):
     """v[b, i] = xp[b, reorder[i]] with xp = x zero-padded to q = v.shape[1]; x_t = xᵀ.
 
     x: (B, n); v: (B, q); x_t: (n, B). Makhoul's permutation ``reorder`` for length q
-    (ops/discrete_cosine.py) is computed in closed form.
+    (transform.py) is computed in closed form.
     """
     nb, n = x.shape
     q = v.shape[1]
@@ -308,7 +304,7 @@ def _span(units, c, nchunks):
     return units * c // nchunks, units * (c + 1) // nchunks
 
 
-# The headers (ops/_parallel.header_layout): sizes, α as float64 bits, then pointers.
+# The headers (runtime/region.header_layout): sizes, α as float64 bits, then pointers.
 TwiddleTakeSlot = header_layout("TwiddleTakeSlot", "nb half n spec w out")
 UntakeTwiddleSlot = header_layout("UntakeTwiddleSlot", "nb n half coef w_inv spec")
 AffineTakeSlot = header_layout("AffineTakeSlot", "nb half n m nbias alpha spec w y bias out")
@@ -541,7 +537,7 @@ def _tiles(nb: int) -> int:
 
 
 # The Python-callable kernels. With one thread (small work, or one torch thread) the body
-# runs on the calling thread, not as a region (ops/_parallel.launch).
+# runs on the calling thread, not as a region (runtime/region.launch).
 
 
 def _twiddle_take_kernel(spec: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -623,7 +619,7 @@ def _reorder_transpose_kernel(
     """v[b, i] = xp[b, reorder[i]] with xp = x zero-padded to q = v.shape[1]; x_t = xᵀ.
 
     x: (B, n); v: (B, q); x_t: (n, B). ``reorder`` (Makhoul's permutation for length q,
-    ops/discrete_cosine.py) is only documentation here: the loops compute it in closed form.
+    transform.py) is only documentation here: the loops compute it in closed form.
     """
     nb, n = x.shape
     q = v.shape[1]

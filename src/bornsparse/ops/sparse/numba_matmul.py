@@ -1,4 +1,4 @@
-"""Numba kernels for y = x Sᵀ with S in compressed-row form; see ops/sparse_product.py.
+"""Numba kernels for y = x Sᵀ with S in compressed-row form; see matmul.py.
 
 Every kernel works on *transposed* activations, shape (features, batch), C-contiguous: one
 nonzero then touches two contiguous rows of length batch, which LLVM turns into packed
@@ -7,8 +7,8 @@ values' gradient, the entries), so no two chunks ever write the same row and no 
 needed; every output row is computed the same way whichever chunk holds it, so results do
 not even depend on the chunking.
 
-The chunks run as a parallel region of torch's own OpenMP team (ops/_parallel.py): the
-Python-callable kernels below build an int64 header (named slots, ops/_parallel.header_layout:
+The chunks run as a parallel region of torch's own OpenMP team (ops/runtime/region.py): the
+Python-callable kernels below build an int64 header (named slots, runtime/region.header_layout:
 ``code`` bit 0 float64, bit 1 int32 indices; then sizes and data pointers) and launch a
 cfunc body over it. Numba's
 ``parallel=True`` would start a second OpenMP runtime whose threads, and torch's, spin while
@@ -22,20 +22,17 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bornsparse.ops._parallel import (
+from bornsparse.ops.runtime.bodies import (
     NoAliasCompiler,
     chunk_plan,
     claim_chunk,
     finish_chunk,
-    header_address,
-    header_layout,
-    launch,
-    pack_header,
     region_body,
-    view,
 )
+from bornsparse.ops.runtime.intrinsics import header_address, view
+from bornsparse.ops.runtime.region import header_layout, launch, pack_header
 
-# the headers: sizes, then pointers (ops/_parallel.header_layout)
+# the headers: sizes, then pointers (runtime/region.header_layout)
 SpmmSlot = header_layout("SpmmSlot", "n_out n_in batch nnz ptr idx vals x_t out_t")
 SampledDotSlot = header_layout(
     "SampledDotSlot", "nnz n_rows n_cols batch rows cols gy_t x_t out")
@@ -226,7 +223,7 @@ def _index_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, i
 
 def _check_shapes(**named: tuple[np.ndarray, tuple[int, ...]]) -> None:
     """Raise unless each array has its shape: the bodies index bare memory (the index
-    arrays' values stay the caller's to check, as sparse_product's plans do)."""
+    arrays' values stay the caller's to check, as plan.py's plans do)."""
     for name, (a, shape) in named.items():
         if a.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
@@ -291,7 +288,7 @@ def _spmm_t_sampled_dot_run(colptr, csc_rows, vals_csc, gy_t, x_t, gx_t, gv_csc,
 
 
 # The Python-callable kernels. With one thread (small work, or one torch thread) the body
-# runs on the calling thread, not as a region (ops/_parallel.launch).
+# runs on the calling thread, not as a region (runtime/region.launch).
 
 
 def _spmm_t_kernel(ptr, idx, vals, x_t, out_t) -> None:

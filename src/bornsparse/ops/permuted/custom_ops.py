@@ -1,47 +1,31 @@
-"""Permuted block-diagonal multiply: y = G x with G = Π_t B(θ_t) P_t (Liao's permuted
-block-diagonal paper, eq. 1).
+"""The custom ops of the permuted operator's numba path, and how the kernels are planned.
 
-Layout and conventions (shared by the reference and every fast path):
-
-* ``x`` has shape ``(..., n_in)`` with ``n_in <= width``; it is zero-padded to ``width``
-  (implicitly: the fused kernel never materialises the padding). Rows are samples.
-* ``weight`` has shape ``(depth, width // k, k, k)``; ``weight[t, b]`` is block ``b`` of the
-  factor applied ``t``-th. Factors are stored in *application order*: ``weight[0]`` and
-  ``perms[0]`` are the paper's ``B(θ_N)`` and ``P_N`` (applied first, as the product is
-  written), ``weight[depth - 1]`` is ``B(θ_1)``.
-* ``perms`` has shape ``(depth, width)``, int64, each row a permutation of ``range(width)``;
-  it is a gather, ``(P_t h)[j] = h[perms[t, j]]``.
-* One factor maps ``h -> z`` with ``z[b*k + r] = Σ_c weight[t, b, r, c] · h[perms[t, b*k + c]]``.
-* The result keeps the first ``out_features`` entries (all ``width`` by default).
-
-Layers, top to bottom: ``permuted_block_diagonal_reference`` (plain PyTorch, any device,
-autograd of any order), the numba kernels in ``_permuted_numba.py`` (any block size, one
-factor or a fused pair per pass, backward by recompute) and ``_permuted_cycles.py`` (2×2
-blocks and even depth: both factors of a pair per pass, in place, backward through the
-blocks' inverses while they are well conditioned), the custom ops
-``torch.ops.bornsparse.permuted_block_diagonal`` and ``..._backward`` that launch them
-(with fake kernels for torch.compile and a registered first-order autograd formula), and
-the functional ``permuted_block_diagonal`` that validates and dispatches through
-ops/backends.py. The tanh network of eq. 3-5 follows the same pattern at the end of the
-file (``permuted_tanh_network``, one ``permuted_factor_columns`` op per factor).
+``torch.ops.bornsparse.permuted_block_diagonal`` and ``..._backward`` launch the pair
+kernels (numba_pairs.py: any block size, one factor or a fused pair per pass, backward by
+recompute) or the cycle walk (numba_cycles.py: 2×2 blocks and even depth, both factors of
+a pair per pass in place, backward through the blocks' inverses while they are well
+conditioned); ``permuted_factor_columns`` and ``..._backward`` run one factor of the tanh
+network on the transposed layout. Each has a fake kernel for torch.compile and a
+registered first-order autograd formula. Everything keyed on storage (the permutation
+check, the cycle schedule) lives inside the ops, never in the traced Python.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from bornsparse._checks import check_float_tensor
-from bornsparse.ops._permuted_operands import INVERSE_MAX_AMPLIFICATION
-from bornsparse.ops._permuted_operands import check_operands as _check_operands
-from bornsparse.ops._permuted_operands import check_permutations as _check_permutations
-from bornsparse.ops._validated import check_once, once_per_version
-from bornsparse.ops.backends import NUMBA_DTYPES, cache_bytes, num_threads, resolve_backend
-from bornsparse.ops.memory import advise_huge_pages
+from bornsparse.ops.backends import NUMBA_DTYPES
+from bornsparse.ops.permuted.operands import INVERSE_MAX_AMPLIFICATION
+from bornsparse.ops.permuted.operands import check_operands as _check_operands
+from bornsparse.ops.permuted.operands import check_permutations as _check_permutations
+from bornsparse.ops.runtime.autograd import no_double_backward
+from bornsparse.ops.runtime.hardware import cache_bytes, num_threads
+from bornsparse.ops.runtime.memory import advise_huge_pages
+from bornsparse.ops.runtime.validated import check_once, once_per_version
 
 # Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
 # thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
@@ -69,38 +53,6 @@ _SCHEDULES: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray, np.ndarray]] = Or
 _SCHEDULES_LOCK = threading.Lock()
 
 
-def permuted_block_diagonal_reference(
-    x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor, *, out_features: int | None = None
-) -> torch.Tensor:
-    """Plain-PyTorch, device-agnostic G x for ``x`` of shape (..., n_in), n_in <= width.
-
-    Autograd differentiates it directly (any order); it keeps depth activations alive for
-    backward.
-    """
-    depth, nblocks, k, _ = weight.shape
-    width = nblocks * k
-    h = x
-    if h.shape[-1] < width:
-        h = torch.nn.functional.pad(h, (0, width - h.shape[-1]))
-    for t in range(depth):
-        g = h.index_select(-1, perms[t]).unflatten(-1, (nblocks, k))  # (..., nb, k)
-        h = torch.einsum("...bc,brc->...br", g, weight[t]).flatten(-2)  # (..., width)
-    return h if out_features is None else h[..., :out_features]
-
-
-def permuted_block_diagonal_dense_reference(
-    weight: torch.Tensor, perms: torch.Tensor
-) -> torch.Tensor:
-    """The (width, width) matrix G, built by applying the factors to the identity.
-
-    Meant for tests and ``to_dense()``: O(width² · depth) work.
-    """
-    width = perms.shape[1]
-    eye = torch.eye(width, dtype=weight.dtype, device=weight.device)
-    # rows of the result are G e_j, i.e. the columns of G
-    return permuted_block_diagonal_reference(eye, weight, perms).T
-
-
 def _dtype_code(t: torch.Tensor) -> int:
     return 1 if t.dtype == torch.float64 else 0
 
@@ -113,7 +65,7 @@ def _plan(batch: int, cap: int) -> tuple[int, int]:
     return tile, max(1, min(threads, -(-batch // tile)))
 
 
-def _cycle_plan(weight: torch.Tensor, batch: int) -> tuple[int, int] | None:
+def cycle_plan(weight: torch.Tensor, batch: int) -> tuple[int, int] | None:
     """(tile, chunks) for the cycle-walk kernels, or None where they do not apply (block
     size other than 2, odd depth) or lose (tiles shorter than CYCLE_MIN_TILE while the
     pair kernels' buffers fit L2)."""
@@ -129,7 +81,7 @@ def _cycle_schedule(perms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     ~0.5 ms at depth 20, width 2048, a cache hit ~10 µs. A hit is checked by value, not
     only by address and version, so freed-and-reused memory can never alias a stale entry.
     """
-    from bornsparse.ops._permuted_cycles import build_schedule
+    from bornsparse.ops.permuted.numba_cycles import build_schedule
 
     key = (perms.data_ptr(), perms._version, tuple(perms.shape))
     with _SCHEDULES_LOCK:
@@ -148,7 +100,7 @@ def _cycle_schedule(perms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def inverse_backward_is_safe(weight: torch.Tensor) -> bool:
     """Whether backward may rebuild activations through the blocks' inverses (see
     ``INVERSE_MAX_AMPLIFICATION``); ``weight`` (depth, width // 2, 2, 2) on the CPU."""
-    from bornsparse.ops._permuted_cycles import worst_amplification
+    from bornsparse.ops.permuted.numba_cycles import worst_amplification
 
     return worst_amplification(weight.detach().contiguous().numpy()) <= (
         INVERSE_MAX_AMPLIFICATION
@@ -156,10 +108,8 @@ def inverse_backward_is_safe(weight: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Custom ops. The kernels are launched inside `torch.ops.bornsparse.*` ops, so torch.compile
-# and torch.export see one opaque node with a shape-only fake kernel; everything keyed on
-# storage (the permutation check, the cycle schedule) lives inside the op, never in the
-# traced Python.
+# The product's custom ops: torch.compile and torch.export see one opaque node each, with a
+# shape-only fake kernel.
 
 def _check_kernel_operands(x: object, weight: object, perms: object, out_features: object
                            ) -> None:
@@ -196,8 +146,8 @@ def _permuted_op(
     with that many samples per tile (2×2 blocks, even depth), 0 takes the pair kernels.
     ``keep_final`` asks the cycle walk to keep its final activation for backward
     (``_final_shape``); it is written only while ``inverse_backward_is_safe(weight)``."""
-    from bornsparse.ops._parallel import launch, pack_header
-    from bornsparse.ops._permuted_numba import _forward_body
+    from bornsparse.ops.permuted.numba_pairs import _forward_body
+    from bornsparse.ops.runtime.region import launch, pack_header
 
     _check_kernel_operands(x, weight, perms, out_features)
     x = x.contiguous()
@@ -211,7 +161,7 @@ def _permuted_op(
         if k != 2 or depth % 2:
             raise ValueError(f"cycle_tile > 0 needs 2×2 blocks and an even depth, got "
                              f"k = {k}, depth = {depth}")
-        from bornsparse.ops._permuted_cycles import _forward_body as cycle_forward_body
+        from bornsparse.ops.permuted.numba_cycles import _forward_body as cycle_forward_body
 
         sched, final_loc = _cycle_schedule(perms)
         nchunks = max(1, min(torch.get_num_threads(), -(-batch // cycle_tile)))
@@ -266,8 +216,8 @@ def _permuted_backward_op(
     blocks' inverses (the kernel copies each slab of ``final`` into a per-thread buffer
     first, so the op leaves its inputs unchanged and a retained graph can run backward
     twice); otherwise they are recomputed from ``x``."""
-    from bornsparse.ops._parallel import launch, pack_header
-    from bornsparse.ops._permuted_numba import _backward_body
+    from bornsparse.ops.permuted.numba_pairs import _backward_body
+    from bornsparse.ops.runtime.region import launch, pack_header
 
     _check_kernel_operands(x, weight, perms, grad_out.shape[1])
     x = x.contiguous()
@@ -303,8 +253,8 @@ def _(grad_out, x, weight, perms, final, cycle_tile):
 def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor,
                     grad_out: torch.Tensor, batch: int, n_in: int, tile: int):
     """Backward through the blocks' inverses from the final activation (left unchanged)."""
-    from bornsparse.ops._parallel import launch, pack_header
-    from bornsparse.ops._permuted_cycles import _backward_body
+    from bornsparse.ops.permuted.numba_cycles import _backward_body
+    from bornsparse.ops.runtime.region import launch, pack_header
 
     sched, final_loc = _cycle_schedule(perms)
     nchunks = min(max(1, torch.get_num_threads()), final.shape[0])
@@ -314,7 +264,7 @@ def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tens
     partial = torch.empty(nchunks - 1, *weight.shape, dtype=weight.dtype)
     depth, nb = weight.shape[:2]
     # each chunk's (width, 2, tile) walk buffer: activation and gradient rows of a slot
-    # side by side (_permuted_cycles.backward_tiles)
+    # side by side (numba_cycles.backward_tiles)
     rows = torch.empty(nchunks, 2 * nb, 2, tile, dtype=weight.dtype)
     for buffer in (rows, grad_w, partial):  # random rows and blocks: huge pages
         advise_huge_pages(buffer)
@@ -329,15 +279,6 @@ def _cycle_backward(final: torch.Tensor, weight: torch.Tensor, perms: torch.Tens
     for part in partial:
         grad_w.add_(part)
     return grad_x, grad_w
-
-
-def _no_double_backward(op: str) -> Callable:
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"double backward through the numba kernel of {op} is not supported; use "
-            f"backend='reference' (plain PyTorch, gradients of any order)"
-        )
-    return backward
 
 
 def _permuted_setup(ctx, inputs, output):
@@ -363,86 +304,13 @@ def _permuted_backward(ctx, grad_out, _grad_final):
 
 _permuted_op.register_autograd(_permuted_backward, setup_context=_permuted_setup)
 _permuted_backward_op.register_autograd(
-    _no_double_backward("permuted_block_diagonal"),
+    no_double_backward("permuted_block_diagonal"),
     setup_context=lambda ctx, inputs, output: None,
 )
 
-
-
-def _check_reference_perms(perms: torch.Tensor) -> None:
-    # the reference's index_select bounds-checks by itself, so a compiled graph skips this
-    # (its answer is data, which would break the graph); eagerly a non-permutation is an error
-    if not torch.compiler.is_compiling():
-        check_once("permutations", (perms,), lambda: _check_permutations(perms))
-
-
-def permuted_block_diagonal(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    perms: torch.Tensor,
-    *,
-    out_features: int | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """G [x, 0] for ``x`` of shape (..., n_in); returns (..., out_features).
-
-    See the module docstring for the layout. ``backend`` (ops/backends.py): "auto" runs
-    ``torch.ops.bornsparse.permuted_block_diagonal`` (the fused numba kernel) on CPU
-    float32/float64 tensors and the reference otherwise; "reference" forces plain PyTorch
-    (any device, gradients of any order); "numba" forces the kernel and raises if the
-    tensors do not suit it; "triton" runs the Triton kernels (CUDA tensors, or CPU ones
-    under ``TRITON_INTERPRET=1``; "auto" picks them on CUDA when triton imports). The
-    kernels support first-order gradients (``x`` and ``weight``); double backward through
-    them raises, so use ``backend="reference"`` for higher-order derivatives.
-    """
-    _, out_features = _check_operands(x, weight, perms, out_features, backend)
-    kind = resolve_backend(backend, x, "permuted", has_triton=True)
-    if kind == "reference":
-        _check_reference_perms(perms)
-        return permuted_block_diagonal_reference(x, weight, perms, out_features=out_features)
-    if kind == "triton":
-        from bornsparse.ops._permuted_triton import permuted_block_diagonal_triton
-
-        return permuted_block_diagonal_triton(x, weight, perms, out_features)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    plan = _cycle_plan(weight, x2.shape[0])
-    # whether a backward can follow decides whether the cycle walk keeps its final
-    # activation; it is decided here, where grad mode is visible
-    keep_final = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    y, _ = torch.ops.bornsparse.permuted_block_diagonal(
-        x2, weight, perms, out_features, 0 if plan is None else plan[0], keep_final
-    )
-    return y if x.dim() == 2 else y.reshape(*lead, out_features)
-
-
-
 # ---------------------------------------------------------------------------------------
-# The tanh network of the permuted block-diagonal paper (eq. 3-5):
-# h_{t+1} = tanh(b_t + B_t P_t h_t), no tanh after the last factor.
-
-
-def permuted_tanh_network_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    perms: torch.Tensor,
-    biases: torch.Tensor,
-    *,
-    out_features: int | None = None,
-) -> torch.Tensor:
-    """Plain-PyTorch tanh network for ``x`` (..., n_in); ``biases`` (depth, width)."""
-    depth, nblocks, k, _ = weight.shape
-    width = nblocks * k
-    h = x
-    if h.shape[-1] < width:
-        h = torch.nn.functional.pad(h, (0, width - h.shape[-1]))
-    for t in range(depth):
-        g = h.index_select(-1, perms[t]).unflatten(-1, (nblocks, k))  # (..., nb, k)
-        h = torch.einsum("...bc,brc->...br", g, weight[t]).flatten(-2) + biases[t]
-        if t < depth - 1:
-            h = torch.tanh(h)
-    return h if out_features is None else h[..., :out_features]
-
+# The tanh network of the permuted block-diagonal paper (eq. 3-5),
+# h_{t+1} = tanh(b_t + B_t P_t h_t): one factor per op, on the transposed layout.
 
 def _column_chunks(batch: int) -> tuple[int, int]:
     """(step, chunks): batch columns split among torch's threads, in multiples of 16 (one
@@ -476,8 +344,8 @@ def _check_factor_operands(h: torch.Tensor, weight_t: torch.Tensor, perm_t: torc
 def _factor_columns_op(h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor
                        ) -> torch.Tensor:
     """One factor on the transposed layout: h (width, batch) -> z = B P h (width, batch)."""
-    from bornsparse.ops._parallel import launch, pack_header
-    from bornsparse.ops._permuted_numba import _factor_columns_body
+    from bornsparse.ops.permuted.numba_pairs import _factor_columns_body
+    from bornsparse.ops.runtime.region import launch, pack_header
 
     _check_factor_operands(h, weight_t, perm_t)
     h = h.contiguous()
@@ -505,8 +373,8 @@ def _factor_columns_backward_op(
     grad_z: torch.Tensor, h: torch.Tensor, weight_t: torch.Tensor, perm_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_h, grad_weight_t) of ``permuted_factor_columns``."""
-    from bornsparse.ops._parallel import launch, pack_header
-    from bornsparse.ops._permuted_numba import _factor_columns_backward_body
+    from bornsparse.ops.permuted.numba_pairs import _factor_columns_backward_body
+    from bornsparse.ops.runtime.region import launch, pack_header
 
     _check_factor_operands(h, weight_t, perm_t)
     if grad_z.shape != h.shape:
@@ -552,59 +420,6 @@ def _factor_columns_backward(ctx, grad_z):
 _factor_columns_op.register_autograd(_factor_columns_backward,
                                      setup_context=_factor_columns_setup)
 _factor_columns_backward_op.register_autograd(
-    _no_double_backward("permuted_tanh_network"),
+    no_double_backward("permuted_tanh_network"),
     setup_context=lambda ctx, inputs, output: None,
 )
-
-
-def permuted_tanh_network(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    perms: torch.Tensor,
-    biases: torch.Tensor,
-    *,
-    out_features: int | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """The tanh network h_θ(x) (the permuted block-diagonal paper, eq. 3-5) for ``x`` (..., n_in);
-    returns (..., out_features). ``weight``/``perms`` as for ``permuted_block_diagonal``,
-    ``biases`` (depth, width). The numba path keeps activations as (width, batch), so the
-    per-factor op ``torch.ops.bornsparse.permuted_factor_columns`` gathers contiguous rows and only
-    the ends are transposed; bias and tanh run in torch. "triton" (and "auto" on CUDA)
-    runs the whole network as one op, ``torch.ops.bornsparse.permuted_tanh_network_triton``
-    (bias and tanh fused into each factor's kernel, ops/_permuted_triton.py). Double
-    backward: use ``backend="reference"``.
-    """
-    width, out_features = _check_operands(x, weight, perms, out_features, backend)
-    check_float_tensor("biases", biases)
-    if tuple(biases.shape) != (weight.shape[0], width):
-        raise ValueError(
-            f"biases must have shape (depth, width) = {(weight.shape[0], width)}, "
-            f"got {tuple(biases.shape)}"
-        )
-    if biases.dtype != x.dtype or biases.device != x.device:
-        raise TypeError(
-            f"biases must match x's dtype and device, got {biases.dtype} on {biases.device}"
-        )
-    kind = resolve_backend(backend, x, "permuted", has_triton=True)
-    if kind == "reference":
-        _check_reference_perms(perms)
-        return permuted_tanh_network_reference(
-            x, weight, perms, biases, out_features=out_features
-        )
-    if kind == "triton":
-        from bornsparse.ops._permuted_triton import permuted_tanh_network_triton
-
-        return permuted_tanh_network_triton(x, weight, perms, biases, out_features)
-    lead = x.shape[:-1]
-    h = x.reshape(-1, x.shape[-1])
-    if h.shape[1] < width:
-        h = torch.nn.functional.pad(h, (0, width - h.shape[1]))
-    h = h.T.contiguous()  # (width, batch)
-    depth = weight.shape[0]
-    for t in range(depth):
-        h = torch.ops.bornsparse.permuted_factor_columns(h, weight[t], perms[t])
-        h = h + biases[t].unsqueeze(1)
-        if t < depth - 1:
-            h = torch.tanh(h)
-    return h[:out_features].T.reshape(*lead, out_features)
