@@ -15,6 +15,11 @@ blockdiag_butterfly_multiply.py, put in DIR; not shipped here) on the same facto
     python benchmarks/bench_permuted.py [--threads 2] [--repeats 9] [--reference]
         [--monarch-blocks 32] [--fly-path DIR]
 
+``--block-sizes 2 4 8 16 32`` times, instead, G(θ) at each block size with Monarch's
+parameter count (width 2n for k < 16, n for k >= 16, the depth that matches), f+b against
+MonarchLinear, fly's multiply (with ``--fly-path``) and dense, and where "auto" takes the
+batched-GEMM path (k >= ``BMM_MIN_BLOCK``) the numba kernel beside it.
+
 On a machine busy with other work, ``--threads 1 --cpu-time`` gives steadier ratios: it
 times process CPU time (min over rounds) instead of wall time, which load elsewhere barely
 moves. It is only meaningful with one thread (spinning idle threads would count).
@@ -32,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import MonarchLinear, PermutedBlockDiagonal  # noqa: E402
+from bornsparse.ops.permuted import BMM_MIN_BLOCK  # noqa: E402
 from common import (  # noqa: E402
     forward_backward,
     machine_tag,
@@ -98,8 +104,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     help="blocks of the equal-parameter Monarch (default 32)")
     ap.add_argument("--fly-path", type=Path, default=None,
                     help="folder holding fly's blockdiag_butterfly_multiply.py")
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=None, metavar="K",
+                    help="time G(θ) at these block sizes at Monarch's parameter count "
+                    "instead (see above)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    if args.block_sizes:
+        return block_size_table(args)
     torch.manual_seed(0)
     n = args.features
     dense = torch.nn.Linear(n, n)
@@ -203,6 +214,63 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                for r in rows},
         "machine": machine_tag(),
     }
+    print_json_line(record)
+    return record
+
+
+def _load_fly(path: Path | None):
+    if path is None:
+        return None
+    sys.path.insert(0, str(path))
+    with warnings.catch_warnings():  # its torch.cuda.amp decorators are deprecated
+        warnings.simplefilter("ignore")
+        from blockdiag_butterfly_multiply import blockdiag_butterfly_multiply
+    return blockdiag_butterfly_multiply
+
+
+def block_size_table(args: argparse.Namespace) -> dict[str, object]:
+    """f+b of G(θ) at each of ``args.block_sizes`` with Monarch's parameter count, as ratios
+    to fly's multiply (or MonarchLinear without ``--fly-path``), MonarchLinear and dense."""
+    n = args.features
+    torch.manual_seed(0)
+    monarch = MonarchLinear(n, n, args.monarch_blocks, bias=False, seed=0)
+    params = monarch.right.numel() + monarch.left.numel()
+    fly = _load_fly(args.fly_path)
+    layers: dict[str, torch.nn.Module] = {"dense": torch.nn.Linear(n, n, bias=False),
+                                          "MonarchLinear": monarch}
+    if fly is not None:
+        layers["fly"] = _Fly(fly, monarch)
+    shapes = {}
+    for k in args.block_sizes:
+        width = n if k >= 16 else 2 * n
+        depth = max(1, round(params / (width * k)))
+        shapes[k] = (width, depth)
+        layers[f"G k={k}"] = PermutedBlockDiagonal(n, n, width=width, depth=depth,
+                                                   block_size=k, seed=0)
+        if k >= BMM_MIN_BLOCK:
+            layers[f"G k={k} numba"] = PermutedBlockDiagonal(
+                n, n, width=width, depth=depth, block_size=k, seed=0, backend="numba")
+    anchor = "fly" if fly is not None else "MonarchLinear"
+    ratios: dict[str, dict[str, float]] = {}
+    for batch in args.batches:
+        x = torch.randn(batch, n, requires_grad=True)
+        grad = torch.randn(batch, n)
+        t = time_interleaved({name: forward_backward(layer, x, grad)
+                              for name, layer in layers.items()}, repeats=args.repeats)
+        ratios[str(batch)] = {name: v / t[anchor] for name, v in t.items()}
+    print(f"G(θ) {n} → {n} at {params:,} parameters (Monarch, {args.monarch_blocks} blocks), "
+          f"f+b / {anchor}, float32, {args.threads} threads")
+    print(f"{'layer':<24} {'width':>6} {'depth':>6} "
+          + " ".join(f"{'b=' + b:>8}" for b in ratios))
+    for name in layers:
+        k = int(name.split("=")[1].split()[0]) if name.startswith("G k=") else None
+        w, d = shapes[k] if k is not None else ("", "")
+        print(f"{name:<24} {w!s:>6} {d!s:>6} "
+              + " ".join(f"{ratios[b][name]:>8.2f}" for b in ratios))
+    record = {"bench": "permuted_block_sizes", "anchor": anchor, "params": params,
+              "shapes": {str(k): list(v) for k, v in shapes.items()},
+              "ratios": {b: {k: round(v, 4) for k, v in r.items()} for b, r in ratios.items()},
+              "threads": args.threads, "machine": machine_tag()}
     print_json_line(record)
     return record
 
