@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -235,8 +236,10 @@ def test_dctps_starts_with_zero_s_and_fixed_alpha_stays_one():
 def test_every_registered_method_has_a_label_and_callable():
     assert {"dense", "random_uniform", "random_epl", "snip", "force", "synflow", "imp", "rigl",
             "dctps", "dctps_rigl", "dctps_fixed_alpha"} <= set(METHODS)
-    for m in METHODS.values():
-        assert callable(m.fn) and m.label
+    labels = [m.label for m in METHODS.values()]
+    assert len(set(labels)) == len(labels) and all(labels)  # a table row each
+    for m in METHODS.values():  # every method runs as fn(ctx, density)
+        assert list(inspect.signature(m.fn).parameters)[:2] == ["ctx", "density"], m
 
 
 def _rec(method, density, seed, acc):
@@ -290,8 +293,6 @@ def test_born_sparse_methods_are_reproducible_per_seed(name):
 
 
 def test_run_key_carries_the_conv_dct_order_the_layers_use():
-    import inspect
-
     from bornsparse.experiments.dctps import DEFAULT_DCT_ORDER, make_config
     from bornsparse.experiments.results_io import run_key
     from bornsparse.nn import DCTPlusSparseConv2d

@@ -16,14 +16,7 @@ from bornsparse.ops.permuted import (
     permuted_block_diagonal_dense_reference,
     permuted_block_diagonal_reference,
 )
-
-
-def _operands(depth, nblocks, k, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    width = nblocks * k
-    weight = torch.randn(depth, nblocks, k, k, generator=g, dtype=torch.float64) / k**0.5
-    perms = torch.stack([torch.randperm(width, generator=g) for _ in range(depth)])
-    return weight.to(dtype), perms
+from test_permuted_kernels import make_operands
 
 
 @st.composite
@@ -43,7 +36,7 @@ def cases(draw, k):
 @given(data=st.data())
 def test_bmm_path_matches_the_dense_matrix_and_the_reference(k, data):
     nblocks, depth, n_in, n_out, batch_shape, seed = data.draw(cases(k))
-    weight, perms = _operands(depth, nblocks, k, seed)
+    weight, perms = make_operands(depth, nblocks, k, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*batch_shape, n_in, generator=g, dtype=torch.float64)
     gy = torch.randn(*batch_shape, n_out, generator=g, dtype=torch.float64)
@@ -62,7 +55,7 @@ def test_bmm_path_matches_the_dense_matrix_and_the_reference(k, data):
 
 
 def test_bmm_gradcheck_float64():
-    weight, perms = _operands(2, 2, 32, seed=0)
+    weight, perms = make_operands(2, 2, 32, seed=0)
     x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
     w = weight.clone().requires_grad_()
     assert torch.autograd.gradcheck(
@@ -70,7 +63,7 @@ def test_bmm_gradcheck_float64():
 
 
 def test_float32_error_is_within_a_small_multiple_of_the_references():
-    weight, perms = _operands(3, 4, 32, seed=1)
+    weight, perms = make_operands(3, 4, 32, seed=1)
     x = torch.randn(64, 128, dtype=torch.float64)
     exact = permuted_block_diagonal_reference(x, weight, perms)
     ref32 = permuted_block_diagonal_reference(x.float(), weight.float(), perms)
@@ -93,7 +86,7 @@ def test_auto_takes_bmm_from_block_16_and_numba_keeps_its_kernels():
 
 
 def test_opcheck_both_ops():
-    weight, perms = _operands(2, 1, 32, seed=2, dtype=torch.float32)
+    weight, perms = make_operands(2, 1, 32, seed=2, dtype=torch.float32)
     x = torch.randn(3, 20, requires_grad=True)
     torch.library.opcheck(torch.ops.bornsparse.permuted_block_diagonal_bmm.default,
                           (x, weight.clone().requires_grad_(), perms, 25))

@@ -19,8 +19,6 @@ from bornsparse.experiments import dctps, operators
 from bornsparse.experiments.results_io import read_jsonl, run_key
 from bornsparse.experiments.sweep import run_sweep
 
-ray = pytest.importorskip("ray")
-
 TINY_TRAIN = {"epochs": 1, "batch_size": 128, "lr": 1e-2, "optimizer": "adam",
               "weight_decay": 0.0, "augment": False, "imp_rounds": 1, "jacobian_inputs": 0,
               "pai_rounds": 2}
@@ -40,6 +38,9 @@ def _dctps_configs():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """A local Ray cluster for the tests that use Ray (skipped where Ray is not installed;
+    the other tests here run without it)."""
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False)
     # Ray workers cannot import this test module by name: ship its functions by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -86,9 +87,11 @@ def _die(marks: str | None, cfg: dict) -> dict:
 
 
 @pytest.mark.parametrize("executor", ["ray", "local"])
-def test_dead_workers_are_retried_or_reported_failed(ray_cluster, tmp_path, executor):
+def test_dead_workers_are_retried_or_reported_failed(request, tmp_path, executor):
     import functools
 
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
     configs = [{"run": i} for i in range(3)]
     options = {"executor": executor, "workers": 2, "progress": False, "max_retries": 1}
     out = run_sweep(configs, tmp_path / "none.jsonl", functools.partial(_die, None), **options)
