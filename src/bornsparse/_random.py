@@ -16,14 +16,24 @@ import secrets
 import torch
 
 
-def _check_seed(seed: object) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
+def check_seed(seed: object, *, allow_none: bool = True, non_negative: bool = False,
+               name: str = "seed") -> int | None:
+    """The one seed check of the package: ``seed`` as an int (or None where allowed);
+    TypeError/ValueError naming the argument, the value and what was expected."""
+    if seed is None and allow_none:
+        return None
+    want = "a non-negative int" if non_negative else "an int"
+    want += " or None" if allow_none else ""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be {want}, got {seed!r}")
+    if non_negative and seed < 0:
+        raise ValueError(f"{name} must be {want}, got {seed!r}")
+    return int(seed)
 
 
 def make_generator(seed: object) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (an int), or from fresh entropy when None."""
-    _check_seed(seed)
+    check_seed(seed)
     g = torch.Generator()
     if seed is None:
         g.seed()
@@ -35,5 +45,5 @@ def make_generator(seed: object) -> torch.Generator:
 def resolve_seed(seed: object) -> int:
     """``seed`` as an int, or a fresh random one for None, so that a layer built without a
     seed can still redraw exactly its own start (``reset_parameters``)."""
-    _check_seed(seed)
+    check_seed(seed)
     return secrets.randbits(63) if seed is None else int(seed)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bornsparse._checks import check_float_tensor
+from bornsparse._random import check_seed
 
 #: names accepted by :func:`load_dataset`
 DATASETS: tuple[str, ...] = ("mnist1d", "digits", "cifar10", "cifar100")
@@ -157,8 +158,7 @@ def load_dataset(
         )
     if not isinstance(standardize, bool):
         raise TypeError(f"standardize must be a bool, got {standardize!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    check_seed(seed)
     if seed is not None and seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed!r}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bornsparse._checks import check_fraction
+from bornsparse._random import check_seed
 
 #: default share of each class held out for testing
 DIGITS_TEST_FRACTION = 0.2
@@ -22,10 +23,7 @@ def load_digits_arrays(
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed, allow_none=False, non_negative=True)
     test_fraction = check_fraction("test_fraction", test_fraction)
     if test_fraction >= 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")

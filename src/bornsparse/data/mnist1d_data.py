@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bornsparse._checks import check_positive_int
+from bornsparse._random import check_seed
 
 #: length of an MNIST-1D signal with the package's default ``final_seq_length``
 MNIST1D_LENGTH = 40
@@ -141,10 +142,7 @@ def load_mnist1d_arrays(
     num_samples = check_positive_int("num_samples", num_samples)
     if num_samples < 10:
         raise ValueError(f"num_samples must be at least 10 (one per class), got {num_samples}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed, allow_none=False, non_negative=True)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {cache!r}")
     if not cache:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bornsparse._checks import check_positive_int
+from bornsparse._random import check_seed
 
 #: Built-in targets, in the order of the paper's figures; "dense" is the black baseline.
 TARGETS = ("lowrank", "band", "sparse", "permutation", "dense")
@@ -71,8 +72,7 @@ def make_target(
     """
     m = check_positive_int("n_half", n_half)
     k = _check_name_k(name, m, k)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_seed(seed, allow_none=False)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a real floating torch dtype, got {dtype!r}")
     g = _generator(name, m, k, seed)

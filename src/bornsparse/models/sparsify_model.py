@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bornsparse._checks import check_positive_int
+from bornsparse._random import check_seed
 from bornsparse.sparsity.distributions import (
     DEFAULT_DISTRIBUTION,
     allocate_nnz,
@@ -229,8 +230,7 @@ def sparsify(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     support = support_layout(distribution)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    check_seed(seed)
     fit_options = _check_fit(fit, kind)
     if offset_depth is not None:
         if kind != "permuted_offset":

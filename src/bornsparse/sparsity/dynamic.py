@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from bornsparse._checks import check_fraction, check_positive_int
+from bornsparse._random import check_seed
 from bornsparse.sparsity.distributions import (
     DEFAULT_DISTRIBUTION,
     allocate_nnz,
@@ -198,7 +199,8 @@ class _DynamicSparse(ABC):
                 f"t_end must not exceed total_steps={self.total_steps}, got {self.t_end}"
             )
         self.kind = check_kind(kind)
-        self.seed = int(torch.randint(2**62, ()).item()) if seed is None else int(seed)
+        seed = check_seed(seed)
+        self.seed = int(torch.randint(2**62, ()).item()) if seed is None else seed
         # a collective: under torch.distributed every rank constructs its RigL/SET here
         self.seed = rank0_seed(self.seed)
         self._gen = torch.Generator().manual_seed(self.seed)
