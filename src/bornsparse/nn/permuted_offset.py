@@ -24,7 +24,7 @@ from bornsparse._checks import (
 from bornsparse._random import make_generator
 from bornsparse.nn.dct_plus_sparse import register_alpha
 from bornsparse.nn.permuted import default_depth, draw_factors
-from bornsparse.nn.sparse_linear import SparseWeightBase
+from bornsparse.nn.sparse_weight import SparseWeightBase
 from bornsparse.ops.permuted import permuted_block_diagonal
 from bornsparse.ops.sparse_product import sparse_matmul
 

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from bornsparse._checks import check_choice, check_float_tensor, check_positive_int
 from bornsparse._random import make_generator
 from bornsparse.nn.dct_plus_sparse import register_alpha
-from bornsparse.nn.sparse_linear import SparseWeightBase, copy_given_values
+from bornsparse.nn.sparse_weight import SparseWeightBase, copy_given_values
 from bornsparse.ops.discrete_cosine import dct_matrix
 from bornsparse.ops.sparse_conv import ConvPlan, build_conv_plan, sparse_conv2d
 
