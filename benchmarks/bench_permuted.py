@@ -123,12 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     eq_depth = max(1, round(monarch_params / (2 * args.width)))
     ours_eq = PermutedBlockDiagonal(n, n, width=args.width, depth=eq_depth, block_size=2,
                                     seed=0)
-    fly = None
-    if args.fly_path is not None:
-        sys.path.insert(0, str(args.fly_path))
-        with warnings.catch_warnings():  # its torch.cuda.amp decorators are deprecated
-            warnings.simplefilter("ignore")
-            from blockdiag_butterfly_multiply import blockdiag_butterfly_multiply as fly
+    fly = _load_fly(args.fly_path)
     ref = None
     if args.reference:
         ref = PermutedBlockDiagonal(

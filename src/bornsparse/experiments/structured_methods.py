@@ -113,10 +113,14 @@ def block_size_choice(method: str, width: int, budget: float | None, *,
         raise ValueError(f"method {method!r} needs a budget, got None")
     target = budget_params(n, budget)
     weights = target - n
+
+    def count(size: dict[str, int]) -> int:  # the parameters a candidate size gives
+        return block_params(method, n, size)
+
     if method == "lowrank":
-        return {"rank": closest_size(range(1, n + 1), lambda r: 2 * n * r + n, target)}
+        return {"rank": closest_size(range(1, n + 1), lambda r: count({"rank": r}), target)}
     if method == "monarch":
-        return {"nblocks": closest_size(_divisors(n), lambda k: 2 * n * n // k + n, target)}
+        return {"nblocks": closest_size(_divisors(n), lambda k: count({"nblocks": k}), target)}
     if block_size != 2 and method != "permuted":
         raise ValueError(f"block_size is G(θ)'s (method 'permuted'), got block_size="
                          f"{block_size} for method {method!r}")
@@ -125,12 +129,14 @@ def block_size_choice(method: str, width: int, budget: float | None, *,
         if k < 2 or n % k:
             raise ValueError(f"block_size must be at least 2 and divide width = {n}, got {k}")
         # depth above n/k has more parameters than a dense layer: not a budget of interest
-        depth = closest_size(range(1, n // k + 1), lambda d: k * n * d + n, target)
+        depth = closest_size(range(1, n // k + 1),
+                             lambda d: count({"depth": d, "block_size": k}), target)
         return {"depth": depth, "block_size": k} if k != 2 else {"depth": depth}
     if method == "permuted_tanh":
         if n % 2:
             raise ValueError(f"width must be even for 2×2 blocks, got {n}")
-        return {"depth": closest_size(range(1, n // 2 + 1), lambda d: 3 * n * d, target)}
+        return {"depth": closest_size(range(1, n // 2 + 1), lambda d: count({"depth": d}),
+                                      target)}
     if method == "sparse":
         return {"nnz": max(1, weights)}
     nnz = max(1, weights - 1)  # α is trainable too

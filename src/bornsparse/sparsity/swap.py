@@ -221,9 +221,7 @@ def dense_shape(module: nn.Module) -> tuple[int, int]:
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The dense weight of an nn.Linear/Conv1D/nn.Conv2d viewed as (rows, cols) (a view, no
     copy; a Conv1D's is its transpose)."""
-    if _transposed(module):
-        return module.weight.T
-    return module.weight.reshape(dense_shape(module))
+    return dense_layout(module, module.weight)
 
 
 def dense_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
