@@ -291,11 +291,6 @@ def test_save_refuses_what_it_cannot_describe(tmp_path):
     with pytest.raises(TypeError, match="save a container"):
         bornsparse.save(SparseLinear(4, 3, nnz=2), tmp_path / "a")
 
-    class MySparse(SparseLinear):
-        pass
-
-    with pytest.raises(TypeError, match="subclass of a bornsparse layer"):
-        bornsparse.save(nn.Sequential(MySparse(4, 3, nnz=2)), tmp_path / "a")
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(TypeError, match="meta-device"):
@@ -377,10 +372,12 @@ BAD_EDITS = {
                           "in_features=13, the model's .* has in_features=12"),
     "nnz_disagrees_with_values": (dict(metadata=edit_doc(set_arg(0, "nnz", 11))),
                                   r"tensor '0.values' must have shape \(11,\)"),
-    "out_of_range": (dict(tensors=out_of_range), r"'0.indices': rows must lie in \[0, 7\)"),
+    "out_of_range": (dict(tensors=out_of_range),
+                     r"'0.indices': indices\[0\] \(rows\) must lie in \[0, 7\)"),
     "unsorted": (dict(tensors=swap_idx), "must be sorted row-major"),
     "duplicate": (dict(tensors=dup_idx), "must be sorted row-major without duplicates"),
-    "not_a_permutation": (dict(tensors=bad_perms), r"'2.perms': rows \[1\] are not perm"),
+    "not_a_permutation": (dict(tensors=bad_perms),
+                          r"'2.perms': perms must hold a permutation of range\(width\)"),
     "dense_weight": (dict(tensors=lambda ts: ts.update({"0.weight": torch.zeros(7, 12)})),
                      "'0.weight' is a dense weight"),
     "unexpected_in_layer": (dict(tensors=lambda ts: ts.update({"2.extra": torch.zeros(1)})),
@@ -427,7 +424,7 @@ def _bad_offset_perms(ts):
 
 
 @pytest.mark.parametrize("edits, message", [
-    (dict(tensors=_bad_offset_perms), r"'0.offset_perms': rows \[2\] are not perm"),
+    (dict(tensors=_bad_offset_perms), r"'0.offset_perms': perms must hold a permutation"),
     (dict(metadata=edit_doc(set_arg(0, "offset_depth", 4))),
      r"tensor '0.offset_weight' must have shape \(4, 6, 2, 2\)"),
     (dict(metadata=edit_doc(set_arg(1, "nblocks", 3))),

@@ -18,13 +18,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+# bornsparse.nn imports its layers lazily: this pulls in neither the layers nor numba
+from bornsparse.nn.description import (
+    DTYPES,
+    Described,
+    Stored,
+    dtype_name,
+    layer_name,
+    registered_layers,
+)
 from bornsparse.sparsity.swap import (
     default_device,
     is_dense_linear,
@@ -37,206 +44,25 @@ FORMAT_VERSION = 1
 METADATA_KEY = "bornsparse"
 VERSION_KEY = "bornsparse.format_version"
 
-# Conventions a format-1 file was written under. A later library that changes one of them
-# (another DCT, another patch order, ...) must bump the string so old files fail loudly
-# instead of loading into a different function.
-DCT_OFFSET = "dct-ii-ortho: first out coefficients of the input zero-padded to max(in, out)"
-CONV_DCT_OFFSET = "dct-ii-ortho: channel o adds column o of dct_matrix(patch, out_channels)"
-PATCH_LAYOUT = "(in_channels/groups, kh, kw) row-major, as F.unfold"
-PERM_ORDER = "application order: factor 0 first"
-MONARCH_LAYOUT = "y = P_s^T L P_q R x: right (k, q, p) on x as (k, p), u[l*q + r] = z[r*k + l]"
-
 _INDEX_LIMIT = 2**31  # int32 holds every index below this
-_DTYPES = {str(d).removeprefix("torch."): d
-           for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded into the given model; the message says why."""
 
 
-# ----------------------------------------------------------------------------- layer specs
+# ----------------------------------------------------------------------------- layers
+# What a layer is, what it stores and how it is rebuilt is the layer's own description
+# (bornsparse.nn.description); this module only reads it.
 
 
-def _nn_classes() -> dict[str, type]:
-    # imported late: bornsparse.models must not pull in nn (and numba) before it is used
-    from bornsparse.nn.dct_plus_sparse import DCTPlusSparseLinear
-    from bornsparse.nn.permuted import PermutedBlockDiagonal, PermutedTanhNetwork
-    from bornsparse.nn.permuted_offset import PermutedOffsetSparseLinear
-    from bornsparse.nn.sparse_conv import DCTPlusSparseConv2d, SparseConv2d
-    from bornsparse.nn.sparse_linear import SparseLinear
-    from bornsparse.nn.structured import LowRankLinear, MonarchLinear
-
-    return {c.__name__: c for c in (SparseLinear, DCTPlusSparseLinear, SparseConv2d,
-                                    DCTPlusSparseConv2d, PermutedBlockDiagonal,
-                                    PermutedTanhNetwork, PermutedOffsetSparseLinear,
-                                    LowRankLinear, MonarchLinear)}
-
-
-@dataclass(frozen=True)
-class _Spec:
-    family: str  # "linear", "conv", "permuted" or "structured": how it is described
-    sparse: bool  # values + indices (a dense "weight" tensor is never right for it)
-    dct: bool
-    fields: dict[str, Callable[[object], bool]]  # constructor argument -> type check
-
-
-def _is_int(v: object, low: int = 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_pair(low: int) -> Callable[[object], bool]:
-    return lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x, low) for x in v)
-
-
-def _is_bool(v: object) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_str(v: object) -> bool:
-    return isinstance(v, str)
-
-
-def _is_dtype(v: object) -> bool:
-    return v in _DTYPES
-
-
-def _is_padding(v: object) -> bool:
-    return v in ("same", "valid") or _is_pair(0)(v)
-
-
-_LINEAR = {"in_features": _is_int, "out_features": _is_int, "nnz": _is_int, "bias": _is_bool,
-           "support": _is_str, "dtype": _is_dtype}
-_CONV = {"in_channels": _is_int, "out_channels": _is_int, "kernel_size": _is_pair(1),
-         "stride": _is_pair(1), "padding": _is_padding, "dilation": _is_pair(1),
-         "groups": _is_int, "padding_mode": _is_str, "bias": _is_bool, "nnz": _is_int,
-         "support": _is_str, "dtype": _is_dtype, "patch_layout": _is_str}
-_DCT = {"train_alpha": _is_bool, "offset": _is_str}
-# how a conv patch is flattened before its DCT; files written before the field existed
-# were computed in the F.unfold order
-_DCT_ORDERS = ("khkwc", "ckhkw")
-_DCT_ORDER_BEFORE_FIELD = "ckhkw"
-_PERMUTED = {"in_features": _is_int, "out_features": _is_int, "width": _is_int,
-             "depth": _is_int, "block_size": lambda v: _is_int(v, 2), "dtype": _is_dtype,
-             "perm_order": _is_str}
-_STRUCTURED = {"in_features": _is_int, "out_features": _is_int, "bias": _is_bool,
-               "dtype": _is_dtype}
-
-_SPECS = {
-    "SparseLinear": _Spec("linear", True, False, _LINEAR),
-    "DCTPlusSparseLinear": _Spec("linear", True, True, {**_LINEAR, **_DCT}),
-    "SparseConv2d": _Spec("conv", True, False, _CONV),
-    "DCTPlusSparseConv2d": _Spec("conv", True, True, {**_CONV, **_DCT,
-                                                      "dct_order": _DCT_ORDERS.__contains__}),
-    "PermutedBlockDiagonal": _Spec("permuted", False, False, {**_PERMUTED, "bias": _is_bool}),
-    "PermutedTanhNetwork": _Spec("permuted", False, False, _PERMUTED),
-    # S as a sparse linear layer's; the fixed offset G₀ as its blocks and permutations
-    "PermutedOffsetSparseLinear": _Spec("linear", True, False, {
-        **_LINEAR, "train_alpha": _is_bool, "offset_depth": _is_int,
-        "offset_width": lambda v: _is_int(v, 2), "perm_order": _is_str}),
-    # plain-torch baselines: constructor arguments, then their whole state_dict
-    "LowRankLinear": _Spec("structured", False, False, {**_STRUCTURED, "rank": _is_int}),
-    "MonarchLinear": _Spec("structured", False, False, {
-        **_STRUCTURED, "nblocks": _is_int, "monarch_layout": _is_str}),
-}
-# the fixed conventions each format-1 field must hold
-_CONSTANTS = {"patch_layout": PATCH_LAYOUT, "perm_order": PERM_ORDER,
-              "monarch_layout": MONARCH_LAYOUT}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _describe(layer: nn.Module) -> dict:
-    """The constructor arguments of a bornsparse layer that fix the function it computes."""
-    cls = type(layer).__name__
-    spec = _SPECS[cls]
-    if spec.family == "permuted":
-        args = dict(in_features=layer.in_features, out_features=layer.out_features,
-                    width=layer.width, depth=layer.depth, block_size=layer.block_size,
-                    dtype=_dtype_name(layer.weight.dtype), perm_order=PERM_ORDER)
-        if cls == "PermutedBlockDiagonal":
-            args["bias"] = layer.bias is not None
-        return args
-    if spec.family == "structured":
-        args = dict(in_features=layer.in_features, out_features=layer.out_features,
-                    bias=layer.bias is not None,
-                    dtype=_dtype_name(next(iter(layer.parameters())).dtype))
-        if cls == "LowRankLinear":
-            args["rank"] = layer.rank
-        else:
-            args.update(nblocks=layer.nblocks, monarch_layout=MONARCH_LAYOUT)
-        return args
-    common = dict(nnz=layer.nnz, bias=layer.bias is not None,
-                  # support= does not change the function; kept so a rebuilt layer reads alike
-                  support=getattr(layer, "support", "random"),
-                  dtype=_dtype_name(layer.values.dtype))
-    if spec.family == "linear":
-        args = dict(in_features=layer.in_features, out_features=layer.out_features, **common)
-    else:
-        padding = layer.padding if isinstance(layer.padding, str) else list(layer.padding)
-        args = dict(in_channels=layer.in_channels, out_channels=layer.out_channels,
-                    kernel_size=list(layer.kernel_size), stride=list(layer.stride),
-                    padding=padding, dilation=list(layer.dilation), groups=layer.groups,
-                    padding_mode=layer.padding_mode, patch_layout=PATCH_LAYOUT, **common)
-    if spec.dct:
-        args["train_alpha"] = isinstance(layer.alpha, nn.Parameter)
-        args["offset"] = DCT_OFFSET if spec.family == "linear" else CONV_DCT_OFFSET
-        if spec.family == "conv":
-            args["dct_order"] = layer.dct_order
-    if cls == "PermutedOffsetSparseLinear":
-        args.update(train_alpha=isinstance(layer.alpha, nn.Parameter),
-                    offset_depth=layer.offset_depth, offset_width=layer.offset_width,
-                    perm_order=PERM_ORDER)
-    return args
-
-
-def _expected_tensors(cls: str, a: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor key (relative to the layer) -> (shape, role); role "index" or a float role."""
-    spec = _SPECS[cls]
-    if spec.family == "permuted":
-        w, k, d = a["width"], a["block_size"], a["depth"]
-        out = {"weight": ((d, w // k, k, k), "float"), "perms": ((d, w), "index")}
-        if cls == "PermutedTanhNetwork":
-            out["biases"] = ((d, w), "float")
-        elif a["bias"]:
-            out["bias"] = ((a["out_features"],), "float")
-        return out
-    if spec.family == "structured":
-        n_in, n_out = a["in_features"], a["out_features"]
-        if cls == "LowRankLinear":
-            out = {"u": ((n_out, a["rank"]), "float"), "v": ((n_in, a["rank"]), "float")}
-        else:
-            k = a["nblocks"]
-            if n_in % k or n_out % k:
-                raise CheckpointError(
-                    f"a MonarchLinear's nblocks must divide in_features and out_features, "
-                    f"got nblocks={k} for {n_in} -> {n_out}"
-                )
-            q = min(n_in, n_out) // k
-            out = {"right": ((k, q, n_in // k), "float"), "left": ((k, n_out // k, q), "float")}
-        if a["bias"]:
-            out["bias"] = ((n_out,), "float")
-        return out
-    out = {"values": ((a["nnz"],), "float"), "indices": ((2, a["nnz"]), "index")}
-    if a["bias"]:
-        rows = a["out_features"] if spec.family == "linear" else a["out_channels"]
-        out["bias"] = ((rows,), "float")
-    if spec.dct:
-        out["alpha"] = ((), "float")
-    if cls == "PermutedOffsetSparseLinear":
-        d, w = a["offset_depth"], a["offset_width"]
-        out.update(alpha=((), "float"), offset_weight=((d, w // 2, 2, 2), "float"),
-                   offset_perms=((d, w), "index"))
-    return out
-
-
-def _dense_shape(cls: str, a: dict) -> tuple[int, int]:
-    if _SPECS[cls].family == "linear":
-        return a["out_features"], a["in_features"]
-    kh, kw = a["kernel_size"]
-    return a["out_channels"], a["in_channels"] // a["groups"] * kh * kw
+def _stored(cls: str, args: dict) -> dict[str, Stored]:
+    """The tensors a ``cls`` layer with ``args`` stores; CheckpointError for arguments no
+    layer can have."""
+    try:
+        return registered_layers()[cls].stored(args)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
 
 
 # ----------------------------------------------------------------------------- save
@@ -252,24 +78,19 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     same folder and renamed over ``path`` (atomic: a reader sees the old file or the new one).
 
     Tensors reachable under several names (a shared layer, tied weights) are stored once.
-    Raises TypeError for a model that is not an nn.Module, holds meta-device tensors, is
-    itself a bornsparse layer (wrap it: ``nn.Sequential(layer)``, as :func:`load` must be
-    able to replace it in a parent), or holds a subclass of a bornsparse layer (its extra
-    semantics could not be rebuilt).
+    A layer is described by its own :meth:`~bornsparse.nn.description.Described.describe`
+    (a user's subclass of a bornsparse layer too, under ``module.QualName``: its module
+    must be imported before :func:`load`). Raises TypeError for a model that is not an
+    nn.Module, holds meta-device tensors, or is itself a bornsparse layer (wrap it:
+    ``nn.Sequential(layer)``, as :func:`load` must be able to replace it in a parent).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from safetensors.torch import save as st_save
 
-    classes = _nn_classes()
     layers: dict[int, tuple[list[str], nn.Module]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, tuple(classes.values())):
-            if type(mod) not in classes.values():
-                raise TypeError(
-                    f"module {name!r} is a {type(mod).__name__}, a subclass of a bornsparse "
-                    f"layer; save() can only describe the classes {sorted(classes)}"
-                )
+        if isinstance(mod, Described):
             if not name:
                 raise TypeError(
                     f"model is itself a {type(mod).__name__}; save a container holding it "
@@ -287,9 +108,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     described = []
     index_keys = set()
     for names, layer in layers.values():
-        cls = type(layer).__name__
-        args = _describe(layer)
-        expected = _expected_tensors(cls, args)
+        cls = layer_name(type(layer))
+        args = layer.describe()
+        expected = type(layer).stored(args)
         own = set(layer.state_dict(keep_vars=True))
         if own != set(expected):
             raise TypeError(
@@ -297,8 +118,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
                 f"format {FORMAT_VERSION} stores {sorted(expected)} for it"
             )
         described.append({"names": names, "class": cls, "args": args})
-        index_keys.update(f"{n}.{k}" for n in names for k, (_, r) in expected.items()
-                          if r == "index")
+        index_keys.update(f"{n}.{k}" for n in names for k, st in expected.items()
+                          if st.role != "float")
 
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -422,40 +243,46 @@ def _check_doc(doc: object) -> None:
             if n in seen:
                 raise CheckpointError(f"metadata field {where}.names: {n!r} is described twice")
             seen.add(n)
-        cls = entry["class"]
-        if cls not in _SPECS:
-            raise CheckpointError(
-                f"metadata field {where}.class: unknown layer class {cls!r}; known: "
-                f"{sorted(_SPECS)}"
-            )
-        args, fields = entry["args"], _SPECS[cls].fields
-        if cls == "DCTPlusSparseConv2d" and isinstance(args, dict) and "dct_order" not in args:
-            args["dct_order"] = _DCT_ORDER_BEFORE_FIELD
-        if not isinstance(args, dict) or set(args) != set(fields):
-            got = sorted(args) if isinstance(args, dict) else args
-            raise CheckpointError(
-                f"metadata field {where}.args of a {cls} must have keys {sorted(fields)}, got "
-                f"{got!r}"
-            )
-        for key, ok in fields.items():
-            if not ok(args[key]):
-                raise CheckpointError(
-                    f"metadata field {where}.args.{key} of a {cls} is invalid: {args[key]!r}"
-                )
-        constants = {**_CONSTANTS, "offset": CONV_DCT_OFFSET if _SPECS[cls].family == "conv"
-                     else DCT_OFFSET}
-        for key, want in constants.items():
-            if key in args and args[key] != want:
-                raise CheckpointError(
-                    f"metadata field {where}.args.{key} is {args[key]!r}; this bornsparse "
-                    f"computes {want!r}"
-                )
+        _check_args(where, entry["class"], entry["args"])
     for a in seen:
         for b in seen:
             if b.startswith(a + "."):
                 raise CheckpointError(
                     f"metadata field 'layers': layer {b!r} lies inside layer {a!r}"
                 )
+
+
+def _check_args(where: str, cls: object, args: object) -> None:
+    """A layer entry's class is known and its arguments are the fields that class
+    describes, each valid and holding the format's conventions; files written before a
+    field existed get the field's ``before`` value."""
+    layers = registered_layers()
+    if cls not in layers:
+        raise CheckpointError(
+            f"metadata field {where}.class: unknown layer class {cls!r}; known: "
+            f"{sorted(layers)} (a user's layer class must be imported before load)"
+        )
+    fields = layers[cls].fields()
+    if isinstance(args, dict):
+        for key, field in fields.items():
+            if key not in args and field.before is not None:
+                args[key] = field.before
+    if not isinstance(args, dict) or set(args) != set(fields):
+        got = sorted(args) if isinstance(args, dict) else args
+        raise CheckpointError(
+            f"metadata field {where}.args of a {cls} must have keys {sorted(fields)}, got "
+            f"{got!r}"
+        )
+    for key, field in fields.items():
+        if not field.check(args[key]):
+            raise CheckpointError(
+                f"metadata field {where}.args.{key} of a {cls} is invalid: {args[key]!r}"
+            )
+        if field.constant is not None and args[key] != field.constant:
+            raise CheckpointError(
+                f"metadata field {where}.args.{key} is {args[key]!r}; this bornsparse "
+                f"computes {field.constant!r}"
+            )
 
 
 def _prefixed(key: str, prefixes: set[str]) -> str | None:
@@ -468,44 +295,34 @@ def _prefixed(key: str, prefixes: set[str]) -> str | None:
     return None
 
 
-def _check_tensor(key: str, t: torch.Tensor, shape: tuple[int, ...], role: str,
-                  dtype: torch.dtype) -> None:
-    if tuple(t.shape) != shape:
-        raise CheckpointError(f"tensor {key!r} must have shape {shape}, got {tuple(t.shape)}")
-    if role == "index":
-        if t.dtype not in (torch.int32, torch.int64):
-            raise CheckpointError(f"tensor {key!r} must be int32 or int64, got {t.dtype}")
-    elif t.dtype != dtype:
+def _check_tensor(key: str, t: torch.Tensor, st: Stored, dtype: torch.dtype | None) -> None:
+    """Shape and dtype of a layer's stored tensor, then its content through the ops' own
+    validators (a support, permutations)."""
+    if tuple(t.shape) != st.shape:
         raise CheckpointError(
-            f"tensor {key!r} must have the layer's dtype {_dtype_name(dtype)}, got "
-            f"{_dtype_name(t.dtype)}"
-        )
-
-
-def _check_support(key: str, idx: torch.Tensor, shape: tuple[int, int]) -> None:
-    rows, cols = shape
-    r, c = idx[0], idx[1]
-    for axis, v, n in (("rows", r, rows), ("columns", c, cols)):
-        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
+            f"tensor {key!r} must have shape {st.shape}, got {tuple(t.shape)}")
+    if st.role == "float":
+        if dtype is None and not t.dtype.is_floating_point:
+            raise CheckpointError(f"tensor {key!r} must be floating, got {t.dtype}")
+        if dtype is not None and t.dtype != dtype:
             raise CheckpointError(
-                f"tensor {key!r}: {axis} must lie in [0, {n}), got range "
-                f"[{int(v.min())}, {int(v.max())}]"
+                f"tensor {key!r} must have the layer's dtype {dtype_name(dtype)}, got "
+                f"{dtype_name(t.dtype)}"
             )
-    flat = r * cols + c
-    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
-        raise CheckpointError(
-            f"tensor {key!r} must be sorted row-major without duplicates, as save() writes it"
-        )
+        return
+    if t.dtype not in (torch.int32, torch.int64):
+        raise CheckpointError(f"tensor {key!r} must be int32 or int64, got {t.dtype}")
+    try:
+        if st.role == "support":
+            from bornsparse.ops.sparse_product import check_indices
 
+            check_indices(t, st.matrix)
+        else:
+            from bornsparse.ops.permuted.operands import check_permutations
 
-def _check_perms(key: str, perms: torch.Tensor) -> None:
-    ref = torch.arange(perms.shape[1], dtype=perms.dtype).expand_as(perms)
-    bad = ~(torch.sort(perms, dim=1).values == ref).all(dim=1)
-    if bool(bad.any()):
-        raise CheckpointError(
-            f"tensor {key!r}: rows {bad.nonzero().flatten().tolist()[:5]} are not permutations "
-            f"of 0..{perms.shape[1] - 1}"
-        )
+            check_permutations(t.to(torch.int64))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"tensor {key!r}: {err}") from err
 
 
 def _geometry(mod: nn.Module) -> dict[str, object]:
@@ -528,12 +345,12 @@ def _geometry(mod: nn.Module) -> dict[str, object]:
 
 def _check_fits(name: str, cls: str, args: dict, mod: nn.Module) -> None:
     """The module at ``name`` must have the shape the file's layer has."""
-    family = _SPECS[cls].family
+    klass = registered_layers()[cls]
     geo = _geometry(mod)
     kind = "linear" if "in_features" in geo else "conv" if "in_channels" in geo else None
     if kind is None:
         return  # a placeholder (nn.Identity, ...): nothing to disagree with
-    if kind != ("conv" if family == "conv" else "linear"):
+    if kind != klass.stands_for:
         raise CheckpointError(
             f"layer {name!r}: the file holds a {cls}, but the model has a "
             f"{type(mod).__name__} there"
@@ -547,8 +364,8 @@ def _check_fits(name: str, cls: str, args: dict, mod: nn.Module) -> None:
                 f"layer {name!r}: the file's {cls} has {k}={args[k]!r}, the model's "
                 f"{type(mod).__name__} has {k}={geo[k]!r}"
             )
-    if _SPECS[cls].sparse and (isinstance(mod, nn.Linear | nn.Conv2d) or is_dense_target(mod)
-                               or hasattr(mod, "nnz")):
+    if klass.has_support() and (isinstance(mod, nn.Linear | nn.Conv2d)
+                                or is_dense_target(mod) or hasattr(mod, "nnz")):
         has_bias = getattr(mod, "bias", None) is not None
         if has_bias != args["bias"]:
             raise CheckpointError(
@@ -559,49 +376,10 @@ def _check_fits(name: str, cls: str, args: dict, mod: nn.Module) -> None:
 
 def _build(cls: str, args: dict, t: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     """A new layer through its public constructor, holding the file's tensors."""
-    klass = _nn_classes()[cls]
-    dtype = _DTYPES[args["dtype"]]
-    spec = _SPECS[cls]
-    common = dict(device=device, dtype=dtype)
-    if spec.family == "permuted":
-        kw = dict(width=args["width"], depth=args["depth"], block_size=args["block_size"],
-                  seed=0, **common)  # seed: the random perms and blocks are overwritten
-        if cls == "PermutedBlockDiagonal":
-            kw["bias"] = args["bias"]
-        layer = klass(args["in_features"], args["out_features"], **kw)
-    elif spec.family == "structured":
-        size = args["rank"] if cls == "LowRankLinear" else args["nblocks"]
-        # seed: the drawn factors are overwritten
-        layer = klass(args["in_features"], args["out_features"], size, bias=args["bias"],
-                      seed=0, **common)
-    else:
-        kw = dict(bias=args["bias"], support=args["support"], init="zeros", seed=0,
-                  indices=t["indices"].to(torch.int64), **common)
-        if spec.dct:
-            kw["train_alpha"] = args["train_alpha"]
-            if spec.family == "conv":
-                kw["dct_order"] = args["dct_order"]
-        if cls == "PermutedOffsetSparseLinear":
-            kw.update(train_alpha=args["train_alpha"], offset_depth=args["offset_depth"],
-                      offset_width=args["offset_width"])
-        if spec.family == "linear":
-            layer = klass(args["in_features"], args["out_features"], **kw)
-        else:
-            layer = klass(args["in_channels"], args["out_channels"], tuple(args["kernel_size"]),
-                          stride=tuple(args["stride"]),
-                          padding=args["padding"] if isinstance(args["padding"], str)
-                          else tuple(args["padding"]),
-                          dilation=tuple(args["dilation"]), groups=args["groups"],
-                          padding_mode=args["padding_mode"], **kw)
-        if not torch.equal(layer.indices.cpu().to(torch.int64), t["indices"].to(torch.int64)):
-            raise CheckpointError(f"{cls} reordered the file's support; cannot load it")
-    own = layer.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for key, tensor in t.items():
-            if key != "indices":
-                # copy_ converts to the dtype of the layer's own buffer (perms: int64 today)
-                own[key].copy_(tensor)
-    return layer
+    try:
+        return registered_layers()[cls].rebuild(args, t, device)
+    except (TypeError, ValueError) as err:  # arguments its constructor refuses
+        raise CheckpointError(f"cannot rebuild the file's {cls}: {err}") from err
 
 
 def load(
@@ -639,7 +417,17 @@ def load(
         raise ValueError(f"device must be a real device, not the meta device, got {device}")
     doc, tensors = read_checkpoint(path)
 
-    # 1. every described layer: where it goes, that it fits, its tensors, the new layer
+    plan, claimed, layer_of = _new_layers(model, doc, tensors, device)
+    rest_model, rest_file = _check_rest(model, doc, tensors, claimed, layer_of)
+    _put_in(model, plan, rest_model, rest_file, device)
+    return model
+
+
+def _new_layers(model: nn.Module, doc: dict, tensors: dict[str, torch.Tensor],
+                device: torch.device):
+    """Every described layer: where it goes, that it fits, its tensors, the new layer.
+    Returns the plan (names, new layer), the tensor keys the layers claim, and every
+    layer name's class."""
     plan: list[tuple[list[str], nn.Module]] = []
     claimed: set[str] = set()
     layer_of: dict[str, str] = {}  # every layer name -> class
@@ -655,8 +443,7 @@ def load(
                 ) from err
             _check_fits(n, cls, args, olds[-1])
             layer_of[n] = cls
-        expected = _expected_tensors(cls, args)
-        own: dict[str, torch.Tensor] = {}
+        expected = _stored(cls, args)
         for n in names:
             for k in expected:
                 key = f"{n}.{k}"
@@ -665,21 +452,23 @@ def load(
                         f"tensor {key!r} of layer {n!r} ({cls}) is missing from the file"
                     )
                 claimed.add(key)
-        dtype = _DTYPES[args["dtype"]]
-        for k, (shape, role) in expected.items():
+        # a layer without a dtype field (a user's) takes its tensors' floating dtypes
+        dtype = DTYPES.get(args.get("dtype"))
+        own: dict[str, torch.Tensor] = {}
+        for k, st in expected.items():
             key = f"{names[0]}.{k}"
-            t = tensors[key]
-            _check_tensor(key, t, shape, role, dtype)
-            if k == "indices":
-                _check_support(key, t.to(torch.int64), _dense_shape(cls, args))
-            elif k in ("perms", "offset_perms"):
-                _check_perms(key, t.to(torch.int64))
-            own[k] = t
+            _check_tensor(key, tensors[key], st, dtype)
+            own[k] = tensors[key]
         new = _build(cls, args, own, device)
         new.train(olds[0].training)
         plan.append((names, new))
+    return plan, claimed, layer_of
 
-    # 2. the rest: exactly the model's other state_dict entries, with their shapes
+
+def _check_rest(model: nn.Module, doc: dict, tensors: dict[str, torch.Tensor],
+                claimed: set[str], layer_of: dict[str, str]):
+    """The rest of the file is exactly the model's other state_dict entries, with their
+    shapes; returns (the model's entries, the file's), key -> tensor."""
     prefixes = set(layer_of)
     current = model.state_dict(keep_vars=True)
     rest_model = {k: t for k, t in current.items() if _prefixed(k, prefixes) is None}
@@ -690,9 +479,9 @@ def load(
         owner = _prefixed(key, prefixes)
         if owner is not None:
             cls = layer_of[owner]
-            stored = sorted(_expected_tensors(
+            stored = sorted(_stored(
                 cls, next(e["args"] for e in doc["layers"] if owner in e["names"])))
-            if _SPECS[cls].sparse and key == f"{owner}.weight":
+            if registered_layers()[cls].has_support() and key == f"{owner}.weight":
                 raise CheckpointError(
                     f"tensor {key!r} is a dense weight, but layer {owner!r} is described as a "
                     f"{cls}, which stores only {stored}: a sparse layer's weight is never dense"
@@ -716,8 +505,8 @@ def load(
         if t.dtype.is_floating_point != target.dtype.is_floating_point or (
             t.dtype == torch.bool) != (target.dtype == torch.bool):
             raise CheckpointError(
-                f"tensor {key!r} has dtype {_dtype_name(t.dtype)} in the file, the model's "
-                f"is {_dtype_name(target.dtype)}"
+                f"tensor {key!r} has dtype {dtype_name(t.dtype)} in the file, the model's "
+                f"is {dtype_name(target.dtype)}"
             )
     replaced = {id(model.get_submodule(n)) for n in prefixes}
     for name, mod in model.named_modules():
@@ -730,8 +519,12 @@ def load(
                     f"buffer {name}.{b} is on the meta device and not part of the state_dict, "
                     "so no checkpoint can fill it; build that module on a real device"
                 )
+    return rest_model, rest_file
 
-    # 3. only now touch the model: nothing below can fail on a validated file
+
+def _put_in(model: nn.Module, plan, rest_model: dict, rest_file: dict,
+            device: torch.device) -> None:
+    """Only now touch the model: nothing here can fail on a validated file."""
     for names, new in plan:
         for n in names:
             set_submodule(model, n, new)
@@ -754,4 +547,3 @@ def load(
                            if isinstance(old, nn.Parameter) else data)
         # setattr on a registered name replaces that parameter / buffer in place
         setattr(mod, attr, made[id(t)])
-    return model

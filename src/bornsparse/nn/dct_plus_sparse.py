@@ -14,11 +14,17 @@ from torch import nn
 
 from bornsparse._checks import check_choice
 from bornsparse.nn.sparse_linear import SparseLinear
+from bornsparse.nn.sparse_weight import ScaledOffset
 from bornsparse.ops.dct_sparse import dct_sparse_affine
 from bornsparse.ops.discrete_cosine import dct_matrix
 
+#: how the offset is computed, as checkpoint files name it (a later library that computes
+#: another DCT must change the string, so old files fail loudly instead of loading into
+#: another function)
+DCT_OFFSET = "dct-ii-ortho: first out coefficients of the input zero-padded to max(in, out)"
 
-class DCTPlusSparseLinear(SparseLinear):
+
+class DCTPlusSparseLinear(ScaledOffset, SparseLinear):
     """y = α·T(x) + x Sᵀ + b: a fixed DCT offset plus a trainable sparse S (the DCTpS slides).
 
     Arguments as :class:`SparseLinear`; ``alpha`` is α's start value, a Parameter when
@@ -28,6 +34,9 @@ class DCTPlusSparseLinear(SparseLinear):
     fused op (:func:`~bornsparse.ops.dct_sparse.dct_sparse_affine`); "reference" is
     plain PyTorch all the way down (gradients of any order, e.g. for GraSP).
     """
+
+    kind = "dctps"
+    offset_convention = DCT_OFFSET
 
     def __init__(
         self,

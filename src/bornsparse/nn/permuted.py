@@ -15,16 +15,38 @@ from bornsparse._checks import (
     check_positive_int,
 )
 from bornsparse._random import make_generator, resolve_seed
+from bornsparse.nn._layer_parts import register_bias
+from bornsparse.nn.description import (
+    BIAS_FIELD,
+    DTYPE_FIELD,
+    DTYPES,
+    LINEAR_FIELDS,
+    Described,
+    Field,
+    Stored,
+    at_least,
+    constant,
+    dtype_name,
+    is_int,
+)
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.memory import advise_huge_pages
 from bornsparse.ops.penalty import orthogonality_penalty
 from bornsparse.ops.permuted import permuted_block_diagonal, permuted_tanh_network
+
+#: the order the factors are stored in, as checkpoint files name it
+PERM_ORDER = "application order: factor 0 first"
 
 
 def default_width(in_features: int, out_features: int, block_size: int) -> int:
     """2·max(in, out), the paper's choice, rounded up to a multiple of block_size."""
     w = 2 * max(in_features, out_features)
     return -(-w // block_size) * block_size
+
+
+def budget_depth(budget: int, width: int, block_size: int = 2) -> int:
+    """The depth whose depth · width · block_size weights come closest to ``budget`` (>= 1)."""
+    return max(1, math.floor(budget / (width * block_size) + 0.5))
 
 
 def default_depth(width: int, block_size: int) -> int:
@@ -57,8 +79,31 @@ def draw_factors(depth: int, width: int, block_size: int, generator: torch.Gener
     return perms, blocks.reshape(depth, nblocks, block_size, block_size)
 
 
-class _PermutedBase(nn.Module):
-    """Shared construction, validation and utilities of the two layers."""
+class _PermutedBase(Described, nn.Module, abstract=True):
+    """Shared construction, validation, description and utilities of the two layers."""
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        return {**LINEAR_FIELDS, "width": Field(is_int), "depth": Field(is_int),
+                "block_size": Field(at_least(2)), **DTYPE_FIELD,
+                "perm_order": constant(PERM_ORDER)}
+
+    def describe(self) -> dict[str, object]:
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    width=self.width, depth=self.depth, block_size=self.block_size,
+                    dtype=dtype_name(self.weight.dtype), perm_order=PERM_ORDER)
+
+    @classmethod
+    def stored(cls, args) -> dict[str, Stored]:
+        w, k, d = args["width"], args["block_size"], args["depth"]
+        return {"weight": Stored((d, w // k, k, k)), "perms": Stored((d, w), "perms")}
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        # seed: the drawn permutations and blocks are overwritten by the file's
+        return (args["in_features"], args["out_features"]), dict(
+            width=args["width"], depth=args["depth"], block_size=args["block_size"], seed=0,
+            device=device, dtype=DTYPES[args["dtype"]])
 
     def __init__(
         self,
@@ -162,6 +207,27 @@ class PermutedBlockDiagonal(_PermutedBase):
     the map in -> out is a slice of it and has norm at most 1.
     """
 
+    kind = "permuted"
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        return {**super().fields(), **BIAS_FIELD}
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "bias": self.bias is not None}
+
+    @classmethod
+    def stored(cls, args) -> dict[str, Stored]:
+        out = super().stored(args)
+        if args["bias"]:
+            out["bias"] = Stored((args["out_features"],))
+        return out
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        pos, kw = super().constructor_arguments(args, tensors, device)
+        return pos, {**kw, "bias": args["bias"]}
+
     def __init__(
         self,
         in_features: int,
@@ -180,12 +246,7 @@ class PermutedBlockDiagonal(_PermutedBase):
             in_features, out_features, width=width, depth=depth, block_size=block_size,
             seed=seed, backend=backend, device=device, dtype=dtype,
         )
-        if bias:
-            self.bias = nn.Parameter(
-                torch.empty(out_features, device=device, dtype=self.weight.dtype)
-            )
-        else:
-            self.register_parameter("bias", None)
+        register_bias(self, bias, self.out_features, device, self.weight.dtype)
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -256,6 +317,23 @@ class PermutedBlockDiagonal(_PermutedBase):
         )
         return layer
 
+    @classmethod
+    def from_budget(
+        cls, in_features: int, out_features: int, budget: int, *, bias: bool,
+        seed: int | None, device: torch.device, dtype: torch.dtype,
+        dense_weight: torch.Tensor | None = None, fit: dict | None = None,
+    ) -> PermutedBlockDiagonal:
+        """The layer ``sparsify(kind="permuted")`` puts in for a budget of ``budget``
+        weights: 2×2 blocks, the default width, the depth of :func:`budget_depth`. With
+        ``fit`` (keyword arguments of :meth:`from_dense`) its blocks are fitted to
+        ``dense_weight`` (out, in), bias-free (the caller puts the bias in)."""
+        depth = budget_depth(budget, default_width(in_features, out_features, 2))
+        if fit is None:
+            return cls(in_features, out_features, depth=depth, bias=bias, seed=seed,
+                       device=device, dtype=dtype)
+        # the same seed as the unfitted layer: the same permutations, fitted blocks
+        return cls.from_dense(dense_weight, depth=depth, seed=seed, **fit).to(device)
+
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The (out_features, in_features) matrix W with forward(x) == x @ W.T (+ bias)."""
@@ -274,6 +352,10 @@ class PermutedTanhNetwork(_PermutedBase):
     initialisation the Jacobian at x = 0 equals the PermutedBlockDiagonal with the same
     weight and perms. Factors are indexed in application order, as in that layer.
     """
+
+    @classmethod
+    def stored(cls, args) -> dict[str, Stored]:
+        return {**super().stored(args), "biases": Stored((args["depth"], args["width"]))}
 
     def __init__(
         self,

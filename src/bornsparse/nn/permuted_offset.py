@@ -15,16 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bornsparse._checks import (
-    check_choice,
-    check_float_tensor,
-    check_optional_positive_int,
-    check_positive_int,
-)
+from bornsparse._checks import check_choice, check_optional_positive_int, check_positive_int
 from bornsparse._random import make_generator
+from bornsparse.nn._layer_parts import check_features_input, register_bias
 from bornsparse.nn.dct_plus_sparse import register_alpha
-from bornsparse.nn.permuted import default_depth, draw_factors
-from bornsparse.nn.sparse_weight import SparseWeightBase
+from bornsparse.nn.description import Field, Stored, at_least, constant, is_int
+from bornsparse.nn.permuted import PERM_ORDER, default_depth, draw_factors
+from bornsparse.nn.sparse_weight import ScaledOffset, SparseWeightBase
 from bornsparse.ops.permuted import permuted_block_diagonal
 from bornsparse.ops.sparse_product import sparse_matmul
 
@@ -43,7 +40,7 @@ def default_offset_width(in_features: int, out_features: int) -> int:
     return q + q % OFFSET_BLOCK
 
 
-class PermutedOffsetSparseLinear(SparseWeightBase):
+class PermutedOffsetSparseLinear(ScaledOffset, SparseWeightBase):
     """y = α·G₀ x + x Sᵀ + b: a fixed random permuted offset plus a trainable sparse S.
 
     Shapes: input (..., in_features), output (..., out_features); W = α·G₀ + S is
@@ -65,6 +62,31 @@ class PermutedOffsetSparseLinear(SparseWeightBase):
     ``backend``: as the sparse layers' ("auto", "reference", "numba", "torch_sparse"); the
     offset runs the permuted op with the same choice ("torch_sparse": "auto").
     """
+
+    kind = "permuted_offset"
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        # G₀ is described by its blocks and permutations, stored as they are
+        return {**super().fields(), "offset_depth": Field(is_int),
+                "offset_width": Field(at_least(OFFSET_BLOCK)),
+                "perm_order": constant(PERM_ORDER)}
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "offset_depth": self.offset_depth,
+                "offset_width": self.offset_width, "perm_order": PERM_ORDER}
+
+    @classmethod
+    def stored(cls, args) -> dict[str, Stored]:
+        d, w, b = args["offset_depth"], args["offset_width"], OFFSET_BLOCK
+        return {**super().stored(args), "offset_weight": Stored((d, w // b, b, b)),
+                "offset_perms": Stored((d, w), "perms")}
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        pos, kw = super().constructor_arguments(args, tensors, device)
+        return pos, {**kw, "offset_depth": args["offset_depth"],
+                     "offset_width": args["offset_width"]}
 
     def __init__(
         self,
@@ -113,12 +135,20 @@ class PermutedOffsetSparseLinear(SparseWeightBase):
             device=device, dtype=dtype))
         self.register_buffer("offset_perms", torch.empty(
             (self.offset_depth, width), device=device, dtype=torch.int64))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        register_bias(self, bias, self.out_features, device, dtype)
         if self._materialised():
             self.reset_parameters()
+
+    @classmethod
+    def from_budget(
+        cls, in_features: int, out_features: int, budget: int, *, bias: bool,
+        seed: int | None, device: torch.device, dtype: torch.dtype,
+        offset_depth: int | None = None,
+    ) -> PermutedOffsetSparseLinear:
+        """The layer ``sparsify(kind="permuted_offset")`` puts in for a budget of
+        ``budget`` weights: ``budget`` entries in S, an offset ``offset_depth`` deep."""
+        return cls(in_features, out_features, nnz=budget, offset_depth=offset_depth,
+                   bias=bias, seed=seed, device=device, dtype=dtype)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -133,12 +163,7 @@ class PermutedOffsetSparseLinear(SparseWeightBase):
         self.offset_perms.copy_(perms)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_float_tensor("input", x)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}"
-            )
-        self._check_dtype(x)
+        check_features_input(x, self.in_features, self.values.dtype)
 
     def _offset(self, x: torch.Tensor) -> torch.Tensor:
         return permuted_block_diagonal(

@@ -32,13 +32,37 @@ from torch.nn import functional as F
 
 from bornsparse._checks import check_choice, check_float_tensor, check_positive_int
 from bornsparse._random import make_generator
+from bornsparse.nn._layer_parts import register_bias
 from bornsparse.nn.dct_plus_sparse import register_alpha
-from bornsparse.nn.sparse_weight import SparseWeightBase, copy_given_values
+from bornsparse.nn.description import Field, constant, is_int, is_pair, one_of
+from bornsparse.nn.sparse_weight import (
+    SPARSE_FIELDS,
+    ScaledOffset,
+    SparseWeightBase,
+    copy_given_values,
+)
 from bornsparse.ops.discrete_cosine import dct_matrix
 from bornsparse.ops.sparse_conv import ConvPlan, build_conv_plan, sparse_conv2d
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DCT_ORDERS = ("khkwc", "ckhkw")
+# how a patch is flattened, and the DCT offset, as checkpoint files name them (a later
+# library that changes either must change the string, so old files fail loudly)
+PATCH_LAYOUT = "(in_channels/groups, kh, kw) row-major, as F.unfold"
+CONV_DCT_OFFSET = "dct-ii-ortho: channel o adds column o of dct_matrix(patch, out_channels)"
+# files written before dct_order was described were computed in the F.unfold order
+_DCT_ORDER_BEFORE_FIELD = "ckhkw"
+
+
+def _is_padding(v: object) -> bool:
+    return v in ("same", "valid") or is_pair(0)(v)
+
+
+CONV_FIELDS = {"in_channels": Field(is_int), "out_channels": Field(is_int),
+               "kernel_size": Field(is_pair(1)), "stride": Field(is_pair(1)),
+               "padding": Field(_is_padding), "dilation": Field(is_pair(1)),
+               "groups": Field(is_int), "padding_mode": Field(one_of(PADDING_MODES)),
+               "patch_layout": constant(PATCH_LAYOUT)}
 # the conv op's own plan (ConvPlan's int64 tensors), beside the base class's plan buffers
 _CONV_PLAN_BUFFERS = ("_conv_rows", "_conv_cols", "_conv_rowptr", "_chan_perm", "_chan_ptr")
 
@@ -54,8 +78,36 @@ def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
     return int(vals[0]), int(vals[1])
 
 
-class _SparseConvBase(SparseWeightBase):
+class _SparseConvBase(SparseWeightBase, abstract=True):
     _backend_family = "conv"
+    stands_for = "conv"
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        return {**CONV_FIELDS, **SPARSE_FIELDS}
+
+    def describe(self) -> dict[str, object]:
+        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    kernel_size=list(self.kernel_size), stride=list(self.stride),
+                    padding=padding, dilation=list(self.dilation), groups=self.groups,
+                    padding_mode=self.padding_mode, patch_layout=PATCH_LAYOUT,
+                    **self._sparse_description())
+
+    @classmethod
+    def stored(cls, args):
+        kh, kw = args["kernel_size"]
+        patch = args["in_channels"] // args["groups"] * kh * kw
+        return cls._sparse_stored(args, args["out_channels"], patch)
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        padding = args["padding"]
+        return (args["in_channels"], args["out_channels"], tuple(args["kernel_size"])), dict(
+            stride=tuple(args["stride"]),
+            padding=padding if isinstance(padding, str) else tuple(padding),
+            dilation=tuple(args["dilation"]), groups=args["groups"],
+            padding_mode=args["padding_mode"], **cls._sparse_kwargs(args, tensors, device))
     def _init_conv(
         self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
         padding_mode,
@@ -131,12 +183,6 @@ class _SparseConvBase(SparseWeightBase):
         ph, pw = self.padding
         return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
 
-    def _make_bias(self, bias: bool, device, dtype) -> None:
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-
     def extra_repr(self) -> str:
         s = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -158,6 +204,8 @@ class SparseConv2d(_SparseConvBase):
     being one output filter (``support="per_row"`` = equal count per filter, EPF).
     ``init``: "kaiming" (N(0, 2/f)), "normal" (N(0, 1/f)), f = nnz/out_channels, or "zeros".
     """
+
+    kind = "sparse"
 
     def __init__(
         self,
@@ -192,7 +240,7 @@ class SparseConv2d(_SparseConvBase):
             init=init, indices=indices, seed=seed, backend=backend, device=device,
             dtype=dtype,
         )
-        self._make_bias(bias, device, self.values.dtype)
+        register_bias(self, bias, self.out_channels, device, self.values.dtype)
         if self._materialised():
             self._reset_sparse(make_generator(self.seed))
 
@@ -220,7 +268,7 @@ class SparseConv2d(_SparseConvBase):
                              plan=self.conv_plan(), backend=self._backend)
 
 
-class DCTPlusSparseConv2d(SparseConv2d):
+class DCTPlusSparseConv2d(ScaledOffset, SparseConv2d):
     """Conv with kernel α·D + S: a fixed DCT offset on each patch plus a sparse S (the DCTpS
     slides).
 
@@ -239,6 +287,21 @@ class DCTPlusSparseConv2d(SparseConv2d):
     """
 
     _inits = ("zeros", "normal", "kaiming")
+    kind = "dctps"
+    offset_convention = CONV_DCT_OFFSET
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        return {**super().fields(),
+                "dct_order": Field(one_of(DCT_ORDERS), before=_DCT_ORDER_BEFORE_FIELD)}
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "dct_order": self.dct_order}
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        pos, kw = super().constructor_arguments(args, tensors, device)
+        return pos, {**kw, "dct_order": args["dct_order"]}
 
     def __init__(
         self,

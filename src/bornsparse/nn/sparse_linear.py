@@ -4,10 +4,10 @@ support logic is :class:`~bornsparse.nn.sparse_weight.SparseWeightBase`)."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from bornsparse._checks import check_choice, check_float_tensor, check_positive_int
+from bornsparse._checks import check_choice, check_positive_int
 from bornsparse._random import make_generator
+from bornsparse.nn._layer_parts import check_features_input, register_bias
 from bornsparse.nn.sparse_weight import SparseWeightBase, copy_given_values
 from bornsparse.ops.sparse_product import sparse_matmul
 
@@ -23,6 +23,8 @@ class SparseLinear(SparseWeightBase):
     NOTE: the bias starts at zero, unlike nn.Linear; a sparse fan-in makes nn.Linear's
     1/√in bias scale meaningless.
     """
+
+    kind = "sparse"
 
     def __init__(
         self,
@@ -49,12 +51,7 @@ class SparseLinear(SparseWeightBase):
             init=init, indices=indices, seed=seed, backend=backend, device=device,
             dtype=dtype,
         )
-        if bias:
-            self.bias = nn.Parameter(
-                torch.empty(out_features, device=device, dtype=self.values.dtype)
-            )
-        else:
-            self.register_parameter("bias", None)
+        register_bias(self, bias, self.out_features, device, self.values.dtype)
         if self._materialised():
             self._reset_sparse(make_generator(self.seed))
 
@@ -75,12 +72,7 @@ class SparseLinear(SparseWeightBase):
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_float_tensor("input", x)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}"
-            )
-        self._check_dtype(x)
+        check_features_input(x, self.in_features, self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +20,20 @@ from torch import nn
 from bornsparse._checks import check_choice, check_fraction
 from bornsparse._random import make_generator, resolve_seed
 from bornsparse.nn._support import sample_support
+from bornsparse.nn.description import (
+    BIAS_FIELD,
+    DTYPE_FIELD,
+    DTYPES,
+    LINEAR_FIELDS,
+    Described,
+    Field,
+    Stored,
+    constant,
+    dtype_name,
+    is_bool,
+    is_int,
+    is_str,
+)
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.sparse_product import (
     SparsePlan,
@@ -55,6 +71,10 @@ def resolve_nnz(nnz: object, density: object, rows: int, cols: int) -> int:
     return n
 
 
+#: what every sparse layer describes beside its geometry
+SPARSE_FIELDS = {"nnz": Field(is_int), **BIAS_FIELD, "support": Field(is_str), **DTYPE_FIELD}
+
+
 # the compressed forms of the support kept beside ``indices`` (SparsePlan's fields)
 _PLAN_BUFFERS = ("_rowptr", "_colptr", "_csc_perm", "_csc_rows")
 
@@ -64,16 +84,61 @@ def _support_key(idx: torch.Tensor) -> tuple:
     return (idx.data_ptr(), idx._version, idx.device)
 
 
-class SparseWeightBase(nn.Module):
+class SparseWeightBase(Described, nn.Module, abstract=True):
     """Values, indices, plan cache and support updates shared by every sparse layer.
 
     Subclasses call :meth:`_init_support` with the dense weight's (rows, cols): rows are
-    outputs (out features / out channels), cols the flattened inputs of one row.
+    outputs (out features / out channels), cols the flattened inputs of one row. The
+    description (:mod:`bornsparse.nn.description`) given here is a linear layer's
+    (in_features, out_features, the support); the convolutions extend it.
     """
 
     values: nn.Parameter
     indices: torch.Tensor
     _backend_family = "sparse"  # which backends the layer's ops have (ops/backends.py)
+
+    # ---- description -----------------------------------------------------------------
+
+    @classmethod
+    def has_support(cls) -> bool:
+        return True
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        return {**LINEAR_FIELDS, **SPARSE_FIELDS}
+
+    def describe(self) -> dict[str, object]:
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    **self._sparse_description())
+
+    @classmethod
+    def stored(cls, args: Mapping[str, Any]) -> dict[str, Stored]:
+        return cls._sparse_stored(args, args["out_features"], args["in_features"])
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        return (args["in_features"], args["out_features"]), cls._sparse_kwargs(
+            args, tensors, device)
+
+    def _sparse_description(self) -> dict[str, object]:
+        # support= does not change the function; kept so a rebuilt layer reads alike
+        return dict(nnz=self.nnz, bias=self.bias is not None, support=self.support,
+                    dtype=dtype_name(self.values.dtype))
+
+    @staticmethod
+    def _sparse_stored(args: Mapping[str, Any], rows: int, cols: int) -> dict[str, Stored]:
+        nnz = args["nnz"]
+        out = {"values": Stored((nnz,)), "indices": Stored((2, nnz), "support", (rows, cols))}
+        if args["bias"]:
+            out["bias"] = Stored((rows,))
+        return out
+
+    @staticmethod
+    def _sparse_kwargs(args, tensors, device) -> dict[str, Any]:
+        # seed: the drawn values are overwritten by the file's
+        return dict(bias=args["bias"], support=args["support"], init="zeros", seed=0,
+                    indices=tensors["indices"].to(torch.int64), device=device,
+                    dtype=DTYPES[args["dtype"]])
 
     def _init_support(
         self,
@@ -275,3 +340,34 @@ def copy_given_values(
     _, vals = sort_support(indices.detach().cpu(), layer.dense_shape, values.detach().cpu())
     with torch.no_grad():
         layer.values.copy_(vals)
+
+
+class ScaledOffset(Described, abstract=True):
+    """The description of a layer with a fixed offset scaled by α (a Parameter when
+    ``train_alpha``): put before the layer's base class. ``offset_convention``: the
+    format's name for how the offset is computed (None: the layer describes its offset
+    itself)."""
+
+    offset_convention: ClassVar[str | None] = None
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        out = {**super().fields(), "train_alpha": Field(is_bool)}
+        if cls.offset_convention is not None:
+            out["offset"] = constant(cls.offset_convention)
+        return out
+
+    def describe(self) -> dict[str, object]:
+        out = {**super().describe(), "train_alpha": isinstance(self.alpha, nn.Parameter)}
+        if self.offset_convention is not None:
+            out["offset"] = self.offset_convention
+        return out
+
+    @classmethod
+    def stored(cls, args: Mapping[str, Any]) -> dict[str, Stored]:
+        return {**super().stored(args), "alpha": Stored(())}
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        pos, kw = super().constructor_arguments(args, tensors, device)
+        return pos, {**kw, "train_alpha": args["train_alpha"]}

@@ -16,8 +16,24 @@ import math
 import torch
 from torch import nn
 
-from bornsparse._checks import check_float_tensor, check_positive_int
+from bornsparse._checks import check_positive_int
 from bornsparse._random import make_generator, resolve_seed
+from bornsparse.nn._layer_parts import check_features_input
+from bornsparse.nn.description import (
+    BIAS_FIELD,
+    DTYPE_FIELD,
+    DTYPES,
+    LINEAR_FIELDS,
+    Described,
+    Field,
+    Stored,
+    constant,
+    dtype_name,
+    is_int,
+)
+
+#: the Monarch factors' layout, as checkpoint files name it
+MONARCH_LAYOUT = "y = P_s^T L P_q R x: right (k, q, p) on x as (k, p), u[l*q + r] = z[r*k + l]"
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype | None,
@@ -102,11 +118,38 @@ class _MonarchMultiply(torch.autograd.Function):
         return dx, torch.bmm(dh.transpose(1, 2), xk), torch.bmm(do.transpose(1, 2), u)
 
 
-class _StructuredLinear(nn.Module):
-    """Shape checks, bias and repr shared by the two layers."""
+class _StructuredLinear(Described, nn.Module, abstract=True):
+    """Shape checks, bias, description and repr shared by the two layers."""
 
     in_features: int
     out_features: int
+    _size: str  # the constructor's third argument: "rank" or "nblocks"
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        return {**LINEAR_FIELDS, **BIAS_FIELD, **DTYPE_FIELD, cls._size: Field(is_int)}
+
+    def describe(self) -> dict[str, object]:
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None, dtype=dtype_name(self._factors()[0][0].dtype),
+                    **{self._size: getattr(self, self._size)})
+
+    @classmethod
+    def stored(cls, args) -> dict[str, Stored]:
+        out = {name: Stored(shape) for name, shape in cls._factor_shapes(args).items()}
+        if args["bias"]:
+            out["bias"] = Stored((args["out_features"],))
+        return out
+
+    @classmethod
+    def _factor_shapes(cls, args) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    @classmethod
+    def constructor_arguments(cls, args, tensors, device):
+        # seed: the drawn factors are overwritten by the file's
+        return (args["in_features"], args["out_features"], args[cls._size]), dict(
+            bias=args["bias"], seed=0, device=device, dtype=DTYPES[args["dtype"]])
 
     def _init_bias(self, bias: object, dtype, device) -> None:
         if not isinstance(bias, bool):
@@ -135,13 +178,7 @@ class _StructuredLinear(nn.Module):
             self.reset_parameters()
 
     def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
-        check_float_tensor("input", x)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}"
-            )
-        if x.dtype != dtype:
-            raise TypeError(f"input must have the layer's dtype {dtype}, got {x.dtype}")
+        check_features_input(x, self.in_features, dtype)
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
@@ -155,6 +192,13 @@ class LowRankLinear(_StructuredLinear):
     expressiveness). Init: V ~ U(±1/√in), U ~ U(±√(3/rank)), so every entry of U Vᵀ has
     nn.Linear's weight variance 1/(3·in); ``seed`` fixes U, V and the bias.
     """
+
+    _size = "rank"
+
+    @classmethod
+    def _factor_shapes(cls, args) -> dict[str, tuple[int, ...]]:
+        return {"u": (args["out_features"], args["rank"]),
+                "v": (args["in_features"], args["rank"])}
 
     def __init__(
         self,
@@ -219,6 +263,24 @@ class MonarchLinear(_StructuredLinear):
     U(±1/√p), L ~ U(±√(3/q)), so each output has nn.Linear's variance (1/3 for inputs of
     unit variance); ``seed`` fixes both factors and the bias.
     """
+
+    _size = "nblocks"
+
+    @classmethod
+    def fields(cls) -> dict[str, Field]:
+        return {**super().fields(), "monarch_layout": constant(MONARCH_LAYOUT)}
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "monarch_layout": MONARCH_LAYOUT}
+
+    @classmethod
+    def _factor_shapes(cls, args) -> dict[str, tuple[int, ...]]:
+        n_in, n_out, k = args["in_features"], args["out_features"], args["nblocks"]
+        if n_in % k or n_out % k:
+            raise ValueError(f"a MonarchLinear's nblocks must divide in_features and "
+                             f"out_features, got nblocks={k} for {n_in} -> {n_out}")
+        q = min(n_in, n_out) // k
+        return {"right": (k, q, n_in // k), "left": (k, n_out // k, q)}
 
     def __init__(
         self,

@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+# bornsparse.nn imports its layers lazily: this loads neither them nor numba
+from bornsparse.nn.description import layer_for
+
 LAYER_KINDS = ("sparse", "dctps")
 # layer kinds that only models.sparsify builds: G(θ) has no support to score, prune or
 # regrow, and the permuted offset layer is left out of the support methods
@@ -65,15 +68,8 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
 
 
 def _sparse_classes() -> dict[str, tuple[type, type]]:
-    """kind -> (linear class, conv class); imported late so this module loads without nn."""
-    from bornsparse.nn.dct_plus_sparse import DCTPlusSparseLinear
-    from bornsparse.nn.sparse_conv import DCTPlusSparseConv2d, SparseConv2d
-    from bornsparse.nn.sparse_linear import SparseLinear
-
-    return {
-        "sparse": (SparseLinear, SparseConv2d),
-        "dctps": (DCTPlusSparseLinear, DCTPlusSparseConv2d),
-    }
+    """kind -> (linear class, conv class), as the layers describe themselves."""
+    return {kind: (layer_for(kind, "linear"), layer_for(kind, "conv")) for kind in LAYER_KINDS}
 
 
 def sparse_layer_types() -> tuple[type, ...]:
@@ -371,12 +367,6 @@ def permuted_over_budget(module: nn.Module, budget: int) -> str | None:
             f"{smallest / budget:.1f}× its budget of {budget:,}")
 
 
-def permuted_depth(budget: int, width: int, block_size: int = 2) -> int:
-    """The depth whose depth · width · block_size weights come closest to ``budget`` (>= 1)."""
-    per_factor = width * block_size
-    return max(1, math.floor(budget / per_factor + 0.5))
-
-
 def make_structured_layer(
     module: nn.Module,
     kind: str,
@@ -391,7 +381,7 @@ def make_structured_layer(
 
     ``budget``: trainable weights to aim for (the bias comes on top, as for the sparse
     kinds). "permuted": a :class:`~bornsparse.nn.PermutedBlockDiagonal` with 2×2 blocks, the
-    default width 2·max(in, out) and the depth of :func:`permuted_depth`; drawn from
+    default width 2·max(in, out) and the depth of its ``budget_depth``; drawn from
     ``seed``, or with ``fit`` (keyword arguments of ``PermutedBlockDiagonal.from_dense``)
     fitted to the dense weight, which must then be real. "permuted_offset": a
     :class:`~bornsparse.nn.PermutedOffsetSparseLinear` with ``budget`` entries in S and an
@@ -408,32 +398,18 @@ def make_structured_layer(
     device = w.device if device is None else torch.device(device)
     if device.type == "meta":
         raise ValueError(f"make_structured_layer needs a real device, got device={device}")
+    if fit is not None and w.device.type == "meta":
+        raise ValueError(
+            "fit needs the dense weights, but the layer's weight is on the meta device; "
+            "build the model on a real device, or pass fit=False"
+        )
     has_bias = module.bias is not None
-    in_features, out_features = linear_features(module)
-    shape = dict(in_features=in_features, out_features=out_features)
-    if kind == "permuted":
-        from bornsparse.nn.permuted import PermutedBlockDiagonal, default_width
-
-        depth = permuted_depth(budget, default_width(in_features, out_features, 2))
-        if fit is None:
-            new = PermutedBlockDiagonal(**shape, depth=depth, bias=has_bias, seed=seed,
-                                        device=device, dtype=w.dtype)
-        else:
-            if w.device.type == "meta":
-                raise ValueError(
-                    "fit needs the dense weights, but the layer's weight is on the meta "
-                    "device; build the model on a real device, or pass fit=False"
-                )
-            # the same seed as the unfitted path: the same permutations, fitted blocks;
-            # bias-free, the bias Parameter is put in below
-            new = PermutedBlockDiagonal.from_dense(weight_matrix(module).detach(),
-                                                   depth=depth, seed=seed, **fit).to(device)
-    else:
-        from bornsparse.nn.permuted_offset import PermutedOffsetSparseLinear
-
-        new = PermutedOffsetSparseLinear(**shape, nnz=budget, offset_depth=offset_depth,
-                                         bias=has_bias, seed=seed, device=device,
-                                         dtype=w.dtype)
+    options = dict(offset_depth=offset_depth) if kind == "permuted_offset" else dict(
+        fit=fit, dense_weight=None if fit is None else weight_matrix(module).detach())
+    # fitted: bias-free, the bias Parameter is put in below
+    new = layer_for(kind, "linear").from_budget(
+        *linear_features(module), budget, bias=has_bias and fit is None, seed=seed,
+        device=device, dtype=w.dtype, **options)
     if has_bias:
         _take_bias(module, new, seed, device)
     new.train(module.training)
