@@ -6,44 +6,17 @@ backends (Triton, numba's JIT) load only when a layer first needs them.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from bornsparse import _fork  # noqa: F401  (registers the at-fork hook, stdlib only)
+from bornsparse._lazy import lazy_module
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_LAZY = {
-    "PermutedBlockDiagonal": "bornsparse.nn",
-    "PermutedTanhNetwork": "bornsparse.nn",
-    "SparseLinear": "bornsparse.nn",
-    "DCTPlusSparseLinear": "bornsparse.nn",
-    "SparseConv2d": "bornsparse.nn",
-    "DCTPlusSparseConv2d": "bornsparse.nn",
-    "PermutedOffsetSparseLinear": "bornsparse.nn",
-    "LowRankLinear": "bornsparse.nn",
-    "MonarchLinear": "bornsparse.nn",
-    "prune_at_init": "bornsparse.sparsity",
-    "IMP": "bornsparse.sparsity",
-    "RigL": "bornsparse.sparsity",
-    "SET": "bornsparse.sparsity",
-    "dct": "bornsparse.ops",
-    "idct": "bornsparse.ops",
-    "sparsify": "bornsparse.models",
-    "save": "bornsparse.models",
-    "load": "bornsparse.models",
-    "CheckpointError": "bornsparse.models",
-}
-
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'bornsparse' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, _names = lazy_module(__name__, {
+    "nn": ("PermutedBlockDiagonal", "PermutedTanhNetwork", "SparseLinear", "DCTPlusSparseLinear",
+           "SparseConv2d", "DCTPlusSparseConv2d", "PermutedOffsetSparseLinear", "LowRankLinear",
+           "MonarchLinear"),
+    "sparsity": ("prune_at_init", "IMP", "RigL", "SET"),
+    "ops": ("dct", "idct"),
+    "models": ("sparsify", "save", "load", "CheckpointError"),
+})
+__all__ = ["__version__", *_names]

@@ -1,6 +1,6 @@
 """Lazy attribute loading for package ``__init__`` files (PEP 562).
 
-Each subpackage lists ``name -> submodule`` once; the submodule is imported on first use,
+Each subpackage lists ``submodule -> names`` once; the submodule is imported on first use,
 which keeps ``import bornsparse`` fast and keeps optional backends unloaded until needed.
 """
 
@@ -11,7 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lazy_module(package: str, table: dict[str, str]) -> tuple[Callable[[str], Any], Callable]:
+def lazy_module(
+    package: str, exports: dict[str, tuple[str, ...]]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """``__getattr__``, ``__dir__`` and ``__all__`` of ``package``, whose submodule ``m``
+    defines the names ``exports[m]``."""
+    table = {name: module for module, names in exports.items() for name in names}
+
     def __getattr__(name: str) -> Any:
         if name in table:
             return getattr(importlib.import_module(f"{package}.{table[name]}"), name)
@@ -20,4 +26,4 @@ def lazy_module(package: str, table: dict[str, str]) -> tuple[Callable[[str], An
     def __dir__() -> list[str]:
         return sorted(table)
 
-    return __getattr__, __dir__
+    return __getattr__, __dir__, sorted(table)

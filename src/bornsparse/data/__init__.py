@@ -2,11 +2,7 @@
 
 from bornsparse._lazy import lazy_module
 
-_TABLE = {
-    "make_target": "operators",
-    "TARGETS": "operators",
-    "load_dataset": "datasets",
-    "DATASETS": "datasets",
-}
-__all__ = sorted(_TABLE)
-__getattr__, __dir__ = lazy_module(__name__, _TABLE)
+__getattr__, __dir__, __all__ = lazy_module(__name__, {
+    "operators": ("make_target", "TARGETS"),
+    "datasets": ("load_dataset", "DATASETS"),
+})

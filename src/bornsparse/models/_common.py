@@ -33,6 +33,15 @@ def check_input_shape(
     return tuple(int(s) for s in shape)
 
 
+def check_model_shapes(
+    input_shape: object, num_classes: object, *, ndim: int | None = None, model: str
+) -> tuple[tuple[int, ...], int]:
+    """``(input_shape, num_classes)`` checked: :func:`check_input_shape` and a positive
+    class count."""
+    return (check_input_shape(input_shape, ndim=ndim, model=model),
+            check_positive_int("num_classes", num_classes))
+
+
 def check_batch(model: str, x: object, input_shape: tuple[int, ...]) -> torch.Tensor:
     """Raise unless ``x`` is a float tensor of shape (N, *input_shape)."""
     x = check_float_tensor("input", x)

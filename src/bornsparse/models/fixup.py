@@ -14,10 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bornsparse._checks import check_positive_int
 from bornsparse.models._common import (
     check_batch,
-    check_input_shape,
+    check_model_shapes,
     check_resnet_depth,
     factory,
 )
@@ -90,8 +89,8 @@ class FixupResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.depth = depth = check_resnet_depth(depth)
-        self.input_shape = check_input_shape(input_shape, ndim=3, model=f"fixup_resnet{depth}")
-        num_classes = check_positive_int("num_classes", num_classes)
+        self.input_shape, num_classes = check_model_shapes(
+            input_shape, num_classes, ndim=3, model=f"fixup_resnet{depth}")
         fk = factory(device, dtype)
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, 1, 1, bias=False, **fk)

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bornsparse._checks import check_positive_int
-from bornsparse.models._common import check_batch, check_input_shape, factory
+from bornsparse.models._common import check_batch, check_model_shapes, factory
 
 #: the input side LeNet-5 was designed for
 LENET_SIDE = 32
@@ -38,8 +37,8 @@ class LeNet5(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape = check_input_shape(input_shape, ndim=3, model="lenet5")
-        num_classes = check_positive_int("num_classes", num_classes)
+        self.input_shape, num_classes = check_model_shapes(
+            input_shape, num_classes, ndim=3, model="lenet5")
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
         self.pool = pool

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bornsparse._checks import check_positive_int
-from bornsparse.models._common import check_batch, check_input_shape, factory
+from bornsparse.models._common import check_batch, check_model_shapes, factory
 
 
 class MLP(nn.Module):
@@ -29,8 +29,8 @@ class MLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape = check_input_shape(input_shape, model="mlp")
-        num_classes = check_positive_int("num_classes", num_classes)
+        self.input_shape, num_classes = check_model_shapes(
+            input_shape, num_classes, model="mlp")
         if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
             raise TypeError(
                 f"hidden_sizes must be a sequence of positive ints, got {hidden_sizes!r}"

@@ -8,8 +8,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bornsparse._checks import check_positive_int
-from bornsparse.models._common import check_batch, check_input_shape, factory, he_init_
+from bornsparse.models._common import (
+    check_batch,
+    check_model_shapes,
+    factory,
+    he_init_,
+)
 
 # (expansion t, out channels c, blocks n, first stride s), Sandler et al. Table 2, with the
 # CIFAR change: the second stage's stride 2 → 1 (and the stem's stride 2 → 1 below)
@@ -82,8 +86,8 @@ class MobileNetV2(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape = check_input_shape(input_shape, ndim=3, model="mobilenetv2")
-        num_classes = check_positive_int("num_classes", num_classes)
+        self.input_shape, num_classes = check_model_shapes(
+            input_shape, num_classes, ndim=3, model="mobilenetv2")
         if not isinstance(conv_shortcut, bool):
             raise TypeError(f"conv_shortcut must be a bool, got {conv_shortcut!r}")
         fk = factory(device, dtype)

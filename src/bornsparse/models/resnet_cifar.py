@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from bornsparse._checks import check_positive_int
 from bornsparse.models._common import (
     check_batch,
-    check_input_shape,
+    check_model_shapes,
     check_resnet_depth,
     factory,
     he_init_,
@@ -87,8 +87,8 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.depth = depth = check_resnet_depth(depth)
-        self.input_shape = check_input_shape(input_shape, ndim=3, model=f"resnet{depth}")
-        num_classes = check_positive_int("num_classes", num_classes)
+        self.input_shape, num_classes = check_model_shapes(
+            input_shape, num_classes, ndim=3, model=f"resnet{depth}")
         fk = factory(device, dtype)
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, 1, 1, bias=False, **fk)
@@ -161,8 +161,8 @@ class BottleneckResNet(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape = check_input_shape(input_shape, ndim=3, model="resnet50")
-        num_classes = check_positive_int("num_classes", num_classes)
+        self.input_shape, num_classes = check_model_shapes(
+            input_shape, num_classes, ndim=3, model="resnet50")
         if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or len(blocks) != 4:
             raise ValueError(f"blocks must be 4 positive ints (blocks per stage), got {blocks!r}")
         counts = [check_positive_int("blocks entry", b) for b in blocks]

@@ -2,16 +2,11 @@
 
 from bornsparse._lazy import lazy_module
 
-_TABLE = {
-    "PermutedBlockDiagonal": "permuted",
-    "PermutedTanhNetwork": "permuted",
-    "SparseLinear": "sparse_linear",
-    "DCTPlusSparseLinear": "dct_plus_sparse",
-    "SparseConv2d": "sparse_conv",
-    "DCTPlusSparseConv2d": "sparse_conv",
-    "PermutedOffsetSparseLinear": "permuted_offset",
-    "LowRankLinear": "structured",
-    "MonarchLinear": "structured",
-}
-__all__ = sorted(_TABLE)
-__getattr__, __dir__ = lazy_module(__name__, _TABLE)
+__getattr__, __dir__, __all__ = lazy_module(__name__, {
+    "permuted": ("PermutedBlockDiagonal", "PermutedTanhNetwork"),
+    "sparse_linear": ("SparseLinear",),
+    "dct_plus_sparse": ("DCTPlusSparseLinear",),
+    "sparse_conv": ("SparseConv2d", "DCTPlusSparseConv2d"),
+    "permuted_offset": ("PermutedOffsetSparseLinear",),
+    "structured": ("LowRankLinear", "MonarchLinear"),
+})

@@ -27,7 +27,8 @@ DCT_OFFSET = "dct-ii-ortho: first out coefficients of the input zero-padded to m
 class DCTPlusSparseLinear(ScaledOffset, SparseLinear):
     """y = α·T(x) + x Sᵀ + b: a fixed DCT offset plus a trainable sparse S (the DCTpS slides).
 
-    Arguments as :class:`SparseLinear`; ``alpha`` is α's start value, a Parameter when
+    Other arguments (nnz or density, bias, support, seed, indices, backend, device,
+    dtype) as :class:`SparseLinear`; ``alpha`` is α's start value, a Parameter when
     ``train_alpha`` else a buffer. ``init`` for S: "zeros" (default, the paper's), "normal"
     (N(0, 1/f), f = nnz/out) or "kaiming" (N(0, 2/f)). Stored: values, indices, α, bias.
     ``backend`` (ops/backends.py): with "auto" or "numba" on CPU the whole layer is one
@@ -43,24 +44,13 @@ class DCTPlusSparseLinear(ScaledOffset, SparseLinear):
         in_features: int,
         out_features: int,
         *,
-        nnz: int | None = None,
-        density: float | None = None,
-        bias: bool = True,
         alpha: float = 1.0,
         train_alpha: bool = True,
-        support: str = "random",
         init: str = "zeros",
-        seed: int | None = None,
-        indices: torch.Tensor | None = None,
-        backend: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> None:
         check_choice("init", init, ("zeros", "normal", "kaiming"))
-        super().__init__(
-            in_features, out_features, nnz=nnz, density=density, bias=bias, support=support,
-            init=init, seed=seed, indices=indices, backend=backend, device=device, dtype=dtype,
-        )
+        super().__init__(in_features, out_features, init=init, **kwargs)
         register_alpha(self, alpha, train_alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

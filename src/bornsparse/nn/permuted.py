@@ -15,20 +15,8 @@ from bornsparse._checks import (
     check_positive_int,
 )
 from bornsparse._random import make_generator, resolve_seed
+from bornsparse.nn import description as desc
 from bornsparse.nn._layer_parts import register_bias
-from bornsparse.nn.description import (
-    BIAS_FIELD,
-    DTYPE_FIELD,
-    DTYPES,
-    LINEAR_FIELDS,
-    Described,
-    Field,
-    Stored,
-    at_least,
-    constant,
-    dtype_name,
-    is_int,
-)
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.memory import advise_huge_pages
 from bornsparse.ops.penalty import orthogonality_penalty
@@ -79,31 +67,32 @@ def draw_factors(depth: int, width: int, block_size: int, generator: torch.Gener
     return perms, blocks.reshape(depth, nblocks, block_size, block_size)
 
 
-class _PermutedBase(Described, nn.Module, abstract=True):
+class _PermutedBase(desc.Described, nn.Module, abstract=True):
     """Shared construction, validation, description and utilities of the two layers."""
 
     @classmethod
-    def fields(cls) -> dict[str, Field]:
-        return {**LINEAR_FIELDS, "width": Field(is_int), "depth": Field(is_int),
-                "block_size": Field(at_least(2)), **DTYPE_FIELD,
-                "perm_order": constant(PERM_ORDER)}
+    def fields(cls) -> dict[str, desc.Field]:
+        return {**desc.LINEAR_FIELDS, "width": desc.Field(desc.is_int),
+                "depth": desc.Field(desc.is_int), "block_size": desc.Field(desc.at_least(2)),
+                **desc.DTYPE_FIELD,
+                "perm_order": desc.constant(PERM_ORDER)}
 
     def describe(self) -> dict[str, object]:
         return dict(in_features=self.in_features, out_features=self.out_features,
                     width=self.width, depth=self.depth, block_size=self.block_size,
-                    dtype=dtype_name(self.weight.dtype), perm_order=PERM_ORDER)
+                    dtype=desc.dtype_name(self.weight.dtype), perm_order=PERM_ORDER)
 
     @classmethod
-    def stored(cls, args) -> dict[str, Stored]:
+    def stored(cls, args) -> dict[str, desc.Stored]:
         w, k, d = args["width"], args["block_size"], args["depth"]
-        return {"weight": Stored((d, w // k, k, k)), "perms": Stored((d, w), "perms")}
+        return {"weight": desc.Stored((d, w // k, k, k)), "perms": desc.Stored((d, w), "perms")}
 
     @classmethod
     def constructor_arguments(cls, args, tensors, device):
         # seed: the drawn permutations and blocks are overwritten by the file's
         return (args["in_features"], args["out_features"]), dict(
             width=args["width"], depth=args["depth"], block_size=args["block_size"], seed=0,
-            device=device, dtype=DTYPES[args["dtype"]])
+            device=device, dtype=desc.DTYPES[args["dtype"]])
 
     def __init__(
         self,
@@ -210,17 +199,17 @@ class PermutedBlockDiagonal(_PermutedBase):
     kind = "permuted"
 
     @classmethod
-    def fields(cls) -> dict[str, Field]:
-        return {**super().fields(), **BIAS_FIELD}
+    def fields(cls) -> dict[str, desc.Field]:
+        return {**super().fields(), **desc.BIAS_FIELD}
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "bias": self.bias is not None}
 
     @classmethod
-    def stored(cls, args) -> dict[str, Stored]:
+    def stored(cls, args) -> dict[str, desc.Stored]:
         out = super().stored(args)
         if args["bias"]:
-            out["bias"] = Stored((args["out_features"],))
+            out["bias"] = desc.Stored((args["out_features"],))
         return out
 
     @classmethod
@@ -354,8 +343,8 @@ class PermutedTanhNetwork(_PermutedBase):
     """
 
     @classmethod
-    def stored(cls, args) -> dict[str, Stored]:
-        return {**super().stored(args), "biases": Stored((args["depth"], args["width"]))}
+    def stored(cls, args) -> dict[str, desc.Stored]:
+        return {**super().stored(args), "biases": desc.Stored((args["depth"], args["width"]))}
 
     def __init__(
         self,

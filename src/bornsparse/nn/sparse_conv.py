@@ -272,7 +272,8 @@ class DCTPlusSparseConv2d(ScaledOffset, SparseConv2d):
     """Conv with kernel α·D + S: a fixed DCT offset on each patch plus a sparse S (the DCTpS
     slides).
 
-    Arguments as :class:`SparseConv2d` plus ``alpha``/``train_alpha`` as
+    Other arguments (the conv geometry, nnz or density, support, seed, indices, backend,
+    device, dtype) as :class:`SparseConv2d`, plus ``alpha``/``train_alpha`` as
     :class:`DCTPlusSparseLinear`; ``init`` defaults to "zeros". ``dct_order``: how a patch
     is flattened before its DCT, "khkwc" (the public DCTpS code's, default) or "ckhkw"
     (the F.unfold order); see the module docstring.
@@ -308,31 +309,14 @@ class DCTPlusSparseConv2d(ScaledOffset, SparseConv2d):
         in_channels: int,
         out_channels: int,
         kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        nnz: int | None = None,
-        density: float | None = None,
+        *args,
         alpha: float = 1.0,
         train_alpha: bool = True,
         dct_order: str = "khkwc",
-        support: str = "random",
         init: str = "zeros",
-        seed: int | None = None,
-        indices: torch.Tensor | None = None,
-        backend: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, nnz=nnz, density=density, support=support, init=init, seed=seed,
-            indices=indices, backend=backend, device=device, dtype=dtype,
-        )
+        super().__init__(in_channels, out_channels, kernel_size, *args, init=init, **kwargs)
         self.dct_order = check_choice("dct_order", dct_order, DCT_ORDERS)
         register_alpha(self, alpha, train_alpha)
         self.register_buffer("_dct_kernel", self.dct_dense(), persistent=False)

@@ -19,21 +19,8 @@ from torch import nn
 
 from bornsparse._checks import check_choice, check_fraction
 from bornsparse._random import make_generator, resolve_seed
+from bornsparse.nn import description as desc
 from bornsparse.nn._support import sample_support
-from bornsparse.nn.description import (
-    BIAS_FIELD,
-    DTYPE_FIELD,
-    DTYPES,
-    LINEAR_FIELDS,
-    Described,
-    Field,
-    Stored,
-    constant,
-    dtype_name,
-    is_bool,
-    is_int,
-    is_str,
-)
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.sparse_product import (
     SparsePlan,
@@ -72,7 +59,8 @@ def resolve_nnz(nnz: object, density: object, rows: int, cols: int) -> int:
 
 
 #: what every sparse layer describes beside its geometry
-SPARSE_FIELDS = {"nnz": Field(is_int), **BIAS_FIELD, "support": Field(is_str), **DTYPE_FIELD}
+SPARSE_FIELDS = {"nnz": desc.Field(desc.is_int), **desc.BIAS_FIELD,
+                 "support": desc.Field(desc.is_str), **desc.DTYPE_FIELD}
 
 
 # the compressed forms of the support kept beside ``indices`` (SparsePlan's fields)
@@ -84,7 +72,7 @@ def _support_key(idx: torch.Tensor) -> tuple:
     return (idx.data_ptr(), idx._version, idx.device)
 
 
-class SparseWeightBase(Described, nn.Module, abstract=True):
+class SparseWeightBase(desc.Described, nn.Module, abstract=True):
     """Values, indices, plan cache and support updates shared by every sparse layer.
 
     Subclasses call :meth:`_init_support` with the dense weight's (rows, cols): rows are
@@ -104,15 +92,15 @@ class SparseWeightBase(Described, nn.Module, abstract=True):
         return True
 
     @classmethod
-    def fields(cls) -> dict[str, Field]:
-        return {**LINEAR_FIELDS, **SPARSE_FIELDS}
+    def fields(cls) -> dict[str, desc.Field]:
+        return {**desc.LINEAR_FIELDS, **SPARSE_FIELDS}
 
     def describe(self) -> dict[str, object]:
         return dict(in_features=self.in_features, out_features=self.out_features,
                     **self._sparse_description())
 
     @classmethod
-    def stored(cls, args: Mapping[str, Any]) -> dict[str, Stored]:
+    def stored(cls, args: Mapping[str, Any]) -> dict[str, desc.Stored]:
         return cls._sparse_stored(args, args["out_features"], args["in_features"])
 
     @classmethod
@@ -123,14 +111,15 @@ class SparseWeightBase(Described, nn.Module, abstract=True):
     def _sparse_description(self) -> dict[str, object]:
         # support= does not change the function; kept so a rebuilt layer reads alike
         return dict(nnz=self.nnz, bias=self.bias is not None, support=self.support,
-                    dtype=dtype_name(self.values.dtype))
+                    dtype=desc.dtype_name(self.values.dtype))
 
     @staticmethod
-    def _sparse_stored(args: Mapping[str, Any], rows: int, cols: int) -> dict[str, Stored]:
+    def _sparse_stored(args: Mapping[str, Any], rows: int, cols: int) -> dict[str, desc.Stored]:
         nnz = args["nnz"]
-        out = {"values": Stored((nnz,)), "indices": Stored((2, nnz), "support", (rows, cols))}
+        out = {"values": desc.Stored((nnz,)),
+               "indices": desc.Stored((2, nnz), "support", (rows, cols))}
         if args["bias"]:
-            out["bias"] = Stored((rows,))
+            out["bias"] = desc.Stored((rows,))
         return out
 
     @staticmethod
@@ -138,7 +127,7 @@ class SparseWeightBase(Described, nn.Module, abstract=True):
         # seed: the drawn values are overwritten by the file's
         return dict(bias=args["bias"], support=args["support"], init="zeros", seed=0,
                     indices=tensors["indices"].to(torch.int64), device=device,
-                    dtype=DTYPES[args["dtype"]])
+                    dtype=desc.DTYPES[args["dtype"]])
 
     def _init_support(
         self,
@@ -342,7 +331,7 @@ def copy_given_values(
         layer.values.copy_(vals)
 
 
-class ScaledOffset(Described, abstract=True):
+class ScaledOffset(desc.Described, abstract=True):
     """The description of a layer with a fixed offset scaled by α (a Parameter when
     ``train_alpha``): put before the layer's base class. ``offset_convention``: the
     format's name for how the offset is computed (None: the layer describes its offset
@@ -351,10 +340,10 @@ class ScaledOffset(Described, abstract=True):
     offset_convention: ClassVar[str | None] = None
 
     @classmethod
-    def fields(cls) -> dict[str, Field]:
-        out = {**super().fields(), "train_alpha": Field(is_bool)}
+    def fields(cls) -> dict[str, desc.Field]:
+        out = {**super().fields(), "train_alpha": desc.Field(desc.is_bool)}
         if cls.offset_convention is not None:
-            out["offset"] = constant(cls.offset_convention)
+            out["offset"] = desc.constant(cls.offset_convention)
         return out
 
     def describe(self) -> dict[str, object]:
@@ -364,8 +353,8 @@ class ScaledOffset(Described, abstract=True):
         return out
 
     @classmethod
-    def stored(cls, args: Mapping[str, Any]) -> dict[str, Stored]:
-        return {**super().stored(args), "alpha": Stored(())}
+    def stored(cls, args: Mapping[str, Any]) -> dict[str, desc.Stored]:
+        return {**super().stored(args), "alpha": desc.Stored(())}
 
     @classmethod
     def constructor_arguments(cls, args, tensors, device):

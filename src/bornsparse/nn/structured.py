@@ -18,19 +18,8 @@ from torch import nn
 
 from bornsparse._checks import check_positive_int
 from bornsparse._random import make_generator, resolve_seed
+from bornsparse.nn import description as desc
 from bornsparse.nn._layer_parts import check_features_input
-from bornsparse.nn.description import (
-    BIAS_FIELD,
-    DTYPE_FIELD,
-    DTYPES,
-    LINEAR_FIELDS,
-    Described,
-    Field,
-    Stored,
-    constant,
-    dtype_name,
-    is_int,
-)
 
 #: the Monarch factors' layout, as checkpoint files name it
 MONARCH_LAYOUT = "y = P_s^T L P_q R x: right (k, q, p) on x as (k, p), u[l*q + r] = z[r*k + l]"
@@ -118,7 +107,7 @@ class _MonarchMultiply(torch.autograd.Function):
         return dx, torch.bmm(dh.transpose(1, 2), xk), torch.bmm(do.transpose(1, 2), u)
 
 
-class _StructuredLinear(Described, nn.Module, abstract=True):
+class _StructuredLinear(desc.Described, nn.Module, abstract=True):
     """Shape checks, bias, description and repr shared by the two layers."""
 
     in_features: int
@@ -126,19 +115,20 @@ class _StructuredLinear(Described, nn.Module, abstract=True):
     _size: str  # the constructor's third argument: "rank" or "nblocks"
 
     @classmethod
-    def fields(cls) -> dict[str, Field]:
-        return {**LINEAR_FIELDS, **BIAS_FIELD, **DTYPE_FIELD, cls._size: Field(is_int)}
+    def fields(cls) -> dict[str, desc.Field]:
+        return {**desc.LINEAR_FIELDS, **desc.BIAS_FIELD, **desc.DTYPE_FIELD,
+                cls._size: desc.Field(desc.is_int)}
 
     def describe(self) -> dict[str, object]:
         return dict(in_features=self.in_features, out_features=self.out_features,
-                    bias=self.bias is not None, dtype=dtype_name(self._factors()[0][0].dtype),
+                    bias=self.bias is not None, dtype=desc.dtype_name(self._factors()[0][0].dtype),
                     **{self._size: getattr(self, self._size)})
 
     @classmethod
-    def stored(cls, args) -> dict[str, Stored]:
-        out = {name: Stored(shape) for name, shape in cls._factor_shapes(args).items()}
+    def stored(cls, args) -> dict[str, desc.Stored]:
+        out = {name: desc.Stored(shape) for name, shape in cls._factor_shapes(args).items()}
         if args["bias"]:
-            out["bias"] = Stored((args["out_features"],))
+            out["bias"] = desc.Stored((args["out_features"],))
         return out
 
     @classmethod
@@ -149,7 +139,7 @@ class _StructuredLinear(Described, nn.Module, abstract=True):
     def constructor_arguments(cls, args, tensors, device):
         # seed: the drawn factors are overwritten by the file's
         return (args["in_features"], args["out_features"], args[cls._size]), dict(
-            bias=args["bias"], seed=0, device=device, dtype=DTYPES[args["dtype"]])
+            bias=args["bias"], seed=0, device=device, dtype=desc.DTYPES[args["dtype"]])
 
     def _init_bias(self, bias: object, dtype, device) -> None:
         if not isinstance(bias, bool):
@@ -267,8 +257,8 @@ class MonarchLinear(_StructuredLinear):
     _size = "nblocks"
 
     @classmethod
-    def fields(cls) -> dict[str, Field]:
-        return {**super().fields(), "monarch_layout": constant(MONARCH_LAYOUT)}
+    def fields(cls) -> dict[str, desc.Field]:
+        return {**super().fields(), "monarch_layout": desc.constant(MONARCH_LAYOUT)}
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "monarch_layout": MONARCH_LAYOUT}

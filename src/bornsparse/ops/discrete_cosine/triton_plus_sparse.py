@@ -37,6 +37,7 @@ import triton.language as tl
 from bornsparse.ops.discrete_cosine import transform as _dct
 from bornsparse.ops.runtime.autograd import no_double_backward
 from bornsparse.ops.runtime.triton_support import acc_dtype, work_dtype
+from bornsparse.ops.sparse.fake_kernels import sparse_matmul_fake
 from bornsparse.ops.sparse.triton_matmul import (
     _check_op_operands,
     compressed_matmul_t,
@@ -205,9 +206,8 @@ def _dct_sparse_triton_op(
 
 
 @_dct_sparse_triton_op.register_fake
-def _(x, alpha, values, bias, rows, cols, rowptr, colptr, csc_perm, csc_rows):
-    torch._check(x.dim() == 2, lambda: f"x must have shape (batch, in), got {x.shape}")
-    return x.new_empty(x.shape[0], rowptr.shape[0] - 1), x.new_empty(x.shape[1], x.shape[0])
+def _(x, alpha, values, bias, *plan):
+    return sparse_matmul_fake(x, values, *plan)  # the same outputs: y and the saved x_t
 
 
 @torch.library.custom_op("bornsparse::dct_sparse_affine_triton_backward", mutates_args=())

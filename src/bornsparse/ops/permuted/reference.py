@@ -15,14 +15,9 @@ def permuted_block_diagonal_reference(
     Autograd differentiates it directly (any order); it keeps depth activations alive for
     backward.
     """
-    depth, nblocks, k, _ = weight.shape
-    width = nblocks * k
-    h = x
-    if h.shape[-1] < width:
-        h = torch.nn.functional.pad(h, (0, width - h.shape[-1]))
-    for t in range(depth):
-        g = h.index_select(-1, perms[t]).unflatten(-1, (nblocks, k))  # (..., nb, k)
-        h = torch.einsum("...bc,brc->...br", g, weight[t]).flatten(-2)  # (..., width)
+    h = _padded(x, weight)
+    for t in range(weight.shape[0]):
+        h = _factor(h, weight[t], perms[t])
     return h if out_features is None else h[..., :out_features]
 
 
@@ -48,14 +43,23 @@ def permuted_tanh_network_reference(
     out_features: int | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch tanh network for ``x`` (..., n_in); ``biases`` (depth, width)."""
-    depth, nblocks, k, _ = weight.shape
-    width = nblocks * k
-    h = x
-    if h.shape[-1] < width:
-        h = torch.nn.functional.pad(h, (0, width - h.shape[-1]))
+    depth = weight.shape[0]
+    h = _padded(x, weight)
     for t in range(depth):
-        g = h.index_select(-1, perms[t]).unflatten(-1, (nblocks, k))  # (..., nb, k)
-        h = torch.einsum("...bc,brc->...br", g, weight[t]).flatten(-2) + biases[t]
+        h = _factor(h, weight[t], perms[t]) + biases[t]
         if t < depth - 1:
             h = torch.tanh(h)
     return h if out_features is None else h[..., :out_features]
+
+
+def _padded(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., n_in) zero-padded to the width of ``weight`` (depth, nb, k, k)."""
+    width = weight.shape[1] * weight.shape[2]
+    return x if x.shape[-1] >= width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def _factor(h: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """One factor B P on ``h`` (..., width): gather by ``perm``, then the (nb, k, k) blocks."""
+    nblocks, k, _ = blocks.shape
+    g = h.index_select(-1, perm).unflatten(-1, (nblocks, k))  # (..., nb, k)
+    return torch.einsum("...bc,brc->...br", g, blocks).flatten(-2)  # (..., width)

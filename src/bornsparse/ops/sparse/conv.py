@@ -26,10 +26,10 @@ import torch
 from torch.nn import functional as F
 
 from bornsparse._checks import check_float_tensor
-from bornsparse.ops.backends import NUMBA_DTYPES, resolve_backend
+from bornsparse.ops.backends import resolve_backend
 from bornsparse.ops.runtime.autograd import no_double_backward
 from bornsparse.ops.runtime.validated import check_once
-from bornsparse.ops.sparse.plan import check_indices
+from bornsparse.ops.sparse.plan import check_indices, check_kernel_values
 
 
 @dataclass(frozen=True)
@@ -175,11 +175,7 @@ def check_conv_plan(weight_shape: tuple[int, int, int, int], in_channels: int,
 def _check_operands(x: torch.Tensor, values: torch.Tensor, groups: int, cg: int) -> None:
     if x.dim() != 4 or x.shape[1] != cg * groups:
         raise ValueError(f"x must have shape (N, {cg * groups}, H, W), got {tuple(x.shape)}")
-    if x.device.type != "cpu" or x.dtype not in NUMBA_DTYPES or values.dtype != x.dtype:
-        raise ValueError(f"the kernel needs CPU float32/float64 x and values of one dtype, "
-                         f"got {x.dtype} and {values.dtype} on {x.device}")
-    if values.dim() != 1:
-        raise ValueError(f"values must be 1-D (nnz,), got shape {tuple(values.shape)}")
+    check_kernel_values(x, values)
 
 
 def _geometry(kernel_size, stride, padding, dilation):

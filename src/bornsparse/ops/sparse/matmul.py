@@ -26,11 +26,13 @@ import warnings
 import torch
 
 from bornsparse._checks import check_float_tensor
-from bornsparse.ops.backends import NUMBA_DTYPES, resolve_backend
+from bornsparse.ops.backends import resolve_backend
 from bornsparse.ops.runtime.autograd import no_double_backward
+from bornsparse.ops.sparse.fake_kernels import sparse_matmul_backward_fake, sparse_matmul_fake
 from bornsparse.ops.sparse.plan import (
     SparsePlan,
     build_plan,
+    check_kernel_values,
     check_plan_tensors,
     check_shape_pair,
 )
@@ -102,10 +104,7 @@ def _sparse_matmul_op(
     return y_t.t().contiguous(), x_t
 
 
-@_sparse_matmul_op.register_fake
-def _(x, values, rows, cols, rowptr, colptr, csc_perm, csc_rows):
-    torch._check(x.dim() == 2, lambda: f"x must have shape (batch, cols), got {x.shape}")
-    return x.new_empty(x.shape[0], rowptr.shape[0] - 1), x.new_empty(x.shape[1], x.shape[0])
+_sparse_matmul_op.register_fake(sparse_matmul_fake)
 
 
 @torch.library.custom_op("bornsparse::sparse_matmul_backward", mutates_args=())
@@ -131,11 +130,7 @@ def _sparse_matmul_backward_op(
     return grad_x, grad_v
 
 
-@_sparse_matmul_backward_op.register_fake
-def _(grad_y, x_t, values, rows, cols, rowptr, colptr, csc_perm, csc_rows, need_x,
-      need_values):
-    grad_x = x_t.new_empty(x_t.shape[1], x_t.shape[0]) if need_x else x_t.new_empty(0)
-    return grad_x, (torch.empty_like(values) if need_values else values.new_empty(0))
+_sparse_matmul_backward_op.register_fake(sparse_matmul_backward_fake)
 
 
 def _sparse_matmul_setup(ctx, inputs, output):
@@ -168,11 +163,7 @@ def _check_kernel_operands(x: torch.Tensor, values: torch.Tensor, shape: tuple[i
                            ) -> None:
     if x.dim() != 2 or x.shape[1] != shape[1]:
         raise ValueError(f"x must have shape (batch, {shape[1]}), got {tuple(x.shape)}")
-    if x.device.type != "cpu" or x.dtype not in NUMBA_DTYPES or values.dtype != x.dtype:
-        raise ValueError(f"the kernel needs CPU float32/float64 x and values of one dtype, "
-                         f"got {x.dtype} and {values.dtype} on {x.device}")
-    if values.dim() != 1:
-        raise ValueError(f"values must be 1-D (nnz,), got shape {tuple(values.shape)}")
+    check_kernel_values(x, values)
 
 
 def _csr(ptr, idx, vals, size):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bornsparse.ops.backends import INDEX_DTYPES
+from bornsparse.ops.backends import INDEX_DTYPES, NUMBA_DTYPES
 from bornsparse.ops.runtime.validated import check_once
 
 
@@ -149,14 +149,31 @@ def check_plan_tensors(shape: tuple[int, int], rows: torch.Tensor, cols: torch.T
             raise ValueError(f"{name} must have {lengths[name]} entries for a {shape} support "
                              f"with nnz = {nnz}, got {t.numel()}")
 
-    def check() -> None:
-        for name, ptr in (("rowptr", rowptr), ("colptr", colptr)):
-            if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr.diff() < 0).any()):
-                raise ValueError(f"{name} must rise from 0 to nnz = {nnz}")
-        for name, t, bound in (("rows", rows, shape[0]), ("cols", cols, shape[1]),
-                               ("csc_rows", csc_rows, shape[0]), ("csc_perm", csc_perm, nnz)):
-            if nnz and (int(t.min()) < 0 or int(t.max()) >= bound):
-                raise ValueError(f"{name} must lie in [0, {bound}), got "
-                                 f"[{int(t.min())}, {int(t.max())}]")
+    check_once("sparse plan", tuple(named.values()),
+               lambda: check_plan_ranges(shape, rows, cols, rowptr, colptr, csc_perm, csc_rows))
 
-    check_once("sparse plan", tuple(named.values()), check)
+
+def check_plan_ranges(shape: tuple[int, int], rows: torch.Tensor, cols: torch.Tensor,
+                      rowptr: torch.Tensor, colptr: torch.Tensor, csc_perm: torch.Tensor,
+                      csc_rows: torch.Tensor) -> None:
+    """Pointers rise from 0 to nnz and every index lies in range (the kernels do no bounds
+    checks); reads every entry, so callers run it once per tensor version."""
+    nnz = rows.numel()
+    for name, ptr in (("rowptr", rowptr), ("colptr", colptr)):
+        if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr.diff() < 0).any()):
+            raise ValueError(f"{name} must rise from 0 to nnz = {nnz}")
+    for name, t, bound in (("rows", rows, shape[0]), ("cols", cols, shape[1]),
+                           ("csc_rows", csc_rows, shape[0]), ("csc_perm", csc_perm, nnz)):
+        if nnz and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(f"{name} must lie in [0, {bound}), got "
+                             f"[{int(t.min())}, {int(t.max())}]")
+
+
+def check_kernel_values(x: torch.Tensor, values: torch.Tensor) -> None:
+    """What the numba kernels need of ``x`` and ``values``: CPU float32/float64 of one
+    dtype, values 1-D (nnz,)."""
+    if x.device.type != "cpu" or x.dtype not in NUMBA_DTYPES or values.dtype != x.dtype:
+        raise ValueError(f"the kernel needs CPU float32/float64 x and values of one dtype, "
+                         f"got {x.dtype} and {values.dtype} on {x.device}")
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D (nnz,), got shape {tuple(values.shape)}")

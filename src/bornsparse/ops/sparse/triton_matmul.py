@@ -29,6 +29,8 @@ from bornsparse.ops.backends import INDEX_DTYPES
 from bornsparse.ops.runtime.autograd import no_double_backward
 from bornsparse.ops.runtime.triton_support import acc_dtype, check_triton_tensor
 from bornsparse.ops.runtime.validated import check_once
+from bornsparse.ops.sparse.fake_kernels import sparse_matmul_backward_fake, sparse_matmul_fake
+from bornsparse.ops.sparse.plan import check_plan_ranges
 
 BLOCK_N = 32  # samples per program
 BLOCK_E = 16  # nonzeros per step
@@ -131,18 +133,8 @@ def _check_op_operands(x: torch.Tensor, values: torch.Tensor, plan: tuple[torch.
     if values.numel() != nnz:
         raise ValueError(f"values must have shape ({nnz},), got {tuple(values.shape)}")
 
-    def check() -> None:
-        # the kernels do no bounds checks: ranges and pointers once per tensor version
-        for name, ptr in (("rowptr", rowptr), ("colptr", colptr)):
-            if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr.diff() < 0).any()):
-                raise ValueError(f"{name} must rise from 0 to nnz = {nnz}")
-        for name, t, bound in (("rows", rows, shape[0]), ("cols", cols, shape[1]),
-                               ("csc_rows", csc_rows, shape[0]), ("csc_perm", csc_perm, nnz)):
-            if nnz and (int(t.min()) < 0 or int(t.max()) >= bound):
-                raise ValueError(f"{name} must lie in [0, {bound}), got "
-                                 f"[{int(t.min())}, {int(t.max())}]")
-
-    check_once("sparse plan", plan, check)
+    # the kernels do no bounds checks: ranges and pointers once per tensor version
+    check_once("sparse plan", plan, lambda: check_plan_ranges(shape, *plan))
     return shape
 
 
@@ -160,10 +152,7 @@ def _sparse_matmul_triton_op(
     return y_t.t().contiguous(), x_t
 
 
-@_sparse_matmul_triton_op.register_fake
-def _(x, values, rows, cols, rowptr, colptr, csc_perm, csc_rows):
-    torch._check(x.dim() == 2, lambda: f"x must have shape (batch, cols), got {x.shape}")
-    return x.new_empty(x.shape[0], rowptr.shape[0] - 1), x.new_empty(x.shape[1], x.shape[0])
+_sparse_matmul_triton_op.register_fake(sparse_matmul_fake)
 
 
 @torch.library.custom_op("bornsparse::sparse_matmul_triton_backward", mutates_args=())
@@ -189,11 +178,7 @@ def _sparse_matmul_triton_backward_op(
     return grad_x, grad_v
 
 
-@_sparse_matmul_triton_backward_op.register_fake
-def _(grad_y, x_t, values, rows, cols, rowptr, colptr, csc_perm, csc_rows, need_x,
-      need_values):
-    grad_x = x_t.new_empty(x_t.shape[1], x_t.shape[0]) if need_x else x_t.new_empty(0)
-    return grad_x, (torch.empty_like(values) if need_values else values.new_empty(0))
+_sparse_matmul_triton_backward_op.register_fake(sparse_matmul_backward_fake)
 
 
 def _setup(ctx, inputs, output):
