@@ -11,18 +11,12 @@ import torch
 from torch import nn
 
 from bornsparse.cli import main as cli_main
-from bornsparse.experiments.dctps_methods import (
-    METHODS,
-    MemoryTracker,
-    RunContext,
-    TrainConfig,
-    run_method,
-    stored_size,
-)
+from bornsparse.experiments.dctps_methods import METHODS, RunContext, TrainConfig, run_method
 from bornsparse.experiments.dctps_report import delta_table, markdown_report
 from bornsparse.experiments.jacobian import input_output_jacobian, jacobian_singular_values
+from bornsparse.experiments.measure import MemoryTracker, stored_size
 
-TINY = ["--dataset", "digits", "--model", "mlp", "--mlp-hidden", "256", "--seeds", "1",
+TINY = ["--datasets", "digits", "--models", "mlp", "--mlp-hidden", "256", "--seeds", "1",
         "--epochs", "1", "--imp-rounds", "1", "--pai-rounds", "2", "--jacobian-inputs", "2",
         "--workers", "1", "--no-progress"]
 
@@ -101,24 +95,106 @@ def _lines_skipping_torn(path) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# One failure policy: a run that raises is reported failed, not written, retried on rerun
+
+TINY_TRAIN = {"epochs": 1, "batch_size": 128, "lr": 1e-2, "optimizer": "adam",
+              "weight_decay": 0.0, "augment": False, "imp_rounds": 1, "jacobian_inputs": 0,
+              "pai_rounds": 2}
+
+
+def _tiny_config(method, density):
+    from bornsparse.experiments.dctps import make_config
+
+    return make_config(dataset="digits", model="mlp", model_kwargs={"hidden_sizes": [24]},
+                       method=method, density=density, seed=0, train=TINY_TRAIN)
+
+
+def test_a_run_that_raises_is_failed_not_written_and_retried(tmp_path, monkeypatch):
+    from bornsparse.experiments import dctps, dctps_methods
+    from bornsparse.experiments.results_io import read_jsonl, run_key
+
+    # uniform density 1e-4 leaves 0 weights in the 1,776-weight MLP's layers: allocate_nnz
+    # refuses it, a reason of the setting
+    dense, below = _tiny_config("dense", None), _tiny_config("random_uniform", 1e-4)
+    path = tmp_path / "results.jsonl"
+    out = dctps.run_sweep([dense, below], path, progress=False, workers=1)
+    assert not out.complete and out.ran == 1
+    (fail,) = out.failed
+    assert fail["key"] == run_key(below) and fail["config"] == below
+    assert fail["error"].startswith("ValueError: density=0.0001 gives a budget of 0 weights")
+    assert [r["key"] for r in read_jsonl(path)] == [run_key(dense)]  # not written
+    # the table shows the setting as n/a† with the reason under it, from the failed runs
+    text = markdown_report(out.records, None, failed=out.failed)
+    assert "| Random (Uniform) | n/a† |" in text
+    assert "† Random (Uniform) at P = 0.0001: ValueError: density=0.0001" in text
+
+    # a rerun retries it (here the method has been made to run, so it finishes and is written)
+    monkeypatch.setitem(dctps_methods.METHODS, "random_uniform", METHODS["dense"])
+    again = dctps.run_sweep([dense, below], path, progress=False, workers=1)
+    assert again.complete and again.ran == 1
+    assert [r["key"] for r in read_jsonl(path)] == [run_key(dense), run_key(below)]
+
+
+def test_an_old_error_record_counts_as_not_run(tmp_path):
+    from bornsparse.experiments import dctps
+    from bornsparse.experiments.results_io import (
+        append_jsonl,
+        finished_records,
+        read_jsonl,
+        run_key,
+    )
+
+    cfg = _tiny_config("dense", None)
+    path = tmp_path / "results.jsonl"
+    # how a raising run was recorded before the one failure policy
+    append_jsonl(path, {"key": run_key(cfg), "config": cfg, "accuracy": None,
+                        "error": "RuntimeError: out of memory"})
+    assert finished_records([cfg], path) == []  # what --report-only would show
+    out = dctps.run_sweep([cfg], path, progress=False, workers=1)
+    assert out.complete and out.ran == 1 and out.records[0]["accuracy"] > 0
+    lines = read_jsonl(path)
+    assert [r["key"] for r in lines] == [run_key(cfg)] * 2 and "error" not in lines[1]
+    assert finished_records([cfg], path) == [lines[1]]
+    assert dctps.run_sweep([cfg], path, progress=False, workers=1).ran == 0  # now done
+
+
+def test_cli_exits_1_and_shows_a_failed_setting_as_na(tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["reproduce", "dctps", *TINY, "--methods", "random_uniform", "--densities",
+            "0.0001", "--no-plots", "--out", str(out)]
+    assert cli_main(argv) == 1  # not every run finished
+    err = capsys.readouterr().err
+    assert "1 of 2 runs finished (1 in this call), 1 failed" in err
+    table = (out / "table.md").read_text()
+    assert "| Random (Uniform) | n/a† |" in table and "† Random (Uniform) at P = 0.0001" in table
+    assert len(_lines(out / "results.jsonl")) == 1  # dense only
+    assert cli_main(argv) == 1  # retried, and it fails again for the same reason
+    assert "1 of 2 runs finished (0 in this call), 1 failed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--dataset", "imagenet"], "--dataset must be one of"),
+        (["--datasets", "imagenet"], "--datasets: unknown data set 'imagenet'; expected one "
+         "of mnist1d, digits, cifar10, cifar100"),
+        (["--dataset", "digits", "digits"], "--datasets: repeated values"),
         (["--methods", "lottery"], "--methods: unknown method 'lottery'"),
-        (["--model", "vgg"], "--model: unknown model 'vgg'"),
+        (["--model", "vgg"], "--models: unknown model 'vgg'"),
         (["--densities", "0"], "--densities: every density must lie in (0, 1), got 0.0"),
         (["--densities", "1.5"], "got 1.5"),
         (["--densities", "0.1", "0.1"], "repeated"),
         (["--seeds", "0"], "--seeds must be a positive integer"),
         (["--epochs", "0"], "--epochs must be a positive integer"),
-        (["--quick", "--dataset", "digits"], "--quick runs on mnist1d"),
+        (["--quick", "--datasets", "digits"], "--quick runs on mnist1d"),
+        (["--quick", "--datasets", "mnist1d", "digits"], "drop --quick to use digits"),
     ],
 )
 def test_cli_rejects_bad_input(tmp_path, capsys, extra, message):
     rc = cli_main(["reproduce", "dctps", *TINY, *extra, "--out", str(tmp_path)])
     assert rc == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("bornsparse reproduce dctps: error: ") and message in err
     assert not (tmp_path / "results.jsonl").exists()
 
 

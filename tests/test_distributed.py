@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,100 @@ def test_imp_masks_agree_across_differing_replicas(ranks):
     # the replicas really differed: alone, each would have kept its own weights
     assert not all(torch.equal(a, b) for a, b in zip(_imp_masks(0), _imp_masks(1),
                                                       strict=True))
+
+
+# ---------------------------------------------------------------------------------------
+# The experiments' distributed helpers (experiments/distributed.py): a torchrun launch of
+# `bornsparse reproduce dctps`, and the checks that refuse a launch before anything starts
+
+
+def test_torchrun_world_size_reads_world_size(monkeypatch):
+    from bornsparse.experiments.distributed import torchrun_world_size
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert torchrun_world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert torchrun_world_size() == 4
+    for bad in ("0", "two"):
+        monkeypatch.setenv("WORLD_SIZE", bad)
+        with pytest.raises(ValueError, match=f"WORLD_SIZE must be a positive integer .* got "
+                                             f"'{bad}'"):
+            torchrun_world_size()
+
+
+def test_launch_world_checks_executor_and_batches(monkeypatch):
+    from bornsparse.experiments.distributed import check_data_parallel, launch_world
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launch_world("ray", [7]) == 1  # not under torchrun: nothing to check
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_world("local", [128, 64]) == 2
+    with pytest.raises(ValueError, match="use --executor local, got --executor ray"):
+        launch_world("ray", [128])
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="--batch-size 128 must be divisible by the 3 ranks"):
+        launch_world("local", [128])
+    check_data_parallel(129, 3)  # divisible: no error
+
+
+def test_without_a_group_the_helpers_are_one_process():
+    from bornsparse.experiments.distributed import process_group, rank_and_world, rank_zero_first
+
+    calls = []
+    with process_group(1):
+        assert not dist.is_initialized()
+        assert rank_and_world() == (0, 1)
+        assert rank_zero_first(lambda: calls.append(1) or "data") == "data"
+    assert calls == [1]
+
+
+def test_cli_refuses_a_launch_whose_batch_does_not_split(tmp_path, capsys, monkeypatch):
+    from bornsparse.cli import main as cli_main
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    argv = ["reproduce", "dctps", "--datasets", "digits", "--models", "mlp", "--batch-size",
+            "64", "--out", str(tmp_path / "o")]
+    assert cli_main(argv) == 2
+    assert ("bornsparse reproduce dctps: error: --batch-size 64 must be divisible by the 3 "
+            "ranks") in capsys.readouterr().err
+    assert not dist.is_initialized()
+
+
+def _reproduce_worker(rank: int, port: int, out: str) -> None:
+    """One torchrun rank: the environment torchrun sets, then the command, twice."""
+    import os
+
+    from bornsparse.cli import main as cli_main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    argv = ["reproduce", "dctps", "--datasets", "digits", "--models", "mlp", "--mlp-hidden",
+            "24", "--methods", "snip", "--densities", "0.1", "0.0001", "--seeds", "1",
+            "--epochs", "1", "--batch-size", "64", "--jacobian-inputs", "0", "--pai-rounds", "2",
+            "--workers", "1", "--no-plots", "--no-progress", "--out", out]
+    codes = [cli_main(argv)]
+    first = (Path(out) / "results.jsonl").read_text() if rank == 0 else ""
+    codes.append(cli_main(argv))  # a rerun: rank 0 finds everything done, for both ranks
+    again = (Path(out) / "results.jsonl").read_text() if rank == 0 else ""
+    torch.save({"codes": codes, "unchanged": first == again}, f"{out}/rank{rank}.pt")
+
+
+def test_reproduce_dctps_under_torchrun_trains_each_run_on_every_rank(tmp_path):
+    import json
+
+    out = tmp_path / "dctps"
+    mp.spawn(_reproduce_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    # SNIP at 1e-4 cannot keep a weight per layer: rank 0 exits 1 (a run failed), twice,
+    # since the rerun retries it; the other ranks leave the reporting to it
+    assert [r["codes"] for r in ranks] == [[1, 1], [0, 0]]
+    assert ranks[0]["unchanged"]  # the finished runs were not rerun or written twice
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # dense and SNIP at 0.1, each written once, by rank 0, each trained by both ranks
+    assert sorted((r["config"]["method"], r["config"]["density"]) for r in records) == [
+        ("dense", None), ("snip", 0.1)]
+    assert all(r["data_parallel_ranks"] == WORLD and 0 < r["accuracy"] <= 1 for r in records)
+    table = (out / "table.md").read_text()
+    assert "| SNIP |" in table and "n/a†" in table
+    assert "† SNIP at P = 0.0001: ValueError: keeping 1 weights cannot give" in table

@@ -109,6 +109,42 @@ def test_dead_workers_are_retried_or_reported_failed(request, tmp_path, executor
     assert len(read_jsonl(tmp_path / "all.jsonl")) == 3
 
 
+def _raise_once(marks: str, cfg: dict) -> dict:
+    """A run that raises at its first attempt (a mark left in the folder ``marks``)."""
+    mark = Path(marks) / run_key(cfg)
+    if not mark.exists():
+        mark.touch()
+        raise ValueError(f"no budget for run {cfg['run']}")
+    return {"key": run_key(cfg), "config": cfg}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_that_raises_is_failed_not_written_and_retried_next_time(tmp_path, workers):
+    import functools
+
+    from bornsparse.experiments.results_io import append_jsonl
+
+    configs = [{"run": i} for i in range(3)]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / run_key(configs[0])).touch()  # run 0 does not raise
+    path = tmp_path / "r.jsonl"
+    # run 2 was recorded with an error by an older sweep: it counts as not run
+    append_jsonl(path, {"key": run_key(configs[2]), "config": configs[2],
+                        "error": "ValueError: old"})
+    run = functools.partial(_raise_once, str(marks))
+    out = run_sweep(configs, path, run, workers=workers, progress=False, max_retries=2)
+    assert out.ran == 1 and sorted(f["key"] for f in out.failed) == sorted(
+        run_key(c) for c in configs[1:])
+    assert {f["error"] for f in out.failed} == {"ValueError: no budget for run 1",
+                                                 "ValueError: no budget for run 2"}
+    # raised: not written, and not retried within the sweep (max_retries is for deaths)
+    assert [r.get("error") for r in read_jsonl(path)] == ["ValueError: old", None]
+    again = run_sweep(configs, path, run, workers=workers, progress=False)
+    assert again.complete and again.ran == 2
+    assert [r["key"] for r in again.records] == [run_key(c) for c in configs]
+
+
 def test_killed_driver_loses_nothing_and_writes_no_duplicate(ray_cluster, tmp_path):
     out = tmp_path / "ops"
     argv = [sys.executable, "-m", "bornsparse.cli", "reproduce", "operators", "--tasks", "band",

@@ -1,8 +1,11 @@
 """The ``bornsparse`` command line.
 
 Every subcommand lives in an experiments module exposing ``add_arguments(parser)`` and
-``main(args) -> int``; modules are imported only when their subcommand runs, so ``--help``
-stays fast.
+``main(args) -> int``; the ``reproduce`` commands get both from one skeleton
+(``experiments/command.py``: shared flags, validation, sweep, report), so a flag means the
+same in each. The modules import their heavy dependencies inside functions, when a
+subcommand runs (building the parser loads torch only for the structured command's list of
+methods).
 """
 
 from __future__ import annotations

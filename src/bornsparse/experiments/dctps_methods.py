@@ -5,13 +5,11 @@ it sparse its own way, calls ``ctx.initialised(model)`` once the network it will
 (Jacobian spectra and the "at init" memory sample are taken there), trains it with
 ``ctx.train`` and returns the trained model. :data:`METHODS` maps names to :class:`Method`.
 
-Memory is measured as *live tensor bytes*: the distinct storages of every torch tensor the
-Python process holds (found with ``gc.get_objects()``), minus those alive before the run
-(the data set). It sees parameters, buffers, gradients, optimizer state, IMP's masks and
-rewind copy, pruning scores and masks held while scoring, sparse-matmul plans; it does not
-see tensors that live only inside autograd graphs (activations saved for backward), which
-are the same for every method at a given batch size (hidden representations are dense for
-all of them). Samples are taken at fixed moments: ``init`` when the model is built (a
+Memory is measured as *live tensor bytes* (:class:`~bornsparse.experiments.measure.MemoryTracker`:
+every torch storage the process holds, minus those alive before the run, the data set), so
+it does not see activations saved for backward, which are the same for every method at a
+given batch size (hidden representations are dense for all of them). Samples are taken at
+fixed moments: ``init`` when the model is built (a
 materialised dense one for the dense baseline, pruning at init and IMP; on the meta device,
 so nothing dense is ever allocated, for the born-sparse methods: random, DCTpS, RigL/SET,
 which ``sparsify``/``RigL(density=...)`` build from shapes alone), inside
@@ -37,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bornsparse.experiments.measure import MemoryTracker
+
 # ---------------------------------------------------------------------------------------
 # Configuration
 
@@ -56,87 +56,6 @@ class TrainConfig:
     pai_batches: int = 4  # batches of training data SNIP/GraSP/FORCE score with
     pai_rounds: int = 100  # iterations of SynFlow and FORCE
     jacobian_inputs: int = 8  # test inputs whose Jacobian spectra are recorded (0: none)
-
-
-# ---------------------------------------------------------------------------------------
-# Memory: live tensor bytes
-
-
-def _tensor_types() -> set[type]:
-    """torch.Tensor and every subclass defined so far (Parameter, Buffer, ...)."""
-    out, todo = set(), [torch.Tensor]
-    while todo:
-        t = todo.pop()
-        if t not in out:
-            out.add(t)
-            todo.extend(t.__subclasses__())
-    return out
-
-
-def live_storages() -> dict[int, int]:
-    """{storage data_ptr: nbytes} of every tensor object alive in this process."""
-    types = _tensor_types()
-    # exact type lookups, not isinstance: fast over ~10⁶ objects, and some lazily-loaded
-    # objects warn when their __class__ is read
-    tensors = [o for o in gc.get_objects() if type(o) in types]
-    out: dict[int, int] = {}
-    with warnings.catch_warnings():
-        # fake tensors left by torch.compile tracing have no real storage; torch warns (and
-        # will later raise, caught below) when their data pointer is read
-        warnings.simplefilter("ignore", UserWarning)
-        for obj in tensors:
-            try:
-                if obj.layout != torch.strided or obj.device.type == "meta":
-                    continue
-                st = obj.untyped_storage()
-                ptr, nbytes = st.data_ptr(), st.nbytes()
-            except (RuntimeError, NotImplementedError):  # tensors without plain storage
-                continue
-            if nbytes and ptr:
-                out[ptr] = nbytes
-    return out
-
-
-class MemoryTracker:
-    """Maximum live tensor bytes per phase, excluding storages alive at creation.
-
-    ``seconds``: the time spent sampling, which run times exclude (a scan of every live
-    object is longer once numba is loaded, which would bias a method's time by what it
-    imports).
-    """
-
-    def __init__(self) -> None:
-        self._baseline = set(live_storages())
-        self.peaks: dict[str, int] = {}
-        self.seconds = 0.0
-
-    def sample(self, phase: str) -> int:
-        t0 = time.perf_counter()
-        live = live_storages()
-        total = sum(n for p, n in live.items() if p not in self._baseline)
-        self.peaks[phase] = max(self.peaks.get(phase, 0), total)
-        self.seconds += time.perf_counter() - t0
-        return total
-
-
-def stored_size(model: nn.Module) -> dict[str, int]:
-    """What a checkpoint of ``model`` holds: its state_dict tensors.
-
-    ``params``: floating-point entries (weights or sparse values, biases, α, BN affine);
-    ``index_entries``: integer entries (sparse indices, int32 where they fit; BN's step
-    counter);
-    ``bytes``: everything, at each tensor's own element size.
-    """
-    params = idx = nbytes = 0
-    for t in model.state_dict().values():
-        if not isinstance(t, torch.Tensor):
-            continue
-        if t.is_floating_point():
-            params += t.numel()
-        else:
-            idx += t.numel()
-        nbytes += t.numel() * t.element_size()
-    return {"params": params, "index_entries": idx, "bytes": nbytes}
 
 
 # ---------------------------------------------------------------------------------------

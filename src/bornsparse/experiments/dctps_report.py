@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bornsparse.experiments import report_format as fmt
+
 # a singular value below this fraction of the dense network's largest counts as zero
 ZERO_SV = 1e-6
 
@@ -33,26 +35,9 @@ def _groups(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[tuple, list[d
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
 def _pm(mean: float, std: float | None, digits: int = 1) -> str:
     s = f"{mean:+.{digits}f}"
     return s if std is None else f"{s} ± {std:.{digits}f}"
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, f in (("MB", 1e6), ("kB", 1e3)):
-        if n >= f:
-            return f"{n / f:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _count(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:.0f}"
 
 
 def delta_table(group: dict[tuple, list[dict]]) -> tuple[str, dict[str, Any]]:
@@ -75,7 +60,7 @@ def delta_table(group: dict[tuple, list[dict]]) -> tuple[str, dict[str, Any]]:
             if deltas:
                 # a sweep stopped early: say how many seeds a cell rests on
                 n = "" if len(deltas) == len(dense_acc) else f" (n={len(deltas)})"
-                cells.append(_pm(*_mean_std(deltas)) + n + ("*" if errs else ""))
+                cells.append(_pm(*fmt.mean_std(deltas)) + n + ("*" if errs else ""))
             elif errs:
                 notes.setdefault("errors", []).append(f"{_label(m)} at P = {p:g}: {errs[0]}")
                 cells.append("n/a†")
@@ -83,7 +68,7 @@ def delta_table(group: dict[tuple, list[dict]]) -> tuple[str, dict[str, Any]]:
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     if dense_acc:
-        notes["dense"] = _mean_std([100 * a for a in dense_acc.values()])
+        notes["dense"] = fmt.mean_std([100 * a for a in dense_acc.values()])
         notes["seeds"] = len(dense_acc)
     return "\n".join(lines) + "\n", notes
 
@@ -112,18 +97,18 @@ def cost_table(group: dict[tuple, list[dict]]) -> str:
                 vals = [v for v in vals if v is not None]
                 return statistics.fmean(vals) if vals else None
 
-            acc, sd = _mean_std([100 * r["accuracy"] for r in recs])
+            acc, sd = fmt.mean_std([100 * r["accuracy"] for r in recs])
             mem = {k: mean(lambda r, k=k: r["memory_bytes"].get(k))
                    for k in ("init", "training", "final")}
             nnz = mean(lambda r: r.get("nnz"))
             cells = [
                 _label(m), "1" if p is None else f"{p:g}",
                 f"{acc:.1f}" + ("" if sd is None else f" ± {sd:.1f}"),
-                "—" if nnz is None else _count(nnz),
-                _count(mean(lambda r: r["stored"]["params"])),
-                _count(mean(lambda r: r["stored"]["index_entries"])),
-                _bytes(mean(lambda r: r["stored"]["bytes"])),
-                _bytes(mem["init"]), _bytes(mem["training"]), _bytes(mem["final"]),
+                "—" if nnz is None else fmt.count_text(nnz),
+                fmt.count_text(mean(lambda r: r["stored"]["params"])),
+                fmt.count_text(mean(lambda r: r["stored"]["index_entries"])),
+                fmt.bytes_text(mean(lambda r: r["stored"]["bytes"])),
+                *(fmt.bytes_text(mem[k]) for k in ("init", "training", "final")),
                 f"{mean(lambda r: r['wall_s']):.1f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -169,20 +154,35 @@ def _model_title(records: list[dict]) -> str:
     return f"{c['dataset']} / {c['model']}" + (f" ({kw})" if kw else "") + size
 
 
-def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
-    """The whole report: per model, Δ accuracy table, cost table, spectra table."""
-    records = list(records)
-    if not records:
-        return "(no runs)\n"
-    parts = []
-    if info:
-        t = info["train"]
-        parts.append(
-            f"Training: {t['optimizer']} (lr {t['lr']}, cosine to 0, weight decay "
+def _recipe_lines(info: dict[str, Any]) -> list[str]:
+    """The training line(s) above the tables, one per data set (``info["train"]``:
+    {dataset: the configurations' ``train`` field})."""
+    trains = info["train"]
+    lines = []
+    for dataset, t in trains.items():
+        on = f" on {dataset}" if len(trains) > 1 else ""
+        lines.append(
+            f"Training{on}: {t['optimizer']} (lr {t['lr']}, cosine to 0, weight decay "
             f"{t['weight_decay']}{', crop+flip' if t['augment'] else ''}), batch "
             f"{t['batch_size']}, {t['epochs']} epochs; IMP {t['imp_rounds']} rounds; "
             f"{info['seeds']} seed(s). Δ accuracy in percentage points against the dense model "
             "of the same seed, mean ± std over seeds.\n")
+    return lines
+
+
+def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | None = None,
+                    failed: Iterable[dict[str, Any]] = ()) -> str:
+    """The whole report: per model, Δ accuracy table, cost table, spectra table.
+
+    ``failed``: the sweep's failed runs (``SweepOutcome.failed``: key, config, error); a
+    setting with no finished seed is shown as n/a† with the first reason under its table.
+    """
+    # a failed run is a record without accuracy that carries its error, for delta_table
+    records = list(records) + [{"key": f["key"], "config": f["config"], "accuracy": None,
+                                "error": f["error"]} for f in failed]
+    if not records:
+        return fmt.NO_RUNS
+    parts = _recipe_lines(info) if info else []
     for _, group in _groups(records).items():
         all_recs = [r for recs in group.values() for r in recs]
         table, notes = delta_table(group)
@@ -221,15 +221,6 @@ def _style(method: str) -> dict[str, Any]:
     return {"color": colour, "ls": ls, "lw": 2.2 if method.startswith("dctps") else 1.4}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _slug(key: tuple) -> str:
     dataset, model, _ = key
     return f"{dataset}_{model}"
@@ -238,7 +229,7 @@ def _slug(key: tuple) -> str:
 def plot_accuracy(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """One PNG per model: test accuracy against density (log x), one line per method, the
     dense model as a horizontal line; error bars are the std over seeds."""
-    plt = _pyplot()
+    plt = fmt.pyplot()
     out_dir = Path(out_dir)
     paths = []
     for key, group in _groups(records).items():
@@ -256,7 +247,7 @@ def plot_accuracy(records: Iterable[dict[str, Any]], out_dir: str | Path) -> lis
                 accs = [100 * r["accuracy"] for r in group[(m, p)]
                         if r.get("accuracy") is not None]
                 if accs:
-                    mu, sd = _mean_std(accs)
+                    mu, sd = fmt.mean_std(accs)
                     pts.append((p, mu, sd or 0.0))
             if pts:
                 xs, ys, es = zip(*pts, strict=True)
@@ -270,10 +261,7 @@ def plot_accuracy(records: Iterable[dict[str, Any]], out_dir: str | Path) -> lis
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        path = out_dir / f"accuracy_{_slug(key)}.png"
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(fmt.save_figure(fig, out_dir / f"accuracy_{_slug(key)}.png"))
     return paths
 
 
@@ -281,7 +269,7 @@ def plot_spectra(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
     """One PNG per model: Jacobian singular values at init, one panel per density, one line
     per method (mean over inputs and seeds of the sorted spectrum). Zeros are drawn at the
     floor of the axis."""
-    plt = _pyplot()
+    plt = fmt.pyplot()
     out_dir = Path(out_dir)
     paths = []
     for key, group in _groups(records).items():
@@ -311,19 +299,13 @@ def plot_spectra(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
             ax.set_xlabel("singular value index")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("singular value of ∂logits/∂x at init")
-        handles = {}
-        for ax in axes[0]:  # a method may be missing from a panel (n/a at that density)
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                handles.setdefault(lab, h)
+        handles = fmt.legend_entries(axes[0])  # a method may be n/a at some density
         axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left",
                            bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(_model_title([r for recs in group.values() for r in recs])
                      + ": when is training possible?", fontsize=9)
         fig.tight_layout()
-        path = out_dir / f"jacobian_{_slug(key)}.png"
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(fmt.save_figure(fig, out_dir / f"jacobian_{_slug(key)}.png"))
     return paths
 
 

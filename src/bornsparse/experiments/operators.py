@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bornsparse.experiments import command, operators_report
 
 # ---------------------------------------------------------------------------------------
 # Configuration
@@ -112,6 +113,31 @@ def _target_matmul(a):
     return lambda x: x @ at
 
 
+def _check_schedule(network: str, model: Any, depth: int | None, width: int | None,
+                    schedule: Sequence[Phase], final_window: int) -> int:
+    """The checks of :func:`train_operator`'s model and schedule arguments; returns the
+    schedule's total step count."""
+    import torch
+
+    from bornsparse._checks import check_positive_int
+
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if depth is not None or width is not None or network != "linear":
+            raise ValueError("depth, width and network describe the G(θ) that train_operator "
+                             "builds: leave them out when model is given")
+    if not schedule or not all(isinstance(p, Phase) for p in schedule):
+        raise TypeError("schedule must be a non-empty sequence of Phase")
+    total = sum(check_positive_int("Phase.steps", p.steps) for p in schedule)
+    final_window = check_positive_int("final_window", final_window)
+    if final_window > total:
+        raise ValueError(f"final_window must be at most the {total} steps, got {final_window}")
+    return total
+
+
 def train_operator(
     target: Any,
     *,
@@ -151,20 +177,7 @@ def train_operator(
     width = check_optional_positive_int("width", width)
     batch_size = check_positive_int("batch_size", batch_size)
     curve_points = check_positive_int("curve_points", curve_points)
-    if network not in NETWORKS:
-        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
-    if model is not None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if depth is not None or width is not None or network != "linear":
-            raise ValueError("depth, width and network describe the G(θ) that train_operator "
-                             "builds: leave them out when model is given")
-    if not schedule or not all(isinstance(p, Phase) for p in schedule):
-        raise TypeError("schedule must be a non-empty sequence of Phase")
-    total = sum(check_positive_int("Phase.steps", p.steps) for p in schedule)
-    final_window = check_positive_int("final_window", final_window)
-    if final_window > total:
-        raise ValueError(f"final_window must be at most the {total} steps, got {final_window}")
+    total = _check_schedule(network, model, depth, width, schedule, final_window)
 
     if model is None:
         cls = PermutedBlockDiagonal if network == "linear" else PermutedTanhNetwork
@@ -327,20 +340,6 @@ def operator_run(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def finished_records(
-    configs: Iterable[dict[str, Any]], results_path: str | os.PathLike
-) -> list[dict[str, Any]]:
-    """The records in ``results_path`` of those ``configs`` that finished, in the order given;
-    nothing is run."""
-    from bornsparse.experiments.results_io import completed_keys, read_jsonl, run_key
-
-    keys = [run_key(c) for c in configs]
-    wanted = set(keys)
-    done = {r["key"]: r for r in read_jsonl(results_path) if r.get("key") in wanted}
-    finished = completed_keys(done.values())
-    return [done[k] for k in keys if k in finished]
-
-
 def _describe(rec: dict[str, Any]) -> str:
     c = rec["config"]
     mse = "diverged" if rec["final_mse"] is None else f"{rec['final_mse']:.2e}"
@@ -368,17 +367,11 @@ def run_sweep(
 
 
 # ---------------------------------------------------------------------------------------
-# Command line
+# Command line: the shared skeleton (experiments/command.py) with this experiment's parts
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``bornsparse reproduce operators``."""
-    from bornsparse.experiments.sweep import add_executor_arguments
-
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small and fast: width {QUICK_WIDTH}, {QUICK_STEPS_SCALE}× the "
-                        f"paper's steps, depths {list(QUICK_DEPTHS)}, k in {list(QUICK_KS)} "
-                        "(explicit flags still override)")
+def _own_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``bornsparse reproduce operators`` beyond the shared ones."""
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help=f"targets among {', '.join(TASK_CHOICES)} or file:PATH.npy "
                         "(default: all built-ins, or none when --target-file is given; "
@@ -396,54 +389,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-scale", type=float,
                         help="multiply every phase of the paper's 7000/3000/2000-step schedule "
                         f"and its 1000-step final window (default 1; quick {QUICK_STEPS_SCALE})")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="inputs per step (the paper gives none; default "
-                        f"{DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
-                        help="seeds (target, initialisation, data); figures average over them")
-    add_executor_arguments(parser, default_workers=min(2, os.cpu_count() or 1))
     parser.add_argument("--baselines", action="store_true",
                         help="also learn every target with a low-rank layer U Vᵀ and a "
                         "Monarch layer of about G(θ)'s parameter count at each depth (extra "
                         "rows of the table, dashed and dotted lines of the figures)")
     parser.add_argument("--network", choices=NETWORKS, default="linear",
                         help="linear: G(θ) of §3.1 (the paper's experiments); tanh: h_θ of §3.2")
-    parser.add_argument("--out", default="runs/operators", metavar="DIR",
-                        help="results.jsonl, table.md and one PNG per task go here; rerunning "
-                        "with the same DIR skips finished runs")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the table and figures from the runs of "
-                             "this grid already finished in DIR/results.jsonl (missing "
-                             "points are left out and counted)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Validate every flag and target before anything trains; ValueError on bad input."""
-    from bornsparse.data.operators import K_TARGETS, load_target
-
-    quick = bool(args.quick)
-    width = args.width if args.width is not None else (QUICK_WIDTH if quick else PAPER_WIDTH)
-    if width < 4 or width % 2:
-        raise ValueError(f"--width must be an even integer >= 4, got {width}")
-    m = width // 2
-    ks = args.ks if args.ks is not None else (QUICK_KS if quick else FULL_KS)
-    depths = args.depths if args.depths is not None else (QUICK_DEPTHS if quick else FULL_DEPTHS)
-    scale = args.steps_scale if args.steps_scale is not None else (
-        QUICK_STEPS_SCALE if quick else 1.0)
-    scaled_schedule(scale)  # validates
-    for k in ks:
-        if not 1 <= k <= m:
-            raise ValueError(f"--ks: k must lie in 1..width/2 = 1..{m}, got {k}")
-    for d in depths:
-        if d < 1:
-            raise ValueError(f"--depths: depth must be a positive integer, got {d}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    from bornsparse.experiments.sweep import check_executor_arguments
-
-    check_executor_arguments(args)
+def _tasks(args: argparse.Namespace, m: int) -> list[tuple[str, str | None]]:
+    """(task, target file or None) per --tasks / --target-file entry; a target file is read
+    now (shape, finiteness, readability), not mid-sweep."""
+    from bornsparse.data.operators import load_target
 
     tasks = list(args.tasks) if args.tasks is not None else (
         [] if args.target_file else list(TASK_CHOICES))
@@ -454,7 +411,7 @@ def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
     for t in tasks:
         if t.startswith("file:"):
             path = t[len("file:"):]
-            load_target(path, m)  # shape, finiteness, readability: fail now, not mid-sweep
+            load_target(path, m)
             parsed.append(("file", path))
         elif t in TASK_CHOICES:
             parsed.append((t, None))
@@ -462,65 +419,72 @@ def _build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
             raise ValueError(
                 f"--tasks: unknown task {t!r}; expected one of {', '.join(TASK_CHOICES)} "
                 "or file:PATH.npy")
+    return parsed
+
+
+def build_configs(args: argparse.Namespace) -> command.Plan:
+    """Validate every flag and target before anything trains; ValueError naming the flag.
+    Returns the :class:`~bornsparse.experiments.command.Plan` (configs, info)."""
+    from bornsparse.data.operators import K_TARGETS
+    quick = bool(args.quick)
+    width = command.pick(args.width, quick=quick, quick_value=QUICK_WIDTH,
+                         full_value=PAPER_WIDTH)
+    if width < 4 or width % 2:
+        raise ValueError(f"--width must be an even integer >= 4, got {width}")
+    m = width // 2
+    ks = command.pick(args.ks, quick=quick, quick_value=QUICK_KS, full_value=FULL_KS)
+    depths = command.positive_ints("--depths", command.pick(
+        args.depths, quick=quick, quick_value=QUICK_DEPTHS, full_value=FULL_DEPTHS),
+        what="depth")
+    scale = command.pick(args.steps_scale, quick=quick, quick_value=QUICK_STEPS_SCALE,
+                         full_value=1.0)
+    phases, window = scaled_schedule(scale)  # validates
+    for k in ks:
+        if not 1 <= k <= m:
+            raise ValueError(f"--ks: k must lie in 1..width/2 = 1..{m}, got {k}")
+    batch_size = command.positive_int("--batch-size", command.pick(
+        args.batch_size, quick=quick, quick_value=DEFAULT_BATCH_SIZE,
+        full_value=DEFAULT_BATCH_SIZE))
+    seeds = command.seed_list(args.seeds, quick=quick, quick_count=1, full_count=1)
 
     configs = []
     seen = set()
-    for task, path in parsed:
+    for task, path in _tasks(args, m):
         for k in (ks if task in K_TARGETS else [None]):
             for d in depths:
-                for s in args.seeds:
+                for s in seeds:
                     for baseline in (None, *BASELINES) if args.baselines else (None,):
-                        cfg = make_config(task, k, d, width=width, batch_size=args.batch_size,
+                        cfg = make_config(task, k, d, width=width, batch_size=batch_size,
                                           steps_scale=scale, seed=s, network=args.network,
                                           target_file=path, baseline=baseline)
                         sig = repr(sorted(cfg.items()))
                         if sig not in seen:
                             seen.add(sig)
                             configs.append(cfg)
-    return configs, {"width": width, "ks": list(ks), "depths": list(depths), "steps_scale": scale}
+    info = {"width": width, "ks": list(ks), "depths": list(depths), "steps_scale": scale,
+            "window": window, "batch_size": batch_size, "network": args.network,
+            "baselines": bool(args.baselines), "seeds": len(seeds),
+            "description": f"width {width}, depths {list(depths)}, steps "
+            f"{'/'.join(str(p.steps) for p in phases)} (final window {window}), batch "
+            f"{batch_size}, network {args.network}"}
+    return command.Plan(configs, info)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Validate, run the sweep (resuming), write figures and table; print the table."""
-    from bornsparse.experiments.operators_report import markdown_table, plot_operator_figures
-    from bornsparse.experiments.results_io import ensure_writable_dir
-    from bornsparse.experiments.sweep import describe_executor, executor_options
+def _experiment() -> command.Experiment:
+    return command.Experiment(
+        name="operators",
+        flags=command.SharedFlags(
+            quick=f"width {QUICK_WIDTH}, {QUICK_STEPS_SCALE}× the paper's steps, depths "
+            f"{list(QUICK_DEPTHS)}, k in {list(QUICK_KS)}",
+            seeds="1: seed 0; a seed draws the target, the initialisation and the inputs; "
+            "figures average over seeds",
+            out="runs/operators",
+            batch_size=f"{DEFAULT_BATCH_SIZE}; the paper gives none"),
+        own_arguments=_own_arguments, plan=build_configs, sweep=run_sweep,
+        report=operators_report.markdown_report,
+        figures=(operators_report.plot_operator_figures,))
 
-    try:
-        configs, info = _build_configs(args)
-        out = ensure_writable_dir(args.out, name="--out directory")
-    except (ValueError, TypeError, ImportError) as err:
-        print(f"bornsparse reproduce operators: error: {err}", file=sys.stderr)
-        return 2
 
-    t0 = time.perf_counter()
-    phases, window = scaled_schedule(info["steps_scale"])
-    print(f"{len(configs)} runs: width {info['width']}, depths {info['depths']}, "
-          f"steps {'/'.join(str(p.steps) for p in phases)} (final window {window}), "
-          f"batch {args.batch_size}, network {args.network}, {describe_executor(args)}; "
-          f"results in {out / 'results.jsonl'}", file=sys.stderr)
-    complete = True
-    if args.report_only:
-        records = finished_records(configs, out / "results.jsonl")
-        print(f"report only: {len(records)} of the {len(configs)} runs are finished",
-              file=sys.stderr)
-    else:
-        outcome = run_sweep(configs, out / "results.jsonl", progress=not args.no_progress,
-                            **executor_options(args))
-        records, complete = outcome.records, outcome.complete
-        print(outcome.summary(), file=sys.stderr)
-    table = markdown_table(records)
-    (out / "table.md").write_text(
-        f"Final MSE (mean over the last {window} steps), width n = {info['width']}, "
-        f"batch {args.batch_size}, network {args.network}; column headers give depth N and "
-        f"the parameter count"
-        + ("; low-rank and Monarch rows are matched to G(θ)'s count at each depth, their own "
-           "count in brackets where it differs by more than 1%" if args.baselines else "")
-        + f".\n\n{table}")
-    if not args.no_plots:
-        for path in plot_operator_figures(records, out, width=info["width"]):
-            print(f"wrote {path}", file=sys.stderr)
-    print(table)
-    print(f"sweep wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0 if complete else 1
-
+#: ``add_arguments(parser)``: the flags of ``bornsparse reproduce operators``; ``main(args)``:
+#: validate, run the sweep (resuming), write table and figures; the exit code
+add_arguments, main = command.entry_points(_experiment)

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bornsparse.experiments import report_format as fmt
+
 #: names of the --baselines methods in the table and legends
 BASELINE_LABELS = {"lowrank": "low rank U Vᵀ", "monarch": "Monarch"}
 
@@ -55,7 +57,7 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
 
     summary = summarize(records)
     if not summary:
-        return "(no runs)\n"
+        return fmt.NO_RUNS
     depths = sorted({d for row in summary.values() for d in row})
     params = {}
     for _, row in sorted(summary.items(), key=lambda kv: kv[0][3] is not None):
@@ -100,22 +102,39 @@ _TITLES = {
 }
 
 
+def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any],
+                    failed: Iterable[dict[str, Any]] = ()) -> str:
+    """table.md: what the numbers are (``info``: the plan's window, width, batch_size,
+    network, baselines), the final-MSE table (:func:`markdown_table`), then the runs of
+    ``failed`` (``SweepOutcome.failed``) that are missing from it."""
+    return (f"Final MSE (mean over the last {info['window']} steps), width n = "
+            f"{info['width']}, batch {info['batch_size']}, network {info['network']}; column "
+            "headers give depth N and the parameter count"
+            + ("; low-rank and Monarch rows are matched to G(θ)'s count at each depth, their "
+               "own count in brackets where it differs by more than 1%"
+               if info["baselines"] else "")
+            + f".\n\n{markdown_table(records)}"
+            + ("\n" + fmt.failed_lines(failed) if failed else ""))
+
+
 def plot_operator_figures(
-    records: Iterable[dict[str, Any]], out_dir: str | Path, *, width: int
+    records: Iterable[dict[str, Any]], out_dir: str | Path, *, width: int | None = None
 ) -> list[Path]:
     """One PNG per task: final MSE against parameter count, log-log, one red line per k
     (labelled with its dof), the dense baseline in black when it was run, a vertical line
     at n²/4 and a dotted one at the depth where the receptive field first covers the input.
     Low-rank and Monarch runs (``--baselines``) are blue dashed and green dotted lines, one
     per k in the same light-to-dark order, each at its own parameter count. Returns the
-    written paths. Seeds are averaged.
+    written paths. Seeds are averaged. ``width``: the operators' n (default: the first
+    record's; a sweep has one).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    plt = fmt.pyplot()
+    records = list(records)
+    if not records:
+        return []
+    width = records[0]["config"]["width"] if width is None else width
     summary = summarize(records)
     out_dir = Path(out_dir)
     m = width // 2
@@ -136,7 +155,7 @@ def plot_operator_figures(
     for (task, path), keys in groups.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
         per_factor = None
-        for baseline, (cmap_name, fmt) in styles.items():
+        for baseline, (cmap_name, line_style) in styles.items():
             mine = sorted((t for t in keys if t[3] == baseline), key=lambda t: t[1] or 0)
             cmap = plt.get_cmap(cmap_name)
             for i, key in enumerate(mine):
@@ -158,7 +177,7 @@ def plot_operator_figures(
                     label = "permutation"
                 else:
                     label = f"dof={c0['dof']}"
-                ax.plot(*zip(*pts, strict=True), fmt, color=colour, ms=3.5, lw=1.4,
+                ax.plot(*zip(*pts, strict=True), line_style, color=colour, ms=3.5, lw=1.4,
                         label=label)
         if dense is not None:
             pts = sorted((c["params"], c["mse"]) for c in dense.values() if c["mse"] is not None)
@@ -192,8 +211,5 @@ def plot_operator_figures(
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         name = task if task != "file" else f"file_{Path(path).stem}"
-        target = out_dir / f"{name}.png"
-        fig.savefig(target, dpi=130)
-        plt.close(fig)
-        paths.append(target)
+        paths.append(fmt.save_figure(fig, out_dir / f"{name}.png"))
     return paths

@@ -3,7 +3,8 @@
 One run = one line. Lines are appended whole, flushed and fsynced by a single writer, so a
 sweep killed at any moment loses at most the run in flight; a torn last line (power loss
 mid-write) is skipped on reading and fenced off with a newline before the next append.
-Each record carries a ``key``, a hash of its configuration, so a rerun skips finished runs.
+Each record carries a ``key``, a hash of its configuration, so a rerun skips finished runs;
+only finished runs are written (:func:`is_finished`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,27 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def completed_keys(records: Iterable[Mapping[str, Any]]) -> set[str]:
-    """The ``key`` of every record that has one."""
-    return {str(r["key"]) for r in records if "key" in r}
+def is_finished(record: Mapping[str, Any]) -> bool:
+    """True for the record of a finished run: it has a ``key`` and no ``error``.
+
+    A run that raises is never written (the sweep reports it failed), but records written
+    before that rule carried an ``error`` field; they count as not run, so a rerun retries
+    them.
+    """
+    return "key" in record and record.get("error") is None
+
+
+def finished_by_key(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{key: record} of the finished runs (:func:`is_finished`) among ``keys`` in ``path``."""
+    wanted = set(keys)
+    return {str(r["key"]): r for r in read_jsonl(path)
+            if is_finished(r) and r["key"] in wanted}
+
+
+def finished_records(configs: Iterable[Mapping[str, Any]],
+                     path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records in ``path`` of those ``configs`` that finished, in the order given (each
+    configuration once); nothing is run."""
+    keys = list(dict.fromkeys(run_key(c) for c in configs))
+    done = finished_by_key(path, keys)
+    return [done[k] for k in keys if k in done]

@@ -12,7 +12,8 @@ trainable parameters and against the f+b time per batch (:mod:`structured_report
 Width n = 512: a power of two, so Monarch's blocks, G(θ)'s 2×2 blocks and the ranks all hit
 the budgets exactly (1/128 of 512² is rank 2, depth 2, 256 Monarch blocks); at n = 256 the
 smallest budget would leave rank 1, depth 1 and 1×1 Monarch blocks. ``add_arguments`` and
-``main`` are the CLI entry points; heavy imports happen inside functions.
+``main`` are the CLI entry points, the shared skeleton of :mod:`bornsparse.experiments.command`;
+heavy imports happen inside functions.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+
+from bornsparse.experiments import command, structured_report
 
 DATASETS = ("mnist1d", "digits")
 WIDTH = 512
@@ -71,64 +73,42 @@ def default_train(dataset: str, *, quick: bool = False) -> dict[str, Any]:
             "timing_warmup": TIMING_WARMUP}
 
 
-def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Validate every flag before anything trains; ValueError naming the flag on bad input."""
+def build_configs(args: argparse.Namespace) -> command.Plan:
+    """Validate every flag before anything trains; ValueError naming the flag on bad input.
+    Returns the :class:`~bornsparse.experiments.command.Plan` (configs, info)."""
     from bornsparse.experiments.structured_methods import BLOCK_SIZES, METHODS, fits_budget
 
     quick = bool(args.quick)
-    datasets = list(args.datasets) if args.datasets else list(
-        QUICK["datasets"] if quick else DATASETS)
-    for d in datasets:
-        if d not in DATASETS:
-            raise ValueError(f"--datasets: unknown data set {d!r}; expected one of "
-                             f"{', '.join(DATASETS)}")
-    methods = list(args.methods) if args.methods else list(METHODS)
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"--methods: unknown method {m!r}; expected one of "
-                             f"{', '.join(METHODS)}")
+    datasets = command.choices("--datasets", command.pick(
+        args.datasets, quick=quick, quick_value=QUICK["datasets"], full_value=DATASETS),
+        DATASETS, what="data set")
+    methods = command.choices("--methods", args.methods or list(METHODS), METHODS,
+                              what="method")
     if "dense" not in methods:
         methods.insert(0, "dense")  # the reference line of every figure
-    budgets = list(args.budgets) if args.budgets else list(BUDGETS)
-    for b in budgets:
-        if not 0.0 < b < 1.0:
-            raise ValueError(f"--budgets: every budget must lie in (0, 1), got {b!r}")
-    if len(set(budgets)) != len(budgets):
-        raise ValueError(f"--budgets: repeated values in {budgets}")
-    seeds = args.seeds if args.seeds is not None else (QUICK["seeds"] if quick else 3)
-    width = args.width if args.width is not None else WIDTH
-    for name, v in (("--seeds", seeds), ("--blocks", args.blocks),
-                    ("--batch-size", args.batch_size)):
-        if v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v}")
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs must be a positive integer, got {args.epochs}")
+    budgets = command.fractions("--budgets", args.budgets or BUDGETS, what="budget")
+    seeds = command.seed_list(args.seeds, quick=quick)
+    width = command.pick(args.width, quick=quick, quick_value=WIDTH, full_value=WIDTH)
+    blocks = command.positive_int("--blocks", args.blocks)
     if width < 4 or width % 2:
         raise ValueError(f"--width must be an even integer >= 4 (2×2 blocks), got {width}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    samples = args.samples if args.samples is not None else (
-        QUICK_SAMPLES if quick else SAMPLES)
+    samples = command.pick(args.samples, quick=quick, quick_value=QUICK_SAMPLES,
+                           full_value=SAMPLES)
     if samples < 100:
         raise ValueError(f"--samples must be at least 100 (MNIST-1D draws samples // 10 per "
                          f"class, 80% for training), got {samples}")
     # the defaults that divide the width (a narrow test width keeps the small ones)
-    block_sizes = list(args.block_sizes) if args.block_sizes else [
-        k for k in (QUICK["block_sizes"] if quick else BLOCK_SIZES) if width % k == 0]
+    block_sizes = command.distinct("--block-sizes", args.block_sizes or [
+        k for k in (QUICK["block_sizes"] if quick else BLOCK_SIZES) if width % k == 0])
     for k in block_sizes:
         if k < 2 or width % k:
             raise ValueError(f"--block-sizes: every block size must be at least 2 and "
                              f"divide --width {width}, got {k}")
-    if len(set(block_sizes)) != len(block_sizes):
-        raise ValueError(f"--block-sizes: repeated values in {block_sizes}")
+    train = {d: _train_recipe(args, d, quick) for d in datasets}
 
     configs, too_big = [], []
-    for seed in range(seeds):
+    for seed in seeds:
         for dataset in datasets:
-            train = default_train(dataset, quick=quick)
-            train.update(batch_size=args.batch_size, lr=args.lr)
-            if args.epochs is not None:
-                train["epochs"] = args.epochs
             n = samples if dataset == "mnist1d" else None
             for method in methods:
                 for b in (budgets if METHODS[method].budgeted else [None]):
@@ -139,12 +119,32 @@ def build_configs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
                             continue
                         configs.append(make_config(
                             dataset=dataset, method=method, budget=b, seed=seed, width=width,
-                            blocks=args.blocks, train=train, samples=n, block_size=k))
-    info = {"datasets": datasets, "methods": methods, "budgets": budgets, "seeds": seeds,
-            "width": width, "blocks": args.blocks, "samples": samples,
-            "block_sizes": block_sizes, "too_big": too_big,
-            "train": {c["dataset"]: c["train"] for c in configs}}
-    return configs, info
+                            blocks=blocks, train=train[dataset], samples=n, block_size=k))
+    info = {"datasets": datasets, "methods": methods, "budgets": budgets,
+            "seeds": len(seeds), "width": width, "blocks": blocks, "samples": samples,
+            "block_sizes": block_sizes, "too_big": too_big, "train": train,
+            "notes": [_not_run(*t) for t in too_big],
+            "description": f"{', '.join(datasets)}, width {width}, {blocks} hidden blocks, "
+            f"budgets {', '.join(structured_report.budget_text(b) for b in budgets)}, "
+            f"{len(seeds)} seed(s), MNIST-1D at {samples:,} samples"}
+    return command.Plan(configs, info)
+
+
+def _train_recipe(args: argparse.Namespace, dataset: str, quick: bool) -> dict[str, Any]:
+    """The ``train`` field of ``dataset``'s configurations: its recipe, flags overriding."""
+    train = default_train(dataset, quick=quick)  # quick: fewer epochs
+    for flag, key, check in (("--epochs", "epochs", command.positive_int),
+                             ("--batch-size", "batch_size", command.positive_int),
+                             ("--lr", "lr", command.positive_float)):
+        value = getattr(args, key)
+        train[key] = check(flag, train[key] if value is None else value)
+    return train
+
+
+def _not_run(method: str, k: int | None, budget: float) -> str:
+    return (f"not run: {method}{'' if k is None else f' k={k}'} at budget "
+            f"{structured_report.budget_text(budget)} (its smallest size is more than 50% "
+            "over the budget)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,25 +159,6 @@ def penalty_weight(schedule: list[list[float]], step: int, total: int) -> float:
         if frac < end:
             return float(weight)
     return float(schedule[-1][1])
-
-
-def _saved_activation_bytes(model, x, y, loss_of) -> tuple[Any, int]:
-    """(loss, bytes autograd saved for backward that are not parameters, buffers or inputs):
-    the part of a step's memory that live-tensor scans cannot see."""
-    import torch
-
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in own:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model(x), y)
-    return loss, sum(saved.values())
 
 
 def dataset_options(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -200,13 +181,10 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
     ``activations``, what autograd saves in one step) and ``peak_memory_bytes`` (training
     + activations); ``train_wall_s``, ``wall_s``, ``finite``, ``final_penalty``.
     """
-    import math
-
     import torch
-    import torch.nn.functional as F
 
     from bornsparse.data import load_dataset
-    from bornsparse.experiments.dctps_methods import MemoryTracker, stored_size
+    from bornsparse.experiments.measure import MemoryTracker, stored_size
     from bornsparse.experiments.results_io import library_versions, run_key
     from bornsparse.experiments.structured_methods import (
         budget_params,
@@ -217,7 +195,6 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
     splits = load_dataset(cfg["dataset"], **dataset_options(cfg))
     memory = MemoryTracker()  # after the data: its tensors are not the method's memory
-    tr = cfg["train"]
     width, budget = cfg["width"], cfg["budget"]
     model, size = build_mlp(cfg["method"], input_shape=splits.input_shape,
                             num_classes=splits.num_classes, width=width,
@@ -227,19 +204,62 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
     block = model.blocks[0]
     hidden = trainable_params(block)
     target = budget_params(width, budget) if budget is not None else hidden
+    run = _train(model, splits, cfg["train"], cfg["seed"], memory)
+    accuracy, final_penalty = _evaluate(model, splits)
+    if not run["finite"]:
+        accuracy = None  # diverged: the penalty is still recorded, whatever it became
+    for p in model.parameters():
+        p.grad = None
+    memory.sample("final")
+    peaks = dict(memory.peaks)
+    peaks["activations"] = run["activations"]
+    fb, steps = run["fb"], run["step_times"]
+    return {
+        "key": run_key(cfg), "config": cfg, "method": cfg["method"], "dataset": cfg["dataset"],
+        "budget": budget, "seed": cfg["seed"], "block_size": cfg.get("block_size"),
+        "train_samples": int(splits.train_x.shape[0]), "accuracy": accuracy,
+        "finite": run["finite"], "hidden_params": hidden, "budget_params": target,
+        "budget_error": hidden / target - 1.0, "size": size,
+        "trainable_params": trainable_params(model),
+        "stored_bytes": stored_size(model)["bytes"],
+        "hidden_stored_bytes": stored_size(block)["bytes"],
+        "fb_ms": 1e3 * statistics.median(fb) if fb else None,
+        "fb_ms_mean": 1e3 * statistics.fmean(fb) if fb else None,
+        "step_ms": 1e3 * statistics.median(steps) if steps else None,
+        "timed_steps": len(fb), "steps": run["steps"],
+        "memory_bytes": peaks, "peak_memory_bytes": peaks["training"] + run["activations"],
+        "final_penalty": final_penalty,
+        "train_wall_s": run["wall_s"], "wall_s": time.perf_counter() - t_start,
+        "torch_threads": torch.get_num_threads(), "versions": library_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _train(model: Any, splits: Any, tr: dict[str, Any], seed: int, memory: Any) -> dict:
+    """Adam with a cosine learning rate for ``tr["epochs"]`` epochs, the penalty (G(θ),
+    h_θ) on its schedule; stops at a non-finite loss.
+
+    Returns ``fb`` and ``step_times`` (seconds per warm step: forward + loss + backward, and
+    with the optimizer step), ``activations`` (bytes autograd saved in the first step),
+    ``steps`` (the steps taken, the non-finite one excluded), ``finite`` and ``wall_s``
+    (memory sampling excluded). Samples ``memory`` "training" after the first step.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from bornsparse.experiments.measure import saved_activation_bytes
+
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tr["lr"])
     x_all, y_all = splits.train_x, splits.train_y
-    n = x_all.shape[0]
-    bs = tr["batch_size"]
-    steps_per_epoch = math.ceil(n / bs)
-    total = steps_per_epoch * tr["epochs"]
+    n, bs = x_all.shape[0], tr["batch_size"]
+    total = math.ceil(n / bs) * tr["epochs"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     warmup = min(tr["timing_warmup"], total // 2)
-    gen = torch.Generator().manual_seed(cfg["seed"] + 0xDA7A)  # batches, apart from the init
-    fb, steps = [], []
-    activations = 0
-    finite = True
+    gen = torch.Generator().manual_seed(seed + 0xDA7A)  # batches, apart from the init
+    out: dict[str, Any] = {"fb": [], "step_times": [], "activations": 0, "finite": True}
     has_penalty = any(hasattr(b, "orthogonality_penalty") for b in model.blocks)
 
     def loss_of(logits, y, step):
@@ -249,8 +269,7 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
         return loss
 
     model.train()
-    t_train = time.perf_counter()
-    sampling = memory.seconds
+    t_train, sampling = time.perf_counter(), memory.seconds
     step = 0
     for _ in range(tr["epochs"]):
         perm = torch.randperm(n, generator=gen)
@@ -259,7 +278,7 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
             x, y = x_all[idx], y_all[idx]
             t0 = time.perf_counter()
             if step == 0:  # a cold step, not timed: measure what autograd keeps instead
-                loss, activations = _saved_activation_bytes(
+                loss, out["activations"] = saved_activation_bytes(
                     model, x, y, functools.partial(loss_of, step=0))
             else:
                 loss = loss_of(model(x), y, step)
@@ -270,17 +289,24 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
             sched.step()
             t2 = time.perf_counter()
             if step >= warmup:
-                fb.append(t1 - t0)
-                steps.append(t2 - t0)
+                out["fb"].append(t1 - t0)
+                out["step_times"].append(t2 - t0)
             if step == 0:  # parameters, gradients and optimizer state: every step alike
                 memory.sample("training")
             if not torch.isfinite(loss.detach()):
-                finite = False
+                out["finite"] = False
                 break
             step += 1
-        if not finite:
+        if not out["finite"]:
             break
-    train_wall = time.perf_counter() - t_train - (memory.seconds - sampling)
+    out["steps"] = step
+    out["wall_s"] = time.perf_counter() - t_train - (memory.seconds - sampling)
+    return out
+
+
+def _evaluate(model: Any, splits: Any) -> tuple[float, float | None]:
+    """(test accuracy in [0, 1], the final orthogonality penalty or None)."""
+    import torch
 
     model.eval()
     correct = 0
@@ -288,33 +314,8 @@ def structured_run(cfg: dict[str, Any]) -> dict[str, Any]:
         for s in range(0, splits.test_x.shape[0], 1000):
             logits = model(splits.test_x[s:s + 1000])
             correct += int((logits.argmax(1) == splits.test_y[s:s + 1000]).sum())
-        final_penalty = model.penalty()
-    accuracy = correct / splits.test_x.shape[0] if finite else None
-    for p in model.parameters():
-        p.grad = None
-    del opt
-    memory.sample("final")
-    peaks = dict(memory.peaks)
-    peaks["activations"] = activations
-    return {
-        "key": run_key(cfg), "config": cfg, "method": cfg["method"], "dataset": cfg["dataset"],
-        "budget": budget, "seed": cfg["seed"], "block_size": cfg.get("block_size"),
-        "train_samples": int(n), "accuracy": accuracy, "finite": finite,
-        "hidden_params": hidden, "budget_params": target,
-        "budget_error": hidden / target - 1.0, "size": size,
-        "trainable_params": trainable_params(model),
-        "stored_bytes": stored_size(model)["bytes"],
-        "hidden_stored_bytes": stored_size(block)["bytes"],
-        "fb_ms": 1e3 * statistics.median(fb) if fb else None,
-        "fb_ms_mean": 1e3 * statistics.fmean(fb) if fb else None,
-        "step_ms": 1e3 * statistics.median(steps) if steps else None,
-        "timed_steps": len(fb), "steps": step,
-        "memory_bytes": peaks, "peak_memory_bytes": peaks["training"] + activations,
-        "final_penalty": None if final_penalty is None else float(final_penalty),
-        "train_wall_s": train_wall, "wall_s": time.perf_counter() - t_start,
-        "torch_threads": torch.get_num_threads(), "versions": library_versions(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        penalty = model.penalty()
+    return correct / splits.test_x.shape[0], None if penalty is None else float(penalty)
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,25 +352,11 @@ def run_sweep(configs: Iterable[dict[str, Any]], results_path: str | os.PathLike
 
 
 # ---------------------------------------------------------------------------------------
-# Command line
+# Command line: the shared skeleton (experiments/command.py) with this experiment's parts
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``bornsparse reproduce structured``."""
-    from bornsparse.experiments.structured_methods import METHODS
-    from bornsparse.experiments.sweep import add_executor_arguments
-
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the small version that bornsparse demo runs: "
-                        f"{', '.join(QUICK['datasets'])} only, one seed, {QUICK['epochs']} "
-                        f"epochs, {QUICK_SAMPLES:,} samples, G(θ) at block sizes "
-                        f"{' '.join(map(str, QUICK['block_sizes']))} (explicit flags still "
-                        "override)")
-    parser.add_argument("--datasets", nargs="+", default=None, metavar="DATASET",
-                        help=f"among {', '.join(DATASETS)} (default both)")
-    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help=f"hidden-block methods among {', '.join(METHODS)} (default all); "
-                        "dense is always added")
+def _own_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``bornsparse reproduce structured`` beyond the shared ones."""
     parser.add_argument("--budgets", nargs="+", type=float, default=None, metavar="F",
                         help="trainable parameters per hidden layer as a fraction of its "
                         "dense weights, plus its bias (default 1/128 1/32 1/8)")
@@ -381,81 +368,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="G(θ)'s block sizes, each dividing --width (default "
                         "those of 2 4 8 32 that divide it; quick 2 8); a block size whose "
                         "one factor is more than 50%% over a budget is not run there")
-    parser.add_argument("--seeds", type=int, default=None, metavar="N",
-                        help="seeds 0..N-1 (default 3; quick 1)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="training epochs (default " + ", ".join(
-                            f"{d} {e}" for d, e in EPOCHS.items())
-                        + f"; quick {QUICK['epochs']})")
     parser.add_argument("--width", type=int, default=None,
                         help=f"hidden width n, even (default {WIDTH})")
     parser.add_argument("--blocks", type=int, default=BLOCKS,
                         help=f"n × n hidden layers between the dense input layer and the "
                         f"classifier (default {BLOCKS})")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                        help=f"default {BATCH_SIZE}")
-    parser.add_argument("--lr", type=float, default=LR,
-                        help=f"Adam's peak learning rate, cosine-annealed to 0 (default {LR})")
-    add_executor_arguments(parser, default_workers=min(2, os.cpu_count() or 1))
-    parser.add_argument("--out", default="runs/structured", metavar="DIR",
-                        help="results.jsonl, table.md and figures go here; rerunning with the "
-                        "same DIR skips finished runs")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def main(args: argparse.Namespace) -> int:
-    """Validate, load the data once (fail early), run the sweep, write table and figures."""
-    from bornsparse.experiments.results_io import ensure_writable_dir
-    from bornsparse.experiments.sweep import (
-        check_executor_arguments,
-        describe_executor,
-        executor_options,
-    )
+def _prepare(plan: command.Plan, args: argparse.Namespace) -> None:
+    """Generate and cache MNIST-1D at its sample count before the workers start."""
+    from bornsparse.data import load_dataset
 
-    prog = "bornsparse reproduce structured"
-    try:
-        configs, info = build_configs(args)
-        check_executor_arguments(args)
-        out = ensure_writable_dir(args.out, name="--out directory")
-        from bornsparse.data import load_dataset
+    for d in plan.info["datasets"]:
+        load_dataset(d, **dataset_options(
+            {"samples": plan.info["samples"] if d == "mnist1d" else None}))
 
-        for d in info["datasets"]:  # generates and caches MNIST-1D before workers start
-            load_dataset(d, **dataset_options(
-                {"samples": info["samples"] if d == "mnist1d" else None}))
-    except (ValueError, TypeError, ImportError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
 
-    from bornsparse.experiments.structured_report import budget_text
+def _experiment() -> command.Experiment:
+    from bornsparse.experiments.structured_methods import METHODS
 
-    t0 = time.perf_counter()
-    options = executor_options(args)
-    how = describe_executor(args)
-    print(f"{len(configs)} runs on {', '.join(info['datasets'])}: width {info['width']}, "
-          f"{info['blocks']} hidden blocks, budgets "
-          f"{', '.join(budget_text(b) for b in info['budgets'])}, {info['seeds']} seed(s), "
-          f"MNIST-1D at {info['samples']:,} samples, {how}; results in "
-          f"{out / 'results.jsonl'}", file=sys.stderr)
-    for method, k, b in info["too_big"]:
-        print(f"not run: {method}{'' if k is None else f' k={k}'} at budget {budget_text(b)} "
-              "(its smallest size is more than 50% over the budget)", file=sys.stderr)
-    outcome = run_sweep(configs, out / "results.jsonl", progress=not args.no_progress,
-                        **options)
-    wall = time.perf_counter() - t0
-    print(outcome.summary(), file=sys.stderr)
+    return command.Experiment(
+        name="structured",
+        flags=command.SharedFlags(
+            quick=f"{', '.join(QUICK['datasets'])} only, one seed, {QUICK['epochs']} epochs, "
+            f"{QUICK_SAMPLES:,} samples, G(θ) at block sizes "
+            f"{' '.join(map(str, QUICK['block_sizes']))}",
+            seeds="3; quick 1", out="runs/structured",
+            datasets=f"among {', '.join(DATASETS)} (default both)",
+            methods=f"hidden-block methods among {', '.join(METHODS)} (default all)",
+            epochs=", ".join(f"{d} {e}" for d, e in EPOCHS.items())
+            + f"; quick {QUICK['epochs']}",
+            batch_size=str(BATCH_SIZE), lr=f"{LR}, Adam"),
+        own_arguments=_own_arguments, plan=build_configs, sweep=run_sweep,
+        report=structured_report.markdown_report,
+        figures=(structured_report.plot_figures, structured_report.plot_pareto),
+        prepare=_prepare)
 
-    from bornsparse.experiments.structured_report import (
-        markdown_report,
-        plot_figures,
-        plot_pareto,
-    )
 
-    text = markdown_report(outcome.records, info)
-    (out / "table.md").write_text(text)
-    if not args.no_plots:
-        for path in [*plot_figures(outcome.records, out), *plot_pareto(outcome.records, out)]:
-            print(f"wrote {path}", file=sys.stderr)
-    print(text)
-    print(f"sweep wall time {wall:.1f} s", file=sys.stderr)
-    return 0 if outcome.complete else 1
+#: ``add_arguments(parser)``: the flags of ``bornsparse reproduce structured``; ``main(args)``:
+#: validate, run the sweep (resuming), write table and figures; the exit code
+add_arguments, main = command.entry_points(_experiment)

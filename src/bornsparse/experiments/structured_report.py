@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bornsparse.experiments import report_format as fmt
+
 
 def series(rec: dict[str, Any]) -> str:
     """What a line of the tables and figures is: the method, and for G(θ) its block size
@@ -50,10 +52,6 @@ def _method_order(names: Iterable[str]) -> list[str]:
     return order + sorted(present - set(order))
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[tuple, dict[str, Any]]]:
     """{dataset: {(series, budget): cell}} (:func:`series`: G(θ) once per block size); a
     cell holds ``acc``/``acc_std`` (percent; None
@@ -69,7 +67,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[tuple, dict[s
         out[dataset] = {}
         for key, recs in cells.items():
             ok = [r for r in recs if r["accuracy"] is not None]
-            acc, sd = _mean_std([100 * r["accuracy"] for r in ok]) if ok else (None, None)
+            acc, sd = fmt.mean_std([100 * r["accuracy"] for r in ok]) if ok else (None, None)
 
             def mean(field: str, recs=recs) -> float | None:
                 vals = [r[field] for r in recs if r.get(field) is not None]
@@ -90,19 +88,6 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[tuple, dict[s
                 "train_samples": recs[0].get("train_samples"),
             }
     return out
-
-
-def _count(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:,.0f}"
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, f in (("MB", 1e6), ("kB", 1e3)):
-        if n >= f:
-            return f"{n / f:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def _acc(cell: dict[str, Any] | None) -> str:
@@ -151,11 +136,12 @@ def cost_table(cells: dict[tuple, dict[str, Any]]) -> str:
             c = cells[(m, b)]
             lines.append("| " + " | ".join([
                 _label(m), "dense" if b is None else budget_text(b), _size(c["size"]),
-                _count(c["hidden_params"]),
+                fmt.count_text(c["hidden_params"], grouped=True),
                 "—" if b is None else f"{100 * c['budget_error']:+.1f}%",
-                _count(c["trainable_params"]), _acc(c),
-                "—" if c["fb_ms"] is None else f"{c['fb_ms']:.2f}", _bytes(c["stored_bytes"]),
-                _bytes(c["peak_memory_bytes"])]) + " |")
+                fmt.count_text(c["trainable_params"], grouped=True), _acc(c),
+                "—" if c["fb_ms"] is None else f"{c['fb_ms']:.2f}",
+                fmt.bytes_text(c["stored_bytes"]),
+                fmt.bytes_text(c["peak_memory_bytes"])]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,11 +168,14 @@ def headline_table(cells: dict[tuple, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
-    """The whole report: per data set, the accuracy table then the cost table."""
+def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | None = None,
+                    failed: Iterable[dict[str, Any]] = ()) -> str:
+    """The whole report: per data set, the accuracy table then the cost table; last, the
+    runs of ``failed`` (``SweepOutcome.failed``) that are missing from them."""
     records = list(records)
+    failed = fmt.failed_lines(failed)
     if not records:
-        return "(no runs)\n"
+        return "\n".join([fmt.NO_RUNS, failed]) if failed else fmt.NO_RUNS
     parts = []
     if info:
         trains = info["train"]
@@ -218,7 +207,7 @@ def markdown_report(records: Iterable[dict[str, Any]], info: dict[str, Any] | No
                      f"The dense input layer and classifier hold {fixed:,} parameters in every "
                      f"model.\n\n" + accuracy_table(cells))
         parts.append(f"### {dataset}: sizes and costs\n\n" + cost_table(cells))
-    return "\n".join(parts)
+    return "\n".join([*parts, failed] if failed else parts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,11 +229,7 @@ def plot_figures(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
     layers' trainable parameters (left) and against the measured f+b time per batch
     (right), one line per method over its budgets, dense as a black point and a dashed
     line. Error bars: std over seeds. Returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-
+    plt = fmt.pyplot()
     out_dir = Path(out_dir)
     paths = []
     for dataset, cells in summarize(records).items():
@@ -278,10 +263,7 @@ def plot_figures(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list
                      f"{', '.join(budget_text(b) for b in budgets)} of the dense weights",
                      fontsize=10)
         fig.tight_layout()
-        target = out_dir / f"accuracy_{dataset}.png"
-        fig.savefig(target, dpi=130)
-        plt.close(fig)
-        paths.append(target)
+        paths.append(fmt.save_figure(fig, out_dir / f"accuracy_{dataset}.png"))
     return paths
 
 
@@ -299,12 +281,9 @@ def plot_pareto(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[
     """One PNG per data set, ``pareto_{dataset}.png``: a panel per budget, test accuracy
     against f+b time per batch, a point per layer (std over seeds as error bars), dense as
     the reference star and dashed line, the Pareto front as a grey line. Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import ticker
 
+    plt = fmt.pyplot()
     out_dir = Path(out_dir)
     paths = []
     for dataset, cells in summarize(records).items():
@@ -342,17 +321,11 @@ def plot_pareto(records: Iterable[dict[str, Any]], out_dir: str | Path) -> list[
             ax.grid(True, which="both", alpha=0.25)
         axes[0][0].set_ylabel("test accuracy (%)")
         # one legend for all panels, outside them: no panel's points hidden under it
-        seen: dict[str, Any] = {}
-        for ax in axes[0]:
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                seen.setdefault(lab, h)
+        seen = fmt.legend_entries(axes[0])
         fig.legend(list(seen.values()), list(seen), fontsize=7, loc="center right")
         n_train = next(iter(cells.values())).get("train_samples")
         fig.suptitle(f"{dataset}" + ("" if n_train is None else f", {n_train:,} training "
                      "samples") + ": accuracy against cost, per budget", fontsize=10)
         fig.tight_layout(rect=(0, 0, 0.84, 1))
-        target = out_dir / f"pareto_{dataset}.png"
-        fig.savefig(target, dpi=130)
-        plt.close(fig)
-        paths.append(target)
+        paths.append(fmt.save_figure(fig, out_dir / f"pareto_{dataset}.png"))
     return paths

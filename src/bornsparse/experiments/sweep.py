@@ -16,10 +16,13 @@ from this process (the driver) only, so the file has one writer and the torn-lin
 
 Every run gets exactly ``threads`` compute threads whichever executor runs it and whatever
 thread variables the environment exports (:func:`use_threads`), so records agree across
-executors. A run that raises, or whose worker keeps dying, is reported in
-:attr:`SweepOutcome.failed` and not written, so a rerun retries it; nothing is dropped
-silently. Under torch.distributed (``torchrun``) every rank runs each run together (a data-
-parallel run); rank 0 decides what is left to do and writes the records.
+executors. One failure policy for every experiment: a run that raises, or whose worker keeps
+dying, is reported in :attr:`SweepOutcome.failed` and not written, so a rerun retries it
+(a record written with an ``error`` field, as failed runs once were, counts as not run:
+:func:`results_io.is_finished`); nothing is dropped silently. Under torch.distributed
+(``torchrun``) every rank runs each run together (a data-parallel run,
+:mod:`bornsparse.experiments.distributed`); rank 0 decides what is left to do and writes the
+records.
 
 Only the standard library is imported at module level: the CLI builds its parser from here.
 """
@@ -94,7 +97,8 @@ def add_executor_arguments(parser: argparse.ArgumentParser, *, default_workers: 
                         "the threads, share the cores)")
     parser.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
                         help="times a run is resubmitted after its worker process died "
-                        f"(default {DEFAULT_MAX_RETRIES}); a run that raises is not retried")
+                        f"(default {DEFAULT_MAX_RETRIES}); a run that raises is reported "
+                        "failed, not retried in this sweep, and rerun by the next one")
 
 
 def check_executor_arguments(args: argparse.Namespace) -> None:
@@ -214,7 +218,8 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     from bornsparse._checks import check_positive_int
-    from bornsparse.experiments.results_io import append_jsonl, read_jsonl, run_key
+    from bornsparse.experiments.distributed import rank_and_world
+    from bornsparse.experiments.results_io import append_jsonl, finished_by_key, run_key
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
@@ -227,9 +232,9 @@ def run_sweep(
     configs = list(configs)
     keys = [run_key(c) for c in configs]
     by_key = dict(zip(keys, configs, strict=True))
-    rank, world = _rank_and_world()
-    done = {} if rank else {
-        r["key"]: r for r in read_jsonl(results_path) if r.get("key") in by_key}
+    rank, world = rank_and_world()
+    # rank 0 alone decides what is left; an old record with an `error` is not finished
+    done = {} if rank else finished_by_key(results_path, by_key)
     todo = [by_key[k] for k in dict.fromkeys(keys) if k not in done]
     if order is not None:
         todo.sort(key=order)
@@ -259,7 +264,11 @@ def run_sweep(
                     "under torch.distributed every rank runs each run together: use "
                     f"executor='local' with workers=1, got executor={executor!r}, "
                     f"workers={workers}")
-            _run_data_parallel(todo, run, rank, threads, finished)
+            from bornsparse.experiments.distributed import run_data_parallel
+
+            with _threads_here(threads):
+                run_data_parallel(todo, run, finished,
+                                  lambda cfg, err: failed(cfg, _error_text(err)))
         elif executor == "ray":
             _run_ray(todo, run, threads, cpus, address, max_retries, finished, failed)
         elif workers == 1 or len(todo) <= 1:
@@ -271,14 +280,6 @@ def run_sweep(
         bar.close()
     outcome.records = [done[k] for k in keys if k in done]
     return outcome
-
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @contextlib.contextmanager
@@ -401,19 +402,3 @@ def _run_ray(todo, run, threads, cpus, address, max_retries, finished, failed) -
     finally:
         if started:
             ray.shutdown()
-
-
-def _run_data_parallel(todo, run, rank, threads, finished) -> None:
-    """Every rank runs every run; rank 0's list of what is left decides, and it writes."""
-    import torch.distributed as dist
-
-    from bornsparse.experiments.results_io import run_key
-
-    box = [[run_key(c) for c in todo] if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    by_key = {run_key(c): c for c in todo}
-    with _threads_here(threads):
-        for key in box[0]:
-            rec = run(by_key[key])
-            if rank == 0:
-                finished(by_key[key], rec)
