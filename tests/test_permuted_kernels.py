@@ -32,8 +32,8 @@ def make_operands(depth, nblocks, k, seed, dtype=torch.float64):
 
 
 @st.composite
-def cases(draw):
-    k = draw(st.sampled_from([2, 3, 4]))
+def cases(draw, block_sizes=(2, 3, 4)):
+    k = draw(st.sampled_from(block_sizes))
     nblocks = draw(st.integers(1, 12))
     width = k * nblocks
     depth = draw(st.integers(1, 5))
@@ -49,6 +49,19 @@ def cases(draw):
 @settings(max_examples=120, deadline=None)
 @given(cases())
 def test_dense_reference_numba_agree_forward_backward(case):
+    check_against_dense_and_reference(case)
+
+
+# 4 | k takes the register-blocked kernels (numba_blocks.py): 4×4 sub-blocks, one to sixteen
+# of them per block; k = 5 and 6 stay on the generic loop nest beside them.
+@pytest.mark.parametrize("k", [4, 5, 6, 8, 12, 16])
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_every_block_size_agrees_with_dense_and_reference(k, data):
+    check_against_dense_and_reference(data.draw(cases(block_sizes=(k,))))
+
+
+def check_against_dense_and_reference(case):
     k, nblocks, depth, n_in, n_out, batch_shape, seed = case
     weight, perms = make_operands(depth, nblocks, k, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -255,8 +268,8 @@ def test_operand_validation_names_argument_value_and_expectation():
         permuted_block_diagonal(x, weight, perms, out_features=0)
 
 
-@settings(max_examples=30, deadline=None)
-@given(cases())
+@settings(max_examples=60, deadline=None)
+@given(cases(block_sizes=(2, 3, 4, 8, 16)))
 def test_tanh_network_numba_matches_reference(case):
     k, nblocks, depth, n_in, n_out, batch_shape, seed = case
     weight, perms = make_operands(depth, nblocks, k, seed)

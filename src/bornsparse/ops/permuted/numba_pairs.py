@@ -33,11 +33,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from bornsparse.ops.permuted.numba_blocks import FASTMATH, SUB, block_grads, mix_blocks
 from bornsparse.ops.runtime.bodies import NoAliasCompiler, claim_chunk, finish_chunk, region_body
 from bornsparse.ops.runtime.intrinsics import header_address, prefetch, view
 from bornsparse.ops.runtime.region import header_layout
 
-FASTMATH = {"contract", "reassoc"}
 # Blocks ahead at which the fused pair kernel prefetches its random source rows, and the
 # tile-buffer size above which it does (a buffer that fits L2 never misses to DRAM).
 PREFETCH_DISTANCE = 16
@@ -96,6 +96,8 @@ def _apply_factor(src, dst, w, p, ts, n_rows):
                 v = a1[s]
                 d0[s] = w00 * u + w01 * v
                 d1[s] = w10 * u + w11 * v
+    elif k % SUB == 0:
+        mix_blocks(src, p, dst, np.arange(nb * k), w, False, nb, 0, ts)
     else:
         for b in range(nb):
             for r in range(k):
@@ -212,7 +214,10 @@ def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
             q = gathered[j]
             for s in range(ts):
                 q[s] = a[s]
-        if compute:
+        if compute and k % SUB == 0:
+            rows = np.arange(nb * k)
+            mix_blocks(gathered, rows, dst, rows, w, False, nb, 0, ts)
+        elif compute:
             for b in range(nb):
                 for r in range(k):
                     d = dst[b * k + r]
@@ -273,6 +278,10 @@ def _factor_backward(gathered, g, gin, w, p, gw, ts):
             gw[b, 0, 1] += c01
             gw[b, 1, 0] += c10
             gw[b, 1, 1] += c11
+    elif k % SUB == 0:
+        rows = np.arange(nb * k)
+        mix_blocks(g, rows, gin, p, w, True, nb, 0, ts)
+        block_grads(g, rows, gathered, rows, gw, nb, 0, ts)
     else:
         for b in range(nb):
             for c in range(k):
@@ -499,33 +508,36 @@ def _factor_columns_kernel(h, w, p, z, c0, c1):
     """z[b*k + r, c0:c1] = Σ_c w[b, r, c] · h[p[b*k + c], c0:c1]; h, z: (width, batch)."""
     nb = w.shape[0]
     k = w.shape[1]
+    n = c1 - c0  # rows are sliced to the columns: see numba_blocks.py on range(c0, c1)
     if k == 2:
         for b in range(nb):
-            a0 = h[p[2 * b]]
-            a1 = h[p[2 * b + 1]]
-            d0 = z[2 * b]
-            d1 = z[2 * b + 1]
+            a0 = h[p[2 * b], c0:c1]
+            a1 = h[p[2 * b + 1], c0:c1]
+            d0 = z[2 * b, c0:c1]
+            d1 = z[2 * b + 1, c0:c1]
             w00 = w[b, 0, 0]
             w01 = w[b, 0, 1]
             w10 = w[b, 1, 0]
             w11 = w[b, 1, 1]
-            for s in range(c0, c1):
+            for s in range(n):
                 u = a0[s]
                 v = a1[s]
                 d0[s] = w00 * u + w01 * v
                 d1[s] = w10 * u + w11 * v
+    elif k % SUB == 0:
+        mix_blocks(h, p, z, np.arange(nb * k), w, False, nb, c0, c1)
     else:
         for b in range(nb):
             for r in range(k):
-                d = z[b * k + r]
-                a = h[p[b * k]]
+                d = z[b * k + r, c0:c1]
+                a = h[p[b * k], c0:c1]
                 wc = w[b, r, 0]
-                for s in range(c0, c1):
+                for s in range(n):
                     d[s] = wc * a[s]
                 for c in range(1, k):
-                    a = h[p[b * k + c]]
+                    a = h[p[b * k + c], c0:c1]
                     wc = w[b, r, c]
-                    for s in range(c0, c1):
+                    for s in range(n):
                         d[s] += wc * a[s]
 
 
@@ -535,17 +547,18 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
     (nb, k, k) to Σ over those columns of gz[b*k + r] · h[p[b*k + c]]."""
     nb = w.shape[0]
     k = w.shape[1]
+    n = c1 - c0  # rows are sliced to the columns: see numba_blocks.py on range(c0, c1)
     zero = gw.dtype.type(0)
     if k == 2:
         for b in range(nb):
             i0 = p[2 * b]
             i1 = p[2 * b + 1]
-            a0 = h[i0]
-            a1 = h[i1]
-            g0 = gz[2 * b]
-            g1 = gz[2 * b + 1]
-            e0 = gh[i0]
-            e1 = gh[i1]
+            a0 = h[i0, c0:c1]
+            a1 = h[i1, c0:c1]
+            g0 = gz[2 * b, c0:c1]
+            g1 = gz[2 * b + 1, c0:c1]
+            e0 = gh[i0, c0:c1]
+            e1 = gh[i1, c0:c1]
             w00 = w[b, 0, 0]
             w01 = w[b, 0, 1]
             w10 = w[b, 1, 0]
@@ -554,7 +567,7 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
             q01 = zero
             q10 = zero
             q11 = zero
-            for s in range(c0, c1):
+            for s in range(n):
                 u = a0[s]
                 v = a1[s]
                 y0 = g0[s]
@@ -570,24 +583,30 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
             gw[b, 1, 0] = q10
             gw[b, 1, 1] = q11
         return
+    if k % SUB == 0:
+        rows = np.arange(nb * k)
+        mix_blocks(gz, rows, gh, p, w, True, nb, c0, c1)
+        gw[:] = zero
+        block_grads(gz, rows, h, p, gw, nb, c0, c1)
+        return
     for b in range(nb):
         for c in range(k):
             ic = p[b * k + c]
-            a = h[ic]
-            e = gh[ic]
-            y = gz[b * k]
+            a = h[ic, c0:c1]
+            e = gh[ic, c0:c1]
+            y = gz[b * k, c0:c1]
             wc = w[b, 0, c]
-            for s in range(c0, c1):
+            for s in range(n):
                 e[s] = wc * y[s]
             for r in range(1, k):
-                y = gz[b * k + r]
+                y = gz[b * k + r, c0:c1]
                 wc = w[b, r, c]
-                for s in range(c0, c1):
+                for s in range(n):
                     e[s] += wc * y[s]
             for r in range(k):
-                y = gz[b * k + r]
+                y = gz[b * k + r, c0:c1]
                 acc = zero
-                for s in range(c0, c1):
+                for s in range(n):
                     acc += y[s] * a[s]
                 gw[b, r, c] = acc
 
