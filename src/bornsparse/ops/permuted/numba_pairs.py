@@ -51,24 +51,56 @@ def load_tile_transposed(x, s0, ts, buf):
     Callers zero those rows once per buffer: the loads never write them.
     """
     n_in = x.shape[1]
-    # 16 features (one cache line of x) at a time for all samples of the tile: each line of
-    # x is read once and the 16 rows of buf being written stay in L1.
-    for i0 in range(0, n_in, 16):
-        i1 = min(i0 + 16, n_in)
-        for s in range(ts):
-            for i in range(i0, i1):
+    n8 = n_in - n_in % 8
+    t8 = ts - ts % 8
+    # 8×8 blocks, each sample's 8 features held in registers and stored to 8 rows: measured
+    # 2× faster than a loop over features inside a loop over samples, which LLVM left
+    # scalar; the ragged edges take that loop.
+    for i0 in range(0, n8, 8):
+        for sb in range(0, t8, 8):
+            for s in range(sb, sb + 8):
+                v = x[s0 + s, i0:i0 + 8]
+                a0, a1, a2, a3 = v[0], v[1], v[2], v[3]
+                a4, a5, a6, a7 = v[4], v[5], v[6], v[7]
+                buf[i0, s] = a0
+                buf[i0 + 1, s] = a1
+                buf[i0 + 2, s] = a2
+                buf[i0 + 3, s] = a3
+                buf[i0 + 4, s] = a4
+                buf[i0 + 5, s] = a5
+                buf[i0 + 6, s] = a6
+                buf[i0 + 7, s] = a7
+        for s in range(t8, ts):
+            for i in range(i0, i0 + 8):
                 buf[i, s] = x[s0 + s, i]
+    for s in range(ts):
+        for i in range(n8, n_in):
+            buf[i, s] = x[s0 + s, i]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _store_tile_transposed(buf, s0, ts, out):
     """out[s0 + s, i] = buf[i, s] for i < out.shape[1]."""
     n_out = out.shape[1]
-    for i0 in range(0, n_out, 16):
-        i1 = min(i0 + 16, n_out)
+    n8 = n_out - n_out % 8
+    # 8 rows of buf at a time, each sample's 8 values written as one run of out (measured
+    # 1.5× faster than the plain loop nest, as for the load)
+    for i0 in range(0, n8, 8):
+        b0, b1, b2, b3 = buf[i0], buf[i0 + 1], buf[i0 + 2], buf[i0 + 3]
+        b4, b5, b6, b7 = buf[i0 + 4], buf[i0 + 5], buf[i0 + 6], buf[i0 + 7]
         for s in range(ts):
-            for i in range(i0, i1):
-                out[s0 + s, i] = buf[i, s]
+            o = out[s0 + s, i0:i0 + 8]
+            o[0] = b0[s]
+            o[1] = b1[s]
+            o[2] = b2[s]
+            o[3] = b3[s]
+            o[4] = b4[s]
+            o[5] = b5[s]
+            o[6] = b6[s]
+            o[7] = b7[s]
+    for s in range(ts):
+        for i in range(n8, n_out):
+            out[s0 + s, i] = buf[i, s]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
