@@ -42,6 +42,14 @@ def check_model_shapes(
             check_positive_int("num_classes", num_classes))
 
 
+def check_image_shapes(
+    model: str, input_shape: object, num_classes: object
+) -> tuple[tuple[int, ...], int]:
+    """:func:`check_model_shapes` for an image model: ``input_shape`` (channels, height,
+    width)."""
+    return check_model_shapes(input_shape, num_classes, ndim=3, model=model)
+
+
 def check_batch(model: str, x: object, input_shape: tuple[int, ...]) -> torch.Tensor:
     """Raise unless ``x`` is a float tensor of shape (N, *input_shape)."""
     x = check_float_tensor("input", x)

@@ -8,19 +8,12 @@ scalar multiplier after each residual branch, option-A shortcuts (subsample, app
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bornsparse.models._common import (
-    check_batch,
-    check_model_shapes,
-    check_resnet_depth,
-    factory,
-)
-from bornsparse.models.resnet_cifar import ZeroPadShortcut
+from bornsparse.models.resnet_cifar import ResNet6n2, ZeroPadShortcut
 
 
 def _scalar(value: float, **fk) -> nn.Parameter:
@@ -66,7 +59,7 @@ class FixupBasicBlock(nn.Module):
         return F.relu(self.branch(x) + identity)
 
 
-class FixupResNet(nn.Module):
+class FixupResNet(ResNet6n2):
     """FixUp ResNet of depth 6n+2: no BatchNorm; input (N, C, H, W), output (N, num_classes).
 
     Initialisation (Zhang et al. 2019, §3 "Fixup"): with L = 3n residual branches of m = 2
@@ -78,31 +71,12 @@ class FixupResNet(nn.Module):
     shortcut path, and with the zero classifier every logit is 0.
     """
 
-    def __init__(
-        self,
-        depth: int,
-        input_shape: Sequence[int],
-        num_classes: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.depth = depth = check_resnet_depth(depth)
-        self.input_shape, num_classes = check_model_shapes(
-            input_shape, num_classes, ndim=3, model=f"fixup_resnet{depth}")
-        fk = factory(device, dtype)
-        n = (depth - 2) // 6
+    model_name = "fixup_resnet"
+
+    def build(self, n: int, num_classes: int, fk: dict) -> None:
         self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, 1, 1, bias=False, **fk)
         self.bias1 = _scalar(0.0, **fk)
-        blocks: list[FixupBasicBlock] = []
-        c_in = 16
-        for stage, c in enumerate((16, 32, 64)):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(FixupBasicBlock(c_in, c, stride, **fk))
-                c_in = c
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = self.stages(FixupBasicBlock, n, **fk)
         self.bias2 = _scalar(0.0, **fk)
         self.fc = nn.Linear(64, num_classes, **fk)
         self.reset_parameters()
@@ -131,7 +105,7 @@ class FixupResNet(nn.Module):
             nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_batch(f"fixup_resnet{self.depth}", x, self.input_shape)
+        self.check_input(x)
         x = F.relu(self.conv1(x) + self.bias1)
         x = self.blocks(x)  # (N, 64, H/4, W/4)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)

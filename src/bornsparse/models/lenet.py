@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bornsparse.models._common import check_batch, check_model_shapes, factory
+from bornsparse.models._common import check_batch, check_image_shapes, factory
 
 #: the input side LeNet-5 was designed for
 LENET_SIDE = 32
@@ -37,8 +37,7 @@ class LeNet5(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape, num_classes = check_model_shapes(
-            input_shape, num_classes, ndim=3, model="lenet5")
+        self.input_shape, num_classes = check_image_shapes("lenet5", input_shape, num_classes)
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
         self.pool = pool

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from bornsparse.models._common import (
     check_batch,
-    check_model_shapes,
+    check_image_shapes,
     factory,
     he_init_,
 )
@@ -86,8 +86,7 @@ class MobileNetV2(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape, num_classes = check_model_shapes(
-            input_shape, num_classes, ndim=3, model="mobilenetv2")
+        self.input_shape, num_classes = check_image_shapes("mobilenetv2", input_shape, num_classes)
         if not isinstance(conv_shortcut, bool):
             raise TypeError(f"conv_shortcut must be a bool, got {conv_shortcut!r}")
         fk = factory(device, dtype)

@@ -9,7 +9,7 @@ usual CIFAR stem (3×3 conv, stride 1, no max-pool) and 1×1-conv projection sho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from bornsparse._checks import check_positive_int
 from bornsparse.models._common import (
     check_batch,
-    check_model_shapes,
+    check_image_shapes,
     check_resnet_depth,
     factory,
     he_init_,
@@ -68,13 +68,14 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """He et al.'s CIFAR ResNet of depth 6n+2 with BatchNorm.
+class ResNet6n2(nn.Module):
+    """What He et al.'s CIFAR ResNet-(6n+2) variants share: the checked ``depth`` and shapes,
+    and three stages of n blocks with 16, 32, 64 channels (stride 2 entering stages 2 and 3).
 
-    conv3×3(16) → 3 stages of n basic blocks with 16, 32, 64 channels (stride 2 entering stages
-    2 and 3) → global average pool → Linear(64, num_classes). Input (N, C, H, W), any H, W;
-    output (N, num_classes).
+    Subclasses name the model (``model_name``) and make their layers in :meth:`build`.
     """
+
+    model_name: str  # what errors call the model, before its depth ("resnet")
 
     def __init__(
         self,
@@ -87,25 +88,49 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.depth = depth = check_resnet_depth(depth)
-        self.input_shape, num_classes = check_model_shapes(
-            input_shape, num_classes, ndim=3, model=f"resnet{depth}")
-        fk = factory(device, dtype)
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, 1, 1, bias=False, **fk)
-        self.bn1 = nn.BatchNorm2d(16, **fk)
-        blocks: list[nn.Module] = []
+        self.input_shape, num_classes = check_image_shapes(
+            f"{self.model_name}{depth}", input_shape, num_classes)
+        self.build((depth - 2) // 6, num_classes, factory(device, dtype))
+
+    def build(self, n: int, num_classes: int, fk: dict) -> None:
+        """Make and initialise the layers: ``n`` blocks a stage, ``fk`` the device and dtype."""
+        raise NotImplementedError
+
+    @staticmethod
+    def stages(block: Callable[..., nn.Module], n: int, **fk) -> nn.Sequential:
+        """The 3n blocks ``block(in_channels, channels, stride, **fk)``, built in order."""
+        blocks = []
         c_in = 16
         for stage, c in enumerate((16, 32, 64)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(c_in, c, stride, **fk))
+                blocks.append(block(c_in, c, stride, **fk))
                 c_in = c
-        self.blocks = nn.Sequential(*blocks)
+        return nn.Sequential(*blocks)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_batch(f"{self.model_name}{self.depth}", x, self.input_shape)
+
+
+class CifarResNet(ResNet6n2):
+    """He et al.'s CIFAR ResNet of depth 6n+2 with BatchNorm.
+
+    conv3×3(16) → 3 stages of n basic blocks with 16, 32, 64 channels (stride 2 entering stages
+    2 and 3) → global average pool → Linear(64, num_classes). Input (N, C, H, W), any H, W;
+    output (N, num_classes).
+    """
+
+    model_name = "resnet"
+
+    def build(self, n: int, num_classes: int, fk: dict) -> None:
+        self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, 1, 1, bias=False, **fk)
+        self.bn1 = nn.BatchNorm2d(16, **fk)
+        self.blocks = self.stages(BasicBlock, n, **fk)
         self.fc = nn.Linear(64, num_classes, **fk)
         he_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_batch(f"resnet{self.depth}", x, self.input_shape)
+        self.check_input(x)
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.blocks(x)  # (N, 64, H/4, W/4)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
@@ -161,8 +186,7 @@ class BottleneckResNet(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape, num_classes = check_model_shapes(
-            input_shape, num_classes, ndim=3, model="resnet50")
+        self.input_shape, num_classes = check_image_shapes("resnet50", input_shape, num_classes)
         if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or len(blocks) != 4:
             raise ValueError(f"blocks must be 4 positive ints (blocks per stage), got {blocks!r}")
         counts = [check_positive_int("blocks entry", b) for b in blocks]

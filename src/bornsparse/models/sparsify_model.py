@@ -81,6 +81,11 @@ def _human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _layer_total(attr: str) -> property:
+    """A read-only property: the sum of the LayerReport attribute ``attr`` over ``layers``."""
+    return property(lambda self: sum(getattr(r, attr) for r in self.layers))
+
+
 @dataclass
 class SparsifyReport:
     """Per-layer rows plus whole-model sizes before (dense) and after the swap."""
@@ -100,21 +105,10 @@ class SparsifyReport:
     # name -> the modules sharing it (GPT-2's lm_head and its token embedding)
     tied: dict[str, list[str]] = field(default_factory=dict)
 
-    @property
-    def total_nnz(self) -> int:
-        return sum(r.nnz for r in self.layers)
-
-    @property
-    def total_dense_weights(self) -> int:
-        return sum(r.numel for r in self.layers)
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(r.stored_bytes for r in self.layers)
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(r.dense_bytes for r in self.layers)
+    total_nnz = _layer_total("nnz")
+    total_dense_weights = _layer_total("numel")
+    stored_bytes = _layer_total("stored_bytes")
+    dense_bytes = _layer_total("dense_bytes")
 
     def __str__(self) -> str:
         head = ("layer", "was", "now", "shape", "nnz", "density", "stored", "dense")

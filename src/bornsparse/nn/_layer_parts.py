@@ -1,11 +1,18 @@
-"""Small pieces every layer of bornsparse.nn builds from: the bias, the input check."""
+"""Small pieces every layer of bornsparse.nn builds from: the sizes, the bias, the input
+check."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from bornsparse._checks import check_float_tensor, check_last_dim
+from bornsparse._checks import check_float_tensor, check_last_dim, check_positive_int
+
+
+def check_features(in_features: object, out_features: object) -> tuple[int, int]:
+    """``(in_features, out_features)``, each checked to be a positive int."""
+    return (check_positive_int("in_features", in_features),
+            check_positive_int("out_features", out_features))
 
 
 def register_bias(module: nn.Module, bias: object, size: int, device, dtype) -> None:

@@ -16,7 +16,7 @@ from bornsparse._checks import (
 )
 from bornsparse._random import make_generator, resolve_seed
 from bornsparse.nn import description as desc
-from bornsparse.nn._layer_parts import register_bias
+from bornsparse.nn._layer_parts import check_features, register_bias
 from bornsparse.ops.backends import check_backend
 from bornsparse.ops.memory import advise_huge_pages
 from bornsparse.ops.penalty import orthogonality_penalty
@@ -109,8 +109,7 @@ class _PermutedBase(desc.Described, nn.Module, abstract=True):
     ) -> None:
         super().__init__()
         self.backend = backend
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features, self.out_features = check_features(in_features, out_features)
         self.block_size = check_positive_int("block_size", block_size)
         if self.block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size!r}")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bornsparse._checks import check_choice, check_optional_positive_int, check_positive_int
+from bornsparse._checks import check_choice, check_optional_positive_int
 from bornsparse._random import make_generator
-from bornsparse.nn._layer_parts import check_features_input, register_bias
+from bornsparse.nn._layer_parts import check_features, check_features_input, register_bias
 from bornsparse.nn.dct_plus_sparse import register_alpha
 from bornsparse.nn.description import Field, Stored, at_least, constant, is_int
 from bornsparse.nn.permuted import PERM_ORDER, default_depth, draw_factors
@@ -109,8 +109,7 @@ class PermutedOffsetSparseLinear(ScaledOffset, SparseWeightBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features, self.out_features = check_features(in_features, out_features)
         check_choice("init", init, ("zeros", "normal", "kaiming"))
         width = check_optional_positive_int("offset_width", offset_width)
         if width is None:

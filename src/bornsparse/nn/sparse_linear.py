@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from bornsparse._checks import check_choice, check_positive_int
+from bornsparse._checks import check_choice
 from bornsparse._random import make_generator
-from bornsparse.nn._layer_parts import check_features_input, register_bias
+from bornsparse.nn._layer_parts import check_features, check_features_input, register_bias
 from bornsparse.nn.sparse_weight import SparseWeightBase, copy_given_values
 from bornsparse.ops.sparse_product import sparse_matmul
 
@@ -43,8 +43,7 @@ class SparseLinear(SparseWeightBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features, self.out_features = check_features(in_features, out_features)
         check_choice("init", init, ("kaiming", "normal", "zeros"))
         self._init_support(
             self.out_features, self.in_features, nnz=nnz, density=density, support=support,

@@ -19,7 +19,7 @@ from torch import nn
 from bornsparse._checks import check_positive_int
 from bornsparse._random import make_generator, resolve_seed
 from bornsparse.nn import description as desc
-from bornsparse.nn._layer_parts import check_features_input
+from bornsparse.nn._layer_parts import check_features, check_features_input
 
 #: the Monarch factors' layout, as checkpoint files name it
 MONARCH_LAYOUT = "y = P_s^T L P_q R x: right (k, q, p) on x as (k, p), u[l*q + r] = z[r*k + l]"
@@ -202,8 +202,7 @@ class LowRankLinear(_StructuredLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features, self.out_features = check_features(in_features, out_features)
         self.rank = check_positive_int("rank", rank)
         if self.rank > min(self.in_features, self.out_features):
             raise ValueError(
@@ -284,8 +283,7 @@ class MonarchLinear(_StructuredLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features, self.out_features = check_features(in_features, out_features)
         self.nblocks = check_positive_int("nblocks", nblocks)
         for name, n in (("in_features", self.in_features), ("out_features", self.out_features)):
             if n % self.nblocks:

@@ -14,6 +14,7 @@ import fnmatch
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -535,28 +536,39 @@ def swap_in_sparse_layers(
     Returns name -> new layer.
     """
     kind = check_kind(kind)
-    places = _places(model)
-    new_layers = {}
-    for name, sup in supports.items():
-        old = model.get_submodule(name)
-        if id(old) not in places:
-            raise ValueError(f"supports must name submodules of model, got {name!r}")
-        seed = None if seeds is None else seeds.get(name)
+
+    def build(name: str, old: nn.Module, sup: torch.Tensor | int, seed: int | None) -> nn.Module:
         if isinstance(sup, torch.Tensor):
             v = None if values is None else values.get(name)
-            new = make_sparse_layer(old, sup, kind=kind, values=v, layer_init=layer_init,
-                                    seed=seed, support=support, device=device)
-        else:
-            new = make_sparse_layer(old, kind=kind, nnz=sup, seed=seed, support=support,
-                                    device=device)
-        _put(model, places[id(old)], new)
+            return make_sparse_layer(old, sup, kind=kind, values=v, layer_init=layer_init,
+                                     seed=seed, support=support, device=device)
+        return make_sparse_layer(old, kind=kind, nnz=sup, seed=seed, support=support,
+                                 device=device)
+
+    return _swap_each(model, supports, "supports", seeds, build)
+
+
+def _swap_each(
+    model: nn.Module,
+    specs: Mapping[str, object],
+    what: str,
+    seeds: Mapping[str, int] | None,
+    build: Callable[[str, nn.Module, Any, int | None], nn.Module],
+) -> dict[str, nn.Module]:
+    """Replace each submodule named in ``specs`` (called ``what`` in errors) by
+    ``build(name, old, spec, seeds[name])`` at every place it is reachable, one at a time.
+    Returns name -> new layer."""
+    places = _places(model)
+    new_layers = {}
+    for name, spec in specs.items():
+        old = model.get_submodule(name)
+        if id(old) not in places:
+            raise ValueError(f"{what} must name submodules of model, got {name!r}")
+        new = build(name, old, spec, None if seeds is None else seeds.get(name))
+        for parent_name, attr in places[id(old)]:
+            setattr(model.get_submodule(parent_name), attr, new)
         new_layers[name] = new
     return new_layers
-
-
-def _put(model: nn.Module, places: list[tuple[str, str]], new: nn.Module) -> None:
-    for parent_name, attr in places:
-        setattr(model.get_submodule(parent_name), attr, new)
 
 
 def swap_in_structured_layers(
@@ -572,18 +584,11 @@ def swap_in_structured_layers(
     """Replace each ``nn.Linear`` named in ``budgets`` (name -> trainable weights) by a
     :func:`make_structured_layer` layer, at every place it is reachable; one at a time.
     Returns name -> new layer."""
-    places = _places(model)
-    new_layers = {}
-    for name, budget in budgets.items():
-        old = model.get_submodule(name)
-        if id(old) not in places:
-            raise ValueError(f"budgets must name submodules of model, got {name!r}")
-        seed = None if seeds is None else seeds.get(name)
-        new = make_structured_layer(old, kind, budget=budget, seed=seed, device=device,
-                                    offset_depth=offset_depth, fit=fit)
-        _put(model, places[id(old)], new)
-        new_layers[name] = new
-    return new_layers
+    def build(name: str, old: nn.Module, budget: int, seed: int | None) -> nn.Module:
+        return make_structured_layer(old, kind, budget=budget, seed=seed, device=device,
+                                     offset_depth=offset_depth, fit=fit)
+
+    return _swap_each(model, budgets, "budgets", seeds, build)
 
 
 def rebind_optimizer(

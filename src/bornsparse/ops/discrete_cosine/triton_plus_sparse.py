@@ -27,7 +27,6 @@ The DCT runs in float32 for half-precision inputs (float64 for float64), like th
 
 from __future__ import annotations
 
-import functools
 from types import SimpleNamespace
 
 import torch
@@ -36,7 +35,7 @@ import triton.language as tl
 
 from bornsparse.ops.discrete_cosine import transform as _dct
 from bornsparse.ops.runtime.autograd import no_double_backward
-from bornsparse.ops.runtime.triton_support import acc_dtype, work_dtype
+from bornsparse.ops.runtime.triton_support import acc_dtype, jit_kernels, work_dtype
 from bornsparse.ops.sparse.fake_kernels import sparse_matmul_fake
 from bornsparse.ops.sparse.triton_matmul import (
     _check_op_operands,
@@ -141,18 +140,12 @@ def _grad_gather_kernel(v_ptr, unorder_ptr, gst_ptr, xt_ptr, alpha_ptr, gx_ptr, 
         tl.store(partial_ptr + pid, tl.sum(tl.sum(u * xv, axis=1), axis=0))
 
 
-@functools.cache
-def _jitted(interpret: bool) -> SimpleNamespace:
-    # wrapped per TRITON_INTERPRET setting, as in permuted/triton_kernels._jitted
-    return SimpleNamespace(reorder_transpose=triton.jit(_reorder_transpose_kernel),
-                           affine_take=triton.jit(_affine_take_kernel),
-                           untake_transpose=triton.jit(_untake_transpose_kernel),
-                           grad_gather=triton.jit(_grad_gather_kernel))
-
-
 def kernels() -> SimpleNamespace:
     """The kernels, wrapped for the current TRITON_INTERPRET setting."""
-    return _jitted(bool(triton.knobs.runtime.interpret))
+    return jit_kernels(reorder_transpose=_reorder_transpose_kernel,
+                       affine_take=_affine_take_kernel,
+                       untake_transpose=_untake_transpose_kernel,
+                       grad_gather=_grad_gather_kernel)
 
 
 def _grid(batch: int, features: int) -> tuple[int, int]:

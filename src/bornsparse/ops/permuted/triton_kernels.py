@@ -45,7 +45,6 @@ keeps for its reference.
 
 from __future__ import annotations
 
-import functools
 from types import SimpleNamespace
 
 import torch
@@ -58,7 +57,12 @@ from bornsparse.ops.permuted.operands import (
     check_permutations,
 )
 from bornsparse.ops.runtime.autograd import no_double_backward
-from bornsparse.ops.runtime.triton_support import acc_dtype, check_triton_tensor, work_dtype
+from bornsparse.ops.runtime.triton_support import (
+    acc_dtype,
+    check_triton_tensor,
+    jit_kernels,
+    work_dtype,
+)
 from bornsparse.ops.runtime.validated import check_once
 
 BLOCK_B = 16  # blocks per program
@@ -156,18 +160,9 @@ def _block_grad_kernel(g_ptr, h_ptr, perm_ptr, partial_ptr, bias_partial_ptr, ba
                  bias_acc.to(bias_partial_ptr.dtype.element_ty), mask=ok & (j == 0)[None, :])
 
 
-@functools.cache
-def _jitted(interpret: bool) -> SimpleNamespace:
-    # triton.jit picks the interpreter or the compiler when it wraps a function, from
-    # TRITON_INTERPRET at that moment; wrapping here, per setting, lets tests switch the
-    # interpreter on after this module was imported
-    return SimpleNamespace(factor=triton.jit(_factor_kernel),
-                           block_grad=triton.jit(_block_grad_kernel))
-
-
 def kernels() -> SimpleNamespace:
     """The kernels, wrapped for the current TRITON_INTERPRET setting."""
-    return _jitted(bool(triton.knobs.runtime.interpret))
+    return jit_kernels(factor=_factor_kernel, block_grad=_block_grad_kernel)
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:

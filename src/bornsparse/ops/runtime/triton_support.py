@@ -1,12 +1,17 @@
-"""What the Triton kernels of every op family share: the dtypes they accumulate and keep
-partial results in, and the check of a tensor they are handed.
+"""What the Triton kernels of every op family share: their wrapping by triton.jit, the dtypes
+they accumulate and keep partial results in, and the check of a tensor they are handed.
 
 Imported only by the Triton kernel modules (the "triton" backend), so it may import triton.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from types import SimpleNamespace
+
 import torch
+import triton
 import triton.language as tl
 
 from bornsparse.ops.backends import suits_triton
@@ -31,3 +36,17 @@ def check_triton_tensor(name: str, t: torch.Tensor) -> None:
             f"{name} must be a float16/bfloat16/float32/float64 CUDA tensor (or CPU with "
             f"TRITON_INTERPRET=1), got {t.dtype} on {t.device}"
         )
+
+
+def jit_kernels(**kernels: Callable) -> SimpleNamespace:
+    """``kernels`` (name=function) wrapped by triton.jit for the current TRITON_INTERPRET
+    setting, once per setting."""
+    return _jitted(bool(triton.knobs.runtime.interpret), tuple(kernels.items()))
+
+
+@functools.cache
+def _jitted(interpret: bool, kernels: tuple[tuple[str, Callable], ...]) -> SimpleNamespace:
+    # triton.jit picks the interpreter or the compiler when it wraps a function, from
+    # TRITON_INTERPRET at that moment; wrapping here, per setting, lets tests switch the
+    # interpreter on after the kernel modules were imported
+    return SimpleNamespace(**{name: triton.jit(fn) for name, fn in kernels})

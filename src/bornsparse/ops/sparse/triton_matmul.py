@@ -18,7 +18,6 @@ int64; offsets are computed in int64.
 
 from __future__ import annotations
 
-import functools
 from types import SimpleNamespace
 
 import torch
@@ -27,7 +26,7 @@ import triton.language as tl
 
 from bornsparse.ops.backends import INDEX_DTYPES
 from bornsparse.ops.runtime.autograd import no_double_backward
-from bornsparse.ops.runtime.triton_support import acc_dtype, check_triton_tensor
+from bornsparse.ops.runtime.triton_support import acc_dtype, check_triton_tensor, jit_kernels
 from bornsparse.ops.runtime.validated import check_once
 from bornsparse.ops.sparse.fake_kernels import sparse_matmul_backward_fake, sparse_matmul_fake
 from bornsparse.ops.sparse.plan import check_plan_ranges
@@ -72,16 +71,9 @@ def _sampled_dot_kernel(rows_ptr, cols_ptr, gy_ptr, x_ptr, out_ptr, nnz, batch,
     tl.store(out_ptr + e, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=e_ok)
 
 
-@functools.cache
-def _jitted(interpret: bool) -> SimpleNamespace:
-    # wrapped per TRITON_INTERPRET setting, as in permuted/triton_kernels._jitted
-    return SimpleNamespace(compressed=triton.jit(_compressed_kernel),
-                           sampled_dot=triton.jit(_sampled_dot_kernel))
-
-
 def kernels() -> SimpleNamespace:
     """The kernels, wrapped for the current TRITON_INTERPRET setting."""
-    return _jitted(bool(triton.knobs.runtime.interpret))
+    return jit_kernels(compressed=_compressed_kernel, sampled_dot=_sampled_dot_kernel)
 
 
 def compressed_matmul_t(ptr: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
