@@ -18,7 +18,7 @@ blockdiag_butterfly_multiply.py, put in DIR; not shipped here) on the same facto
 ``--block-sizes 2 4 8 16 32`` times, instead, G(θ) at each block size with Monarch's
 parameter count (width 2n for k < 16, n for k >= 16, the depth that matches), f+b against
 MonarchLinear, fly's multiply (with ``--fly-path``) and dense, and where "auto" takes the
-batched-GEMM path (k >= ``BMM_MIN_BLOCK``) the numba kernel beside it.
+batched-GEMM path (``takes_batched_gemm``) the numba kernel beside it.
 
 On a machine busy with other work, ``--threads 1 --cpu-time`` gives steadier ratios: it
 times process CPU time (min over rounds) instead of wall time, which load elsewhere barely
@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import MonarchLinear, PermutedBlockDiagonal  # noqa: E402
-from bornsparse.ops.permuted import BMM_MIN_BLOCK  # noqa: E402
+from bornsparse.ops.permuted import takes_batched_gemm  # noqa: E402
 from common import (  # noqa: E402
     forward_backward,
     machine_tag,
@@ -242,7 +242,7 @@ def block_size_table(args: argparse.Namespace) -> dict[str, object]:
         shapes[k] = (width, depth)
         layers[f"G k={k}"] = PermutedBlockDiagonal(n, n, width=width, depth=depth,
                                                    block_size=k, seed=0)
-        if k >= BMM_MIN_BLOCK:
+        if takes_batched_gemm(k):
             layers[f"G k={k} numba"] = PermutedBlockDiagonal(
                 n, n, width=width, depth=depth, block_size=k, seed=0, backend="numba")
     anchor = "fly" if fly is not None else "MonarchLinear"

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from bornsparse.nn import PermutedBlockDiagonal
 from bornsparse.ops.permuted import (
     BMM_MIN_BLOCK,
+    BMM_MIN_RAGGED_BLOCK,
     permuted_block_diagonal,
     permuted_block_diagonal_dense_reference,
     permuted_block_diagonal_reference,
+    takes_batched_gemm,
 )
 from test_permuted_kernels import make_operands
 
@@ -31,7 +33,7 @@ def cases(draw, k):
     return nblocks, depth, n_in, n_out, lead + (batch,), draw(st.integers(0, 2**31 - 1))
 
 
-@pytest.mark.parametrize("k", [32, 33, 48])
+@pytest.mark.parametrize("k", [33, 50, BMM_MIN_BLOCK])
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_bmm_path_matches_the_dense_matrix_and_the_reference(k, data):
@@ -55,7 +57,7 @@ def test_bmm_path_matches_the_dense_matrix_and_the_reference(k, data):
 
 
 def test_bmm_gradcheck_float64():
-    weight, perms = make_operands(2, 2, 32, seed=0)
+    weight, perms = make_operands(2, 2, 33, seed=0)
     x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
     w = weight.clone().requires_grad_()
     assert torch.autograd.gradcheck(
@@ -63,7 +65,7 @@ def test_bmm_gradcheck_float64():
 
 
 def test_float32_error_is_within_a_small_multiple_of_the_references():
-    weight, perms = make_operands(3, 4, 32, seed=1)
+    weight, perms = make_operands(3, 4, 33, seed=1)
     x = torch.randn(64, 128, dtype=torch.float64)
     exact = permuted_block_diagonal_reference(x, weight, perms)
     ref32 = permuted_block_diagonal_reference(x.float(), weight.float(), perms)
@@ -72,17 +74,20 @@ def test_float32_error_is_within_a_small_multiple_of_the_references():
     assert (ours.double() - exact).abs().max() <= 4 * err_ref + 1e-7
 
 
-def test_auto_takes_bmm_from_block_16_and_numba_keeps_its_kernels():
+def test_auto_takes_bmm_for_large_or_ragged_blocks_and_numba_keeps_its_kernels():
     x = torch.randn(4, 64, requires_grad=True)
-    for k in (8, 16, BMM_MIN_BLOCK, 64):
-        layer = PermutedBlockDiagonal(64, 64, width=64, depth=2, block_size=k, seed=0)
+    for k, bmm in ((8, False), (16, False), (32, False), (64, False), (BMM_MIN_BLOCK, True),
+                   (6, False), (BMM_MIN_RAGGED_BLOCK + 1, True), (33, True)):
+        width = k * -(-64 // k)
+        layer = PermutedBlockDiagonal(64, 64, width=width, depth=2, block_size=k, seed=0)
         name = layer(x).grad_fn.name()
-        assert "permuted_block_diagonal" in name and ("bmm" in name) == (k >= 32), (k, name)
-    layer = PermutedBlockDiagonal(64, 64, width=64, depth=2, block_size=32, seed=0,
+        assert "permuted_block_diagonal" in name and ("bmm" in name) == bmm, (k, name)
+        assert takes_batched_gemm(k) == bmm
+    layer = PermutedBlockDiagonal(64, 128, width=128, depth=2, block_size=128, seed=0,
                                   backend="numba")
     assert "bmm" not in layer(x).grad_fn.name()
     torch.testing.assert_close(layer(x), PermutedBlockDiagonal(
-        64, 64, width=64, depth=2, block_size=32, seed=0)(x), rtol=1e-5, atol=1e-6)
+        64, 128, width=128, depth=2, block_size=128, seed=0)(x), rtol=1e-5, atol=1e-6)
 
 
 def test_opcheck_both_ops():
@@ -96,7 +101,7 @@ def test_opcheck_both_ops():
 
 
 def test_compile_export_empty_batch_and_double_backward():
-    layer = PermutedBlockDiagonal(48, 40, width=64, depth=2, block_size=32, seed=3)
+    layer = PermutedBlockDiagonal(48, 40, width=66, depth=2, block_size=33, seed=3)
     x = torch.randn(6, 48)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)

@@ -24,11 +24,13 @@ Modules, top to bottom:
 * ``custom_ops``: the ``torch.ops.bornsparse.permuted_block_diagonal`` (+ ``_backward``)
   and ``permuted_factor_columns`` (+ ``_backward``) custom ops that launch the numba
   kernels, with their fake kernels, autograd formulas and tile plans.
-* ``batched_gemm``: blocks of 32 and more on the CPU, one row gather and one ``torch.bmm``
-  per factor on feature-major activations (what "auto" runs there), as custom ops.
+* ``batched_gemm``: blocks of 128 and more on the CPU (32 and more where 4 does not divide
+  k), one row gather and one ``torch.bmm`` per factor on feature-major activations (what
+  "auto" runs there), as custom ops.
 * ``numba_pairs``: numba kernels for any block size, one factor or a fused pair per pass,
-  backward by recompute. ``numba_cycles``: 2×2 blocks and even depth, both factors of a
-  pair per pass in place, backward through the blocks' inverses while they are well
+  backward by recompute; ``numba_blocks`` what they run when 4 divides k (4×4
+  sub-blocks). ``numba_cycles``: 2×2 blocks and even depth, both factors of a pair per
+  pass in place, backward through the blocks' inverses while they are well
   conditioned.
 * ``triton_kernels``: the Triton kernels and their custom ops (imported only by the
   "triton" backend).
@@ -37,7 +39,11 @@ Importing the package registers the numba path's custom ops, as importing the fu
 does; the names below are re-exported from the modules that define them.
 """
 
-from bornsparse.ops.permuted.batched_gemm import BMM_MIN_BLOCK
+from bornsparse.ops.permuted.batched_gemm import (
+    BMM_MIN_BLOCK,
+    BMM_MIN_RAGGED_BLOCK,
+    takes_batched_gemm,
+)
 from bornsparse.ops.permuted.custom_ops import (
     BACKWARD_TILE,
     CYCLE_MIN_TILE,
@@ -57,6 +63,7 @@ from bornsparse.ops.permuted.reference import (
 __all__ = [
     "BACKWARD_TILE",
     "BMM_MIN_BLOCK",
+    "BMM_MIN_RAGGED_BLOCK",
     "CYCLE_MIN_TILE",
     "CYCLE_TILE",
     "FORWARD_TILE",
@@ -68,4 +75,5 @@ __all__ = [
     "permuted_block_diagonal_reference",
     "permuted_tanh_network",
     "permuted_tanh_network_reference",
+    "takes_batched_gemm",
 ]

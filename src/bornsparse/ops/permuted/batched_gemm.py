@@ -1,5 +1,4 @@
-"""The permuted operator through batched GEMM, for large blocks (k >= BMM_MIN_BLOCK) on the
-CPU.
+"""The permuted operator through batched GEMM, for large blocks on the CPU.
 
 Monarch's speed comes from running each block-diagonal factor as one batched GEMM; G(θ) can
 do the same. Activations are kept *feature-major*, h of shape (width, batch): a factor is
@@ -12,13 +11,14 @@ inverse permutation (a gather too). Memory: forward saves the depth gathered inp
 depth · width · batch numbers (the k = 2 kernels keep O(width · batch) whatever the depth;
 at these block sizes a budget allows few factors).
 
-Measured as custom ops (AMD EPYC, AVX2, 2 threads, 1024 → 1024 at 65,536 parameters, f+b
-against fly's Monarch of 32 blocks; docs/results.md): k = 32, width 1024, depth 2:
-1.00-1.05× at batch 256, 0.70-0.79× at 64, where the numba pair kernels take 1.61-1.62× and
-0.92-1.14×; k = 16, width 1024, depth 4: 1.64-1.78× / 0.94-1.09× against numba's
-1.62-1.72× / 0.96-1.22×, a tie; k = 8 lost clearly in a standalone prototype (2.0× against
-1.7-1.8×). So "auto" takes this path from k = 32 (``BMM_MIN_BLOCK``) and keeps the fused
-kernels below.
+Which path "auto" takes (``takes_batched_gemm``) was measured against the fused numba
+kernels, f+b over fly's Monarch at 1024 → 1024 and 65,536 parameters, 2 threads, batch 64
+/ 256 (docs/results.md, AMD EPYC Zen 5 with AVX-512): k = 32 (width 1024, depth 2) numba's
+4×4 sub-block kernels 0.52-0.79× / 0.63-0.74×, this path 0.65-0.74× / 0.96-1.08×; k = 64
+(depth 1) 0.55× / 0.62× against 0.55× / 0.84×; k = 128 (depth 1) 0.81× / 1.00× against
+0.71× / 1.12×, about a tie. So "auto" takes this path from k = 128 (``BMM_MIN_BLOCK``),
+and from k = 32 (``BMM_MIN_RAGGED_BLOCK``) for the block sizes 4 does not divide, which
+only the generic loop nest of the numba path would run.
 
 ``torch.ops.bornsparse.permuted_block_diagonal_bmm`` (+ ``_backward``) are custom ops with
 fake kernels and a registered first-order autograd formula, like the numba path's.
@@ -33,8 +33,15 @@ from bornsparse.ops.permuted.operands import check_permutations as _check_permut
 from bornsparse.ops.runtime.autograd import no_double_backward
 from bornsparse.ops.runtime.validated import check_once
 
-#: the smallest block size "auto" runs through batched GEMM on the CPU (above)
-BMM_MIN_BLOCK = 32
+#: the smallest block size "auto" runs through batched GEMM on the CPU (above)...
+BMM_MIN_BLOCK = 128
+#: ...and the smallest for block sizes that 4 does not divide
+BMM_MIN_RAGGED_BLOCK = 32
+
+
+def takes_batched_gemm(k: int) -> bool:
+    """Whether "auto" runs k×k blocks on the CPU through this path (measured above)."""
+    return k >= BMM_MIN_BLOCK or (k >= BMM_MIN_RAGGED_BLOCK and k % 4 != 0)
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from bornsparse._checks import check_float_tensor
 from bornsparse.ops.backends import resolve_backend
-from bornsparse.ops.permuted.batched_gemm import BMM_MIN_BLOCK, permuted_block_diagonal_bmm
+from bornsparse.ops.permuted.batched_gemm import permuted_block_diagonal_bmm, takes_batched_gemm
 from bornsparse.ops.permuted.custom_ops import cycle_plan
 from bornsparse.ops.permuted.operands import check_operands as _check_operands
 from bornsparse.ops.permuted.operands import check_permutations as _check_permutations
@@ -39,9 +39,9 @@ def permuted_block_diagonal(
 
     The layout is in the package docstring (``bornsparse.ops.permuted``). ``backend``
     (ops/backends.py): "auto" runs ``torch.ops.bornsparse.permuted_block_diagonal`` (the
-    fused numba kernel) on CPU float32/float64 tensors — for blocks of ``BMM_MIN_BLOCK``
-    (32) and more ``torch.ops.bornsparse.permuted_block_diagonal_bmm``, one batched GEMM
-    per factor (batched_gemm.py) — and the reference otherwise;
+    fused numba kernel) on CPU float32/float64 tensors — for blocks of 128 and more (32
+    and more where 4 does not divide k) ``torch.ops.bornsparse.permuted_block_diagonal_bmm``,
+    one batched GEMM per factor (batched_gemm.py) — and the reference otherwise;
     "reference" forces plain PyTorch (any device, gradients of any order); "numba" forces
     the kernel and raises if the tensors do not suit it; "triton" runs the Triton kernels
     (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``; "auto" picks them on CUDA when
@@ -60,7 +60,7 @@ def permuted_block_diagonal(
         return permuted_block_diagonal_triton(x, weight, perms, out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if backend == "auto" and weight.shape[2] >= BMM_MIN_BLOCK:
+    if backend == "auto" and takes_batched_gemm(weight.shape[2]):
         # large blocks: one batched GEMM per factor beats the fused kernels (batched_gemm.py)
         y = permuted_block_diagonal_bmm(x2, weight, perms, out_features)
         return y if x.dim() == 2 else y.reshape(*lead, out_features)
