@@ -67,13 +67,23 @@ def _plan(batch: int, cap: int) -> tuple[int, int]:
 
 def cycle_plan(weight: torch.Tensor, batch: int) -> tuple[int, int] | None:
     """(tile, chunks) for the cycle-walk kernels, or None where they do not apply (block
-    size other than 2, odd depth) or lose (tiles shorter than CYCLE_MIN_TILE while the
-    pair kernels' buffers fit L2)."""
+    size other than 2, odd depth) or lose: tiles shorter than CYCLE_MIN_TILE while the
+    pair kernels' buffers fit L2, or the walk's own two buffers overflowing L2 while the
+    pair kernels' fit twice L2."""
     if weight.shape[2] != 2 or weight.shape[0] % 2 or batch == 0:
         return None
     tile, nchunks = _plan(batch, CYCLE_TILE)
-    pair_buffers = 3 * weight.shape[1] * 2 * tile * weight.element_size()
-    return (tile, nchunks) if tile >= CYCLE_MIN_TILE or pair_buffers > L2_BYTES else None
+    row_bytes = weight.shape[1] * 2 * weight.element_size()  # one sample of a (width,) row
+    pair_buffers = 3 * row_bytes * tile
+    if tile < CYCLE_MIN_TILE and pair_buffers <= L2_BYTES:
+        return None
+    # Measured at width 2048, batch 256 (f+b over fly's Monarch, docs/results.md): on a
+    # 1 MiB L2 (AMD Zen 5) the pair kernels took 1.22-1.39× where the walk, whose 2 MiB of
+    # buffers spill, took 1.74-1.94×; with a 2 MiB L2 (Intel) the walk's buffers fit and
+    # it wins; with 512 KiB (AMD EPYC with AVX2) both spill and the walk was kept.
+    walk_spills = 2 * row_bytes * tile > L2_BYTES
+    pairs_fit_twice = 3 * row_bytes * _plan(batch, FORWARD_TILE)[0] <= 2 * L2_BYTES
+    return None if walk_spills and pairs_fit_twice else (tile, nchunks)
 
 
 def _cycle_schedule(perms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
