@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from bornsparse.experiments.measure import saved_activation_bytes
+
 
 def set_threads(n: int) -> None:
     """Exactly ``n`` compute threads whatever the environment exports (the sweeps' own
@@ -126,21 +128,8 @@ def _reset_peak() -> bool:
 
 def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of distinct storages autograd saves for backward, parameters excluded."""
-    exclude = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    exclude |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
-    exclude.add(x.untyped_storage().data_ptr())  # the input exists anyway
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    del y
-    return sum(seen.values())
+    _, nbytes = saved_activation_bytes(layer, x, None, lambda out, _y: out)
+    return nbytes
 
 
 def peak_growth(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int | None:
