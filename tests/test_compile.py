@@ -154,6 +154,8 @@ DTYPES = [torch.float32, torch.float64]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("depth,nb,k,batch,n_in,out,tile", [
     (2, 4, 2, 1, 5, 7, 0), (3, 5, 3, 6, 15, 15, 0), (4, 6, 2, 70, 9, 12, 64),
+    # 4×4 sub-blocks: recomputed in backward (k = 8), kept from forward (k = 16)
+    (2, 3, 8, 9, 24, 20, 0), (3, 2, 16, 5, 20, 30, 0),
 ])
 def test_opcheck_permuted_block_diagonal(dtype, depth, nb, k, batch, n_in, out, tile):
     x, w, p = _perm_operands(depth, nb, k, batch, n_in, dtype, seed=depth)
@@ -166,7 +168,7 @@ def test_opcheck_permuted_block_diagonal(dtype, depth, nb, k, batch, n_in, out, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nb,k,batch", [(3, 2, 1), (5, 3, 17)])
+@pytest.mark.parametrize("nb,k,batch", [(3, 2, 1), (5, 3, 17), (2, 8, 19)])
 def test_opcheck_permuted_factor_columns(dtype, nb, k, batch):
     _, w, p = _perm_operands(1, nb, k, 1, 1, dtype, seed=nb)
     h = torch.randn(nb * k, batch, dtype=dtype)

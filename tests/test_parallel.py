@@ -85,7 +85,8 @@ def test_every_chunk_runs_once_when_fewer_threads_than_chunks(monkeypatch, how):
         header = _parallel.pack_header(
             _forward_body.layout, 7, 1, batch=x.shape[0], n_in=x.shape[1], depth=depth,
             nb=nb, k=k, width=nb * k, n_out=11, tile=16, x=x.data_ptr(),
-            weight=weight.data_ptr(), perms=perms.data_ptr(), out=out.data_ptr())
+            weight=weight.data_ptr(), perms=perms.data_ptr(), out=out.data_ptr(),
+            saved=0)
         _parallel.launch(_forward_body.address, header, nthreads)
         assert header[1] == 7  # finished chunks: each exactly once
         assert header[0] == 7 + nthreads  # every thread's last claim found nothing left

@@ -61,6 +61,33 @@ def test_every_block_size_agrees_with_dense_and_reference(k, data):
     check_against_dense_and_reference(data.draw(cases(block_sizes=(k,))))
 
 
+def test_kept_factor_inputs_give_the_recomputed_backward_and_bad_ones_are_refused():
+    # from k = KEEP_INPUTS_MIN_BLOCK forward keeps every factor's input; the backward op
+    # given an empty `final` recomputes them instead: both must agree
+    from bornsparse.ops.permuted.custom_ops import KEEP_INPUTS_MIN_BLOCK
+
+    k = KEEP_INPUTS_MIN_BLOCK
+    weight, perms = make_operands(3, 3, k, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(FORWARD_TILE + 9, 3 * k - 5, generator=g, dtype=torch.float64)
+    gy = torch.randn(x.shape[0], 3 * k - 2, generator=g, dtype=torch.float64)
+    op = torch.ops.bornsparse
+    y, kept = op.permuted_block_diagonal(x, weight, perms, gy.shape[1], 0, True)
+    assert kept.shape == (3, 3 * k, x.shape[0])
+    from_kept = op.permuted_block_diagonal_backward(gy, x, weight, perms, kept, 0)
+    recomputed = op.permuted_block_diagonal_backward(gy, x, weight, perms, kept[:0], 0)
+    for a, b in zip(from_kept, recomputed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"final must be empty.*\(3, 48, 73\)"):
+        op.permuted_block_diagonal_backward(gy, x, weight, perms, kept[:, :, 1:], 0)
+    w8, p8 = make_operands(2, 6, 8, seed=9)
+    _, nothing = op.permuted_block_diagonal(x, w8, p8, 30, 0, True)
+    assert nothing.numel() == 0  # k = 8 recomputes
+    with pytest.raises(ValueError, match="got k = 8"):
+        op.permuted_block_diagonal_backward(gy[:, :30], x, w8, p8,
+                                            torch.zeros(2, 48, x.shape[0], dtype=x.dtype), 0)
+
+
 def check_against_dense_and_reference(case):
     k, nblocks, depth, n_in, n_out, batch_shape, seed = case
     weight, perms = make_operands(depth, nblocks, k, seed)

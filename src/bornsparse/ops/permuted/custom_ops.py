@@ -41,6 +41,8 @@ BACKWARD_TILE = 64
 # batch 128, tile 64: 0.61× vs 0.71×), so those batches take the pair kernels.
 CYCLE_TILE = 128
 CYCLE_MIN_TILE = 64
+# the smallest k whose forward keeps the factors' inputs (keeps_factor_inputs)
+KEEP_INPUTS_MIN_BLOCK = 16
 # ...unless the pair kernels' three (width, tile) buffers already overflow L2 (wide
 # layers): then every factor streams from L3 or DRAM on either path, and the walk moves
 # half the rows (each read once, written once, in place, no recompute in backward, no
@@ -140,11 +142,27 @@ def _inverse_is_safe(weight: torch.Tensor) -> bool:
     return once_per_version("inverse safe", (weight,), lambda: inverse_backward_is_safe(weight))
 
 
-def _final_shape(batch: int, width: int, cycle_tile: int, keep_final: bool) -> tuple[int, ...]:
-    """Shape of the kept final activation: (tiles, width, tile), or (0,) when none is kept."""
-    if not (cycle_tile and keep_final and batch):
+def _final_shape(batch: int, width: int, depth: int, k: int, cycle_tile: int,
+                 keep_final: bool) -> tuple[int, ...]:
+    """Shape of what forward keeps for backward: the cycle walk's final activation
+    (tiles, width, tile); for the pair kernels where ``keeps_factor_inputs(k)``, every
+    factor's gathered input (depth, width, batch); else (0,), nothing."""
+    if not (keep_final and batch):
         return (0,)
-    return (-(-batch // cycle_tile), width, cycle_tile)
+    if cycle_tile:
+        return (-(-batch // cycle_tile), width, cycle_tile)
+    return (depth, width, batch) if keeps_factor_inputs(k) else (0,)
+
+
+def keeps_factor_inputs(k: int) -> bool:
+    """Whether forward keeps every factor's input for a backward without recompute: for
+    the 4×4 sub-block kernels from k = KEEP_INPUTS_MIN_BLOCK. Recomputing a factor costs
+    k / 4 passes over its rows, keeping it one write and one read of depth · width · batch
+    numbers outside the caches (as the batched-GEMM path keeps). Measured interleaved in
+    one process, f+b kept / recomputed at 1024 → 1024 and 65,536 parameters, batch 64 /
+    256, 2 threads (AMD EPYC Zen 5): k = 8 1.02 / 1.19, k = 16 0.89 / 0.93, k = 32 0.94 /
+    0.89, k = 64 0.97 / 0.98; so k = 4 and 8 recompute."""
+    return k % 4 == 0 and k >= KEEP_INPUTS_MIN_BLOCK
 
 
 @torch.library.custom_op("bornsparse::permuted_block_diagonal", mutates_args=())
@@ -154,8 +172,9 @@ def _permuted_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(G x, final) for x (batch, n_in): ``cycle_tile`` > 0 walks the cycles of factor pairs
     with that many samples per tile (2×2 blocks, even depth), 0 takes the pair kernels.
-    ``keep_final`` asks the cycle walk to keep its final activation for backward
-    (``_final_shape``); it is written only while ``inverse_backward_is_safe(weight)``."""
+    ``keep_final`` asks forward to keep what backward needs (``_final_shape``): the cycle
+    walk's final activation, written only while ``inverse_backward_is_safe(weight)``, or
+    every factor's input (``keeps_factor_inputs(k)``)."""
     from bornsparse.ops.permuted.numba_pairs import _forward_body
     from bornsparse.ops.runtime.region import launch, pack_header
 
@@ -166,7 +185,8 @@ def _permuted_op(
     batch = x.shape[0]
     depth, nb, k, _ = weight.shape
     out = torch.empty(batch, out_features, dtype=x.dtype)
-    final = torch.empty(_final_shape(batch, nb * k, cycle_tile, keep_final), dtype=x.dtype)
+    final = torch.empty(_final_shape(batch, nb * k, depth, k, cycle_tile, keep_final),
+                        dtype=x.dtype)
     if cycle_tile and batch:
         if k != 2 or depth % 2:
             raise ValueError(f"cycle_tile > 0 needs 2×2 blocks and an even depth, got "
@@ -202,7 +222,7 @@ def _permuted_op(
             _forward_body.layout, nchunks, _dtype_code(x), batch=batch, n_in=x.shape[1],
             depth=depth, nb=nb, k=k, width=nb * k, n_out=out_features, tile=tile,
             x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
-            out=out.data_ptr(),
+            out=out.data_ptr(), saved=final.data_ptr() if final.numel() else 0,
         )
         launch(_forward_body.address, header, nchunks)
     return out, final
@@ -213,7 +233,8 @@ def _(x, weight, perms, out_features, cycle_tile, keep_final):
     torch._check(x.dim() == 2, lambda: f"x must have shape (batch, n_in), got {x.shape}")
     depth, nb, k, _ = weight.shape
     out = x.new_empty(x.shape[0], out_features)
-    return out, x.new_empty(_final_shape(x.shape[0], nb * k, cycle_tile, keep_final))
+    return out, x.new_empty(_final_shape(x.shape[0], nb * k, depth, k, cycle_tile,
+                                         keep_final))
 
 
 @torch.library.custom_op("bornsparse::permuted_block_diagonal_backward", mutates_args=())
@@ -221,11 +242,13 @@ def _permuted_backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, perms: torch.Tensor,
     final: torch.Tensor, cycle_tile: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight) of ``permuted_block_diagonal``. With a kept ``final``
-    (non-empty) and blocks still well conditioned, activations are rebuilt through the
-    blocks' inverses (the kernel copies each slab of ``final`` into a per-thread buffer
-    first, so the op leaves its inputs unchanged and a retained graph can run backward
-    twice); otherwise they are recomputed from ``x``."""
+    """(grad_x, grad_weight) of ``permuted_block_diagonal``. With the cycle walk's kept
+    ``final`` (non-empty) and blocks still well conditioned, activations are rebuilt
+    through the blocks' inverses (the kernel copies each slab of ``final`` into a
+    per-thread buffer first, so the op leaves its inputs unchanged and a retained graph can
+    run backward twice); with ``final`` the factors' kept inputs (cycle_tile 0,
+    ``keeps_factor_inputs(k)``) they are read from it; otherwise they are recomputed from
+    ``x``."""
     from bornsparse.ops.permuted.numba_pairs import _backward_body
     from bornsparse.ops.runtime.region import launch, pack_header
 
@@ -237,17 +260,25 @@ def _permuted_backward_op(
     batch, n_in = x.shape
     if final.numel() and cycle_tile and _inverse_is_safe(weight):
         return _cycle_backward(final, weight, perms, grad_out, batch, n_in, cycle_tile)
+    depth, nb, k, _ = weight.shape
+    # the factors' inputs kept by forward (4 | k), checked against what forward keeps
+    saved = final.contiguous() if not cycle_tile and final.numel() else final.new_empty(0)
+    if saved.numel() and (tuple(saved.shape) != (depth, nb * k, batch)
+                          or not keeps_factor_inputs(k) or saved.dtype != x.dtype):
+        raise ValueError(f"final must be empty or, with cycle_tile 0 and a k that keeps its "
+                         f"inputs (4 | k, k >= {KEEP_INPUTS_MIN_BLOCK}; got k = {k}), of "
+                         f"x's dtype and shape (depth, width, batch) = "
+                         f"{(depth, nb * k, batch)}, got {tuple(final.shape)} {final.dtype}")
     tile, nchunks = _plan(max(batch, 1), BACKWARD_TILE)
     grad_x = torch.empty_like(x)
     partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
     if batch:
-        depth, nb, k, _ = weight.shape
         header = pack_header(
             _backward_body.layout, nchunks, _dtype_code(x), batch=batch, n_in=x.shape[1],
             depth=depth, nb=nb, k=k, width=nb * k, n_out=grad_out.shape[1], tile=tile,
             x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
             grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(),
-            partial=partial.data_ptr(),
+            partial=partial.data_ptr(), saved=saved.data_ptr() if saved.numel() else 0,
         )
         launch(_backward_body.address, header, nchunks)
     else:

@@ -77,25 +77,25 @@ def mix_blocks(src, src_rows, dst, dst_rows, w, transposed, nb, s0, s1):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def block_grads(g, g_rows, a, a_rows, gw, nb, s0, s1):
-    """gw[b, r, c] += Σ_{s0 <= s < s1} g[g_rows[b*k + r], s] · a[a_rows[b*k + c], s] for
-    blocks b < nb (the weight gradient of mix_blocks); 4 divides k."""
+def block_grads(g, g_rows, g0, a, a_rows, a0, gw, nb, n):
+    """gw[b, r, c] += Σ_{s < n} g[g_rows[b*k + r], g0 + s] · a[a_rows[b*k + c], a0 + s] for
+    blocks b < nb (the weight gradient of mix_blocks; g and a may start their samples at
+    different columns); 4 divides k."""
     k = gw.shape[1]
     # a literal 0.0 would make the accumulators float64 and the float32 loops convert
     zero = gw.dtype.type(0)
-    n = s1 - s0
     for b in range(nb):
         base = b * k
         for r0 in range(0, k, SUB):
-            y0 = g[g_rows[base + r0], s0:s1]
-            y1 = g[g_rows[base + r0 + 1], s0:s1]
-            y2 = g[g_rows[base + r0 + 2], s0:s1]
-            y3 = g[g_rows[base + r0 + 3], s0:s1]
+            y0 = g[g_rows[base + r0], g0:g0 + n]
+            y1 = g[g_rows[base + r0 + 1], g0:g0 + n]
+            y2 = g[g_rows[base + r0 + 2], g0:g0 + n]
+            y3 = g[g_rows[base + r0 + 3], g0:g0 + n]
             for c0 in range(0, k, SUB):
-                x0 = a[a_rows[base + c0], s0:s1]
-                x1 = a[a_rows[base + c0 + 1], s0:s1]
-                x2 = a[a_rows[base + c0 + 2], s0:s1]
-                x3 = a[a_rows[base + c0 + 3], s0:s1]
+                x0 = a[a_rows[base + c0], a0:a0 + n]
+                x1 = a[a_rows[base + c0 + 1], a0:a0 + n]
+                x2 = a[a_rows[base + c0 + 2], a0:a0 + n]
+                x3 = a[a_rows[base + c0 + 3], a0:a0 + n]
                 q00 = q01 = q02 = q03 = zero
                 q10 = q11 = q12 = q13 = zero
                 q20 = q21 = q22 = q23 = zero

@@ -13,6 +13,10 @@ Why the kernels look the way they do:
   ``depth · batch · width`` activations between forward and backward: only ``x`` is saved,
   and the scratch does not grow with the batch. For k = 2 backward also runs in fused
   pairs: one pass over the tile per two factors.
+* ...except for blocks of 16 and more that 4 divides, where a factor's recompute costs more
+  than keeping its input: there forward keeps every factor's gathered input, (depth,
+  width, batch), and ``_saved_backward_thread_kernel`` reads it (custom_ops.py,
+  ``keeps_factor_inputs``).
 * Work is split into chunks of whole tiles (chunk c: tiles c, c + nchunks, ...), each with
   its own buffers and partial weight gradient; the partials are summed afterwards in chunk
   order, so results depend on the chunk count (torch's thread count) only. The chunks run as
@@ -313,7 +317,7 @@ def _factor_backward(gathered, g, gin, w, p, gw, ts):
     elif k % SUB == 0:
         rows = np.arange(nb * k)
         mix_blocks(g, rows, gin, p, w, True, nb, 0, ts)
-        block_grads(g, rows, gathered, rows, gw, nb, 0, ts)
+        block_grads(g, rows, 0, gathered, rows, 0, gw, nb, ts)
     else:
         for b in range(nb):
             for c in range(k):
@@ -337,8 +341,13 @@ def _factor_backward(gathered, g, gin, w, p, gw, ts):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
-    """Forward of tiles th, th + nthreads, ... of x (batch, n_in) into out (batch, n_out)."""
+def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
+    """Forward of tiles th, th + nthreads, ... of x (batch, n_in) into out (batch, n_out).
+
+    With a non-empty ``saved`` (depth, width, batch), every factor's input is also kept
+    there in gathered order (saved[t, j, s] = input row perms[t, j] of sample s), for a
+    backward without recompute (4 | k; ``_saved_backward_thread_kernel``).
+    """
     batch = x.shape[0]
     depth = weight.shape[0]
     width = perms.shape[1]
@@ -364,6 +373,8 @@ def _forward_thread_kernel(x, weight, perms, out, tile, th, nthreads):
                                     ts, n_rows, pfd)
                 t += 2
             else:
+                if saved.shape[0]:
+                    _gather_rows_at(src, perms[t], saved[t], s0, ts)
                 n_rows = n_out if t + 1 == depth else width
                 _apply_factor(src, dst, weight[t], perms[t], ts, n_rows)
                 t += 1
@@ -379,6 +390,44 @@ def _gather_rows(src, p, gathered, ts):
         q = gathered[j]
         for s in range(ts):
             q[s] = a[s]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
+def _gather_rows_at(src, p, saved_t, s0, ts):
+    """saved_t[j, s0:s0 + ts] = src[p[j], :ts]; saved_t: (width, batch)."""
+    for j in range(p.shape[0]):
+        a = src[p[j]]
+        q = saved_t[j, s0:s0 + ts]
+        for s in range(ts):
+            q[s] = a[s]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _saved_backward_thread_kernel(weight, perms, saved, grad_out, grad_x, gw, tile, th,
+                                  nthreads):
+    """Backward of tiles th, th + nthreads, ... from the factors' inputs kept in forward
+    (``saved``, (depth, width, batch), gathered order), 4 | k: no recompute; writes the
+    tiles' rows of grad_x and sets gw (their weight gradient)."""
+    batch = grad_out.shape[0]
+    depth = weight.shape[0]
+    nb = weight.shape[1]
+    width = perms.shape[1]
+    ntiles = (batch + tile - 1) // tile
+    rows = np.arange(width)
+    g_out = np.zeros((width, tile), dtype=grad_out.dtype)  # padded rows stay zero
+    buf_a = np.empty((width, tile), dtype=grad_out.dtype)
+    buf_b = np.empty((width, tile), dtype=grad_out.dtype)
+    gw[:] = 0.0
+    for it in range(th, ntiles, nthreads):
+        s0 = it * tile
+        ts = min(tile, batch - s0)
+        load_tile_transposed(grad_out, s0, ts, g_out)
+        g, gin = g_out, buf_a
+        for t in range(depth - 1, -1, -1):
+            mix_blocks(g, rows, gin, perms[t], weight[t], True, nb, 0, ts)
+            block_grads(g, rows, 0, saved[t], rows, s0, gw[t], nb, ts)
+            g, gin = gin, (buf_b if gin is buf_a else buf_a)
+        _store_tile_transposed(g, s0, ts, grad_x)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
@@ -619,7 +668,7 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
         rows = np.arange(nb * k)
         mix_blocks(gz, rows, gh, p, w, True, nb, c0, c1)
         gw[:] = zero
-        block_grads(gz, rows, h, p, gw, nb, c0, c1)
+        block_grads(gz, rows, c0, h, p, c0, gw, nb, n)
         return
     for b in range(nb):
         for c in range(k):
@@ -651,10 +700,10 @@ def _factor_columns_backward_kernel(h, w, p, gz, gh, gw, c0, c1):
 
 _I64 = np.empty(0, np.int64)
 ForwardSlot = header_layout(
-    "PermutedForwardSlot", "batch n_in depth nb k width n_out tile x weight perms out")
+    "PermutedForwardSlot", "batch n_in depth nb k width n_out tile x weight perms out saved")
 BackwardSlot = header_layout(
     "PermutedBackwardSlot",
-    "batch n_in depth nb k width n_out tile x weight perms grad_out grad_x partial")
+    "batch n_in depth nb k width n_out tile x weight perms grad_out grad_x partial saved")
 FactorColumnsSlot = header_layout(
     "FactorColumnsSlot", "width batch nb k step h weight perm z")
 FactorColumnsBackwardSlot = header_layout(
@@ -672,10 +721,13 @@ def _forward_chunks(a, like):
         c = claim_chunk(hp, nchunks)
         if c < 0:
             break
+        # no saved inputs: a zero-depth view (any valid address)
+        saved = view(a[S.saved] if a[S.saved] else a[S.x],
+                     (depth if a[S.saved] else 0, width, batch), like)
         _forward_thread_kernel(
             view(a[S.x], (batch, n_in), like), view(a[S.weight], (depth, nb, k, k), like),
             view(a[S.perms], (depth, width), _I64), view(a[S.out], (batch, n_out), like),
-            tile, c, nchunks)
+            saved, tile, c, nchunks)
         finish_chunk(hp)
 
 
@@ -690,11 +742,18 @@ def _backward_chunks(a, like):
         c = claim_chunk(hp, nchunks)
         if c < 0:
             break
-        _backward_thread_kernel(
-            view(a[S.x], (batch, n_in), like), view(a[S.weight], (depth, nb, k, k), like),
-            view(a[S.perms], (depth, width), _I64), view(a[S.grad_out], (batch, n_out), like),
-            view(a[S.grad_x], (batch, n_in), like),
-            view(a[S.partial], (nchunks, depth, nb, k, k), like)[c], tile, c, nchunks)
+        weight = view(a[S.weight], (depth, nb, k, k), like)
+        perms = view(a[S.perms], (depth, width), _I64)
+        grad_out = view(a[S.grad_out], (batch, n_out), like)
+        grad_x = view(a[S.grad_x], (batch, n_in), like)
+        partial = view(a[S.partial], (nchunks, depth, nb, k, k), like)[c]
+        if a[S.saved]:
+            _saved_backward_thread_kernel(
+                weight, perms, view(a[S.saved], (depth, width, batch), like), grad_out,
+                grad_x, partial, tile, c, nchunks)
+        else:
+            _backward_thread_kernel(view(a[S.x], (batch, n_in), like), weight, perms,
+                                    grad_out, grad_x, partial, tile, c, nchunks)
         finish_chunk(hp)
 
 
