@@ -346,7 +346,8 @@ def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
 
     With a non-empty ``saved`` (depth, width, batch), every factor's input is also kept
     there in gathered order (saved[t, j, s] = input row perms[t, j] of sample s), for a
-    backward without recompute (4 | k; ``_saved_backward_thread_kernel``).
+    backward without recompute (``_saved_backward_thread_kernel``; only for the block
+    sizes of custom_ops.keeps_factor_inputs).
     """
     batch = x.shape[0]
     depth = weight.shape[0]
