@@ -108,11 +108,12 @@ def _store_tile_transposed(buf, s0, ts, out):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def _apply_factor(src, dst, w, p, ts, n_rows):
+def _apply_factor(src, dst, w, p, ts, n_rows, rows):
     """dst[b*k + r, :ts] = Σ_c w[b, r, c] · src[p[b*k + c], :ts] (one factor on one tile).
 
     Only the blocks holding rows < n_rows are computed (the last factor skips the rows that
-    the output slice drops).
+    the output slice drops). ``rows``: the identity row map, np.arange(width), which the
+    4×4 sub-block kernels take for rows read in order (allocated once per thread kernel).
     """
     k = w.shape[1]
     nb = (n_rows + k - 1) // k
@@ -133,7 +134,7 @@ def _apply_factor(src, dst, w, p, ts, n_rows):
                 d0[s] = w00 * u + w01 * v
                 d1[s] = w10 * u + w11 * v
     elif k % SUB == 0:
-        mix_blocks(src, p, dst, np.arange(nb * k), w, False, nb, 0, ts)
+        mix_blocks(src, p, dst, rows, w, False, nb, 0, ts)
     else:
         for b in range(nb):
             for r in range(k):
@@ -215,7 +216,7 @@ def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows, pfd):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
+def _apply_factor_saving(src, dst, w, p, ts, gathered, compute, rows):
     """_apply_factor that also writes gathered[j] = src[p[j]] (the factor's input, in the order
     it is read); with compute=False only the gather is done.
 
@@ -251,7 +252,6 @@ def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
             for s in range(ts):
                 q[s] = a[s]
         if compute and k % SUB == 0:
-            rows = np.arange(nb * k)
             mix_blocks(gathered, rows, dst, rows, w, False, nb, 0, ts)
         elif compute:
             for b in range(nb):
@@ -269,7 +269,7 @@ def _apply_factor_saving(src, dst, w, p, ts, gathered, compute):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def _factor_backward(gathered, g, gin, w, p, gw, ts):
+def _factor_backward(gathered, g, gin, w, p, gw, ts, rows):
     """One factor's backward on one tile.
 
     gathered: the factor's input in gathered order, row j = input row p[j] (width, tile);
@@ -315,7 +315,6 @@ def _factor_backward(gathered, g, gin, w, p, gw, ts):
             gw[b, 1, 0] += c10
             gw[b, 1, 1] += c11
     elif k % SUB == 0:
-        rows = np.arange(nb * k)
         mix_blocks(g, rows, gin, p, w, True, nb, 0, ts)
         block_grads(g, rows, 0, gathered, rows, 0, gw, nb, ts)
     else:
@@ -357,6 +356,7 @@ def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
     ntiles = (batch + tile - 1) // tile
     # the input tile has its own buffer, so its padded rows are zeroed once per call
     buf_in = np.zeros((width, tile), dtype=x.dtype)
+    rows = np.arange(width)  # the identity row map of the 4×4 sub-block kernels
     buf_a = np.empty((width, tile), dtype=x.dtype)
     buf_b = np.empty((width, tile), dtype=x.dtype)
     # prefetch only where a tile buffer leaves L2: inside it, the hints are pure overhead
@@ -377,7 +377,7 @@ def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
                 if saved.shape[0]:
                     _gather_rows_at(src, perms[t], saved[t], s0, ts)
                 n_rows = n_out if t + 1 == depth else width
-                _apply_factor(src, dst, weight[t], perms[t], ts, n_rows)
+                _apply_factor(src, dst, weight[t], perms[t], ts, n_rows, rows)
                 t += 1
             src, dst = dst, (buf_b if dst is buf_a else buf_a)
         _store_tile_transposed(src, s0, ts, out)
@@ -533,6 +533,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
     nsaved = (depth + 1) // 2 if paired else depth
     gathered = np.empty((nsaved, width, tile), dtype=x.dtype)
     buf_in = np.zeros((width, tile), dtype=x.dtype)  # padded rows stay zero across tiles
+    rows = np.arange(width)  # the identity row map of the 4×4 sub-block kernels
     g_out = np.zeros((width, tile), dtype=x.dtype)  # likewise for the output gradient
     buf_a = np.empty((width, tile), dtype=x.dtype)
     buf_b = np.empty((width, tile), dtype=x.dtype)
@@ -561,7 +562,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
             for t in range(depth):
                 # the last factor's output is not needed, only its gathered input
                 _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
-                                     t < depth - 1)
+                                     t < depth - 1, rows)
                 src, dst = dst, (buf_b if dst is buf_a else buf_a)
         load_tile_transposed(grad_out, s0, ts, g_out)
         g, gin = g_out, buf_a
@@ -573,7 +574,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
                 t -= 2
             else:
                 _factor_backward(gathered[t // 2 if paired else t], g, gin, weight[t],
-                                 perms[t], gw[t], ts)
+                                 perms[t], gw[t], ts, rows)
                 t -= 1
             g, gin = gin, (buf_b if gin is buf_a else buf_a)
         _store_tile_transposed(g, s0, ts, grad_x)
