@@ -375,7 +375,7 @@ def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
                 t += 2
             else:
                 if saved.shape[0]:
-                    _gather_rows_at(src, perms[t], saved[t], s0, ts)
+                    _gather_rows(src, perms[t], saved[t], s0, ts)
                 n_rows = n_out if t + 1 == depth else width
                 _apply_factor(src, dst, weight[t], perms[t], ts, n_rows, rows)
                 t += 1
@@ -384,21 +384,11 @@ def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def _gather_rows(src, p, gathered, ts):
-    """gathered[j, :ts] = src[p[j], :ts]."""
+def _gather_rows(src, p, gathered, s0, ts):
+    """gathered[j, s0:s0 + ts] = src[p[j], :ts]."""
     for j in range(p.shape[0]):
         a = src[p[j]]
-        q = gathered[j]
-        for s in range(ts):
-            q[s] = a[s]
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def _gather_rows_at(src, p, saved_t, s0, ts):
-    """saved_t[j, s0:s0 + ts] = src[p[j], :ts]; saved_t: (width, batch)."""
-    for j in range(p.shape[0]):
-        a = src[p[j]]
-        q = saved_t[j, s0:s0 + ts]
+        q = gathered[j, s0:s0 + ts]
         for s in range(ts):
             q[s] = a[s]
 
@@ -553,7 +543,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
         src, dst = buf_in, buf_a
         if paired:
             for t in range(0, depth, 2):
-                _gather_rows(src, perms[t], gathered[t // 2], ts)
+                _gather_rows(src, perms[t], gathered[t // 2], 0, ts)
                 if t + 2 < depth:  # the next pair needs this pair's output
                     _apply_factor_pair2(src, dst, weight[t], perms[t], weight[t + 1],
                                         perms[t + 1], ts, width, pfd)
