@@ -273,14 +273,17 @@ def test_cli_refuses_a_launch_whose_batch_does_not_split(tmp_path, capsys, monke
     assert not dist.is_initialized()
 
 
-def _reproduce_worker(rank: int, port: int, out: str) -> None:
-    """One torchrun rank: the environment torchrun sets, then the command, twice."""
+def _reproduce_worker(rank: int, ports: tuple[int, int], out: str) -> None:
+    """One torchrun rank: the environment torchrun sets, then the command, twice, each
+    call with its own rendezvous port as two torchrun launches would have (one port for
+    both raced: a rank fast out of the first call joined the first call's store, which
+    rank 0 then closed)."""
     import os
 
     from bornsparse.cli import main as cli_main
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
     torch.set_num_threads(1)
     argv = ["reproduce", "dctps", "--datasets", "digits", "--models", "mlp", "--mlp-hidden",
             "24", "--methods", "snip", "--densities", "0.1", "0.0001", "--seeds", "1",
@@ -288,6 +291,7 @@ def _reproduce_worker(rank: int, port: int, out: str) -> None:
             "--workers", "1", "--no-plots", "--no-progress", "--out", out]
     codes = [cli_main(argv)]
     first = (Path(out) / "results.jsonl").read_text() if rank == 0 else ""
+    os.environ["MASTER_PORT"] = str(ports[1])
     codes.append(cli_main(argv))  # a rerun: rank 0 finds everything done, for both ranks
     again = (Path(out) / "results.jsonl").read_text() if rank == 0 else ""
     torch.save({"codes": codes, "unchanged": first == again}, f"{out}/rank{rank}.pt")
@@ -297,7 +301,10 @@ def test_reproduce_dctps_under_torchrun_trains_each_run_on_every_rank(tmp_path):
     import json
 
     out = tmp_path / "dctps"
-    mp.spawn(_reproduce_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    ports = (_free_port(), _free_port())
+    while ports[1] == ports[0]:
+        ports = (ports[0], _free_port())
+    mp.spawn(_reproduce_worker, args=(ports, str(out)), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
     # SNIP at 1e-4 cannot keep a weight per layer: rank 0 exits 1 (a run failed), twice,
     # since the rerun retries it; the other ranks leave the reporting to it
