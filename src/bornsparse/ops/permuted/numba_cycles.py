@@ -27,12 +27,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bornsparse.ops.permuted.numba_pairs import FASTMATH, load_tile_transposed
+from bornsparse.ops.permuted.numba_pairs import FASTMATH
 from bornsparse.ops.runtime.bodies import NoAliasCompiler, claim_chunk, finish_chunk, region_body
 from bornsparse.ops.runtime.intrinsics import as_voidptr, header_address, view
 from bornsparse.ops.runtime.intrinsics import prefetch as _prefetch
 from bornsparse.ops.runtime.intrinsics import prefetch_write as _prefetch_write
 from bornsparse.ops.runtime.region import header_layout
+from bornsparse.ops.runtime.transpose import rows_to_columns
 
 _I32 = np.empty(0, np.int32)
 _I64 = np.empty(0, np.int64)
@@ -207,8 +208,7 @@ def _forward_pair(buf, w1, w2, st, tmp, ts):
 
 @numba.njit(**_JIT, pipeline_class=NoAliasCompiler)
 def _load_tile_scattered(src, s0, ts, rows, buf):
-    """buf[rows[i], s] = src[s0 + s, i] for i < src.shape[1] (16 features at a time, as in
-    load_tile_transposed)."""
+    """buf[rows[i], s] = src[s0 + s, i] for i < src.shape[1] (16 features at a time)."""
     n = src.shape[1]
     for i0 in range(0, n, 16):
         i1 = min(i0 + 16, n)
@@ -244,7 +244,7 @@ def forward_tiles(x, weight, sched, final_loc, out, z, scratch, tile, c, nchunks
         ts = min(tile, batch - s0)
         buf = z[it] if keep else scratch
         buf[n_in:] = 0  # padding rows: the walk overwrites them in place
-        load_tile_transposed(x, s0, ts, buf)
+        rows_to_columns(x, s0, buf, 0, ts)
         for q in range(sched.shape[0]):
             _forward_pair(buf, weight[2 * q], weight[2 * q + 1], sched[q], tmp, ts)
         _store_tile_gathered(buf, final_loc, s0, ts, out)

@@ -41,70 +41,12 @@ from bornsparse.ops.permuted.numba_blocks import FASTMATH, SUB, block_grads, mix
 from bornsparse.ops.runtime.bodies import NoAliasCompiler, claim_chunk, finish_chunk, region_body
 from bornsparse.ops.runtime.intrinsics import header_address, prefetch, view
 from bornsparse.ops.runtime.region import header_layout
+from bornsparse.ops.runtime.transpose import columns_to_rows, rows_to_columns
 
 # Blocks ahead at which the fused pair kernel prefetches its random source rows, and the
 # tile-buffer size above which it does (a buffer that fits L2 never misses to DRAM).
 PREFETCH_DISTANCE = 16
 PREFETCH_MIN_BYTES = 4 << 20
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def load_tile_transposed(x, s0, ts, buf):
-    """buf[i, s] = x[s0 + s, i] for i < x.shape[1]; the padded rows of buf are left alone.
-
-    Callers zero those rows once per buffer: the loads never write them.
-    """
-    n_in = x.shape[1]
-    n8 = n_in - n_in % 8
-    t8 = ts - ts % 8
-    # 8×8 blocks, each sample's 8 features held in registers and stored to 8 rows: measured
-    # 2× faster than a loop over features inside a loop over samples, which LLVM left
-    # scalar; the ragged edges take that loop.
-    for i0 in range(0, n8, 8):
-        for sb in range(0, t8, 8):
-            for s in range(sb, sb + 8):
-                v = x[s0 + s, i0:i0 + 8]
-                a0, a1, a2, a3 = v[0], v[1], v[2], v[3]
-                a4, a5, a6, a7 = v[4], v[5], v[6], v[7]
-                buf[i0, s] = a0
-                buf[i0 + 1, s] = a1
-                buf[i0 + 2, s] = a2
-                buf[i0 + 3, s] = a3
-                buf[i0 + 4, s] = a4
-                buf[i0 + 5, s] = a5
-                buf[i0 + 6, s] = a6
-                buf[i0 + 7, s] = a7
-        for s in range(t8, ts):
-            for i in range(i0, i0 + 8):
-                buf[i, s] = x[s0 + s, i]
-    for s in range(ts):
-        for i in range(n8, n_in):
-            buf[i, s] = x[s0 + s, i]
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def _store_tile_transposed(buf, s0, ts, out):
-    """out[s0 + s, i] = buf[i, s] for i < out.shape[1]."""
-    n_out = out.shape[1]
-    n8 = n_out - n_out % 8
-    # 8 rows of buf at a time, each sample's 8 values written as one run of out (measured
-    # 1.5× faster than the plain loop nest, as for the load)
-    for i0 in range(0, n8, 8):
-        b0, b1, b2, b3 = buf[i0], buf[i0 + 1], buf[i0 + 2], buf[i0 + 3]
-        b4, b5, b6, b7 = buf[i0 + 4], buf[i0 + 5], buf[i0 + 6], buf[i0 + 7]
-        for s in range(ts):
-            o = out[s0 + s, i0:i0 + 8]
-            o[0] = b0[s]
-            o[1] = b1[s]
-            o[2] = b2[s]
-            o[3] = b3[s]
-            o[4] = b4[s]
-            o[5] = b5[s]
-            o[6] = b6[s]
-            o[7] = b7[s]
-    for s in range(ts):
-        for i in range(n8, n_out):
-            out[s0 + s, i] = buf[i, s]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
@@ -364,7 +306,7 @@ def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        load_tile_transposed(x, s0, ts, buf_in)
+        rows_to_columns(x, s0, buf_in, 0, ts)
         src, dst = buf_in, buf_a
         t = 0
         while t < depth:
@@ -380,7 +322,7 @@ def _forward_thread_kernel(x, weight, perms, out, saved, tile, th, nthreads):
                 _apply_factor(src, dst, weight[t], perms[t], ts, n_rows, rows)
                 t += 1
             src, dst = dst, (buf_b if dst is buf_a else buf_a)
-        _store_tile_transposed(src, s0, ts, out)
+        columns_to_rows(src, 0, out, s0, ts, False)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
@@ -412,13 +354,13 @@ def _saved_backward_thread_kernel(weight, perms, saved, grad_out, grad_x, gw, ti
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        load_tile_transposed(grad_out, s0, ts, g_out)
+        rows_to_columns(grad_out, s0, g_out, 0, ts)
         g, gin = g_out, buf_a
         for t in range(depth - 1, -1, -1):
             mix_blocks(g, rows, gin, perms[t], weight[t], True, nb, 0, ts)
             block_grads(g, rows, 0, saved[t], rows, s0, gw[t], nb, ts)
             g, gin = gin, (buf_b if gin is buf_a else buf_a)
-        _store_tile_transposed(g, s0, ts, grad_x)
+        columns_to_rows(g, 0, grad_x, s0, ts, False)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
@@ -539,7 +481,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        load_tile_transposed(x, s0, ts, buf_in)
+        rows_to_columns(x, s0, buf_in, 0, ts)
         src, dst = buf_in, buf_a
         if paired:
             for t in range(0, depth, 2):
@@ -554,7 +496,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
                 _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
                                      t < depth - 1, rows)
                 src, dst = dst, (buf_b if dst is buf_a else buf_a)
-        load_tile_transposed(grad_out, s0, ts, g_out)
+        rows_to_columns(grad_out, s0, g_out, 0, ts)
         g, gin = g_out, buf_a
         t = depth - 1
         while t >= 0:
@@ -567,7 +509,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, tile, th, nt
                                  perms[t], gw[t], ts, rows)
                 t -= 1
             g, gin = gin, (buf_b if gin is buf_a else buf_a)
-        _store_tile_transposed(g, s0, ts, grad_x)
+        columns_to_rows(g, 0, grad_x, s0, ts, False)
 
 
 # ---------------------------------------------------------------------------------------
