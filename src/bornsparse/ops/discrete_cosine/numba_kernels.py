@@ -41,6 +41,121 @@ _JIT = dict(cache=True, nogil=True, fastmath=True, pipeline_class=NoAliasCompile
 _MIN_ELEMENTS = 1 << 14
 
 
+# ---- one row: the loops every pass shares ----------------------------------------------
+# Spectra (..., N//2 + 1, 2) and twiddles (N//2 + 1, 2) are read through flat views (re, im,
+# re, ...): indexed (k, 0) and (k, 1) the same loops measured 1.35–1.7× slower. Makhoul's
+# reorder and unorder are computed in closed form as one loop over the (even, odd) pairs
+# that reads or writes the batch-major row in order: one strided loop per half measured
+# 2–3× slower (a (128, 4096) float32 block, one thread, AMD EPYC Zen 4). Every loop is
+# branch-free; truncation and padding move the bounds, not a test per element.
+
+
+@numba.njit(**_JIT, inline="always")
+def _take_row(sb, wf, n, alpha, ob):
+    """ob[k] = α·Re(X_k) for k < min(n//2 + 1, m), ob[j] = -α·Im(X_{n-j}) for
+    n//2 + 1 <= j < m (m = len(ob) <= n), X_k = spec[k]·w[k]; sb, wf flat."""
+    m = ob.shape[0]
+    half = sb.shape[0] // 2
+    if m == n:
+        for k in range(half):
+            ob[k] = alpha * (sb[2 * k] * wf[2 * k] - sb[2 * k + 1] * wf[2 * k + 1])
+        # bounded by n, not m: with m (equal here) LLVM left this loop 3× slower
+        for j in range(half, n):
+            k = n - j
+            ob[j] = -alpha * (sb[2 * k] * wf[2 * k + 1] + sb[2 * k + 1] * wf[2 * k])
+    elif m <= half:
+        for k in range(m):
+            ob[k] = alpha * (sb[2 * k] * wf[2 * k] - sb[2 * k + 1] * wf[2 * k + 1])
+    else:
+        # half < m < n: a split loop over [half, m) ran slower than this one pass, each k
+        # writing ob[k] and, where it falls below m, ob[n-k]
+        for k in range(half):
+            a = sb[2 * k]
+            c = sb[2 * k + 1]
+            ob[k] = alpha * (a * wf[2 * k] - c * wf[2 * k + 1])
+            j = n - k
+            if 0 < k and j >= half and j < m:
+                ob[j] = -alpha * (a * wf[2 * k + 1] + c * wf[2 * k])
+
+
+@numba.njit(**_JIT, inline="always")
+def _untake_row(gb, n, wf, sb):
+    """sb[j] = (c[j] - i·c[n-j])·w_inv[j] for j <= n/2 (flat), c = gb zero-padded from
+    m = len(gb) <= n to length n (c[n] = 0)."""
+    m = gb.shape[0]
+    half = sb.shape[0] // 2
+    zero = sb.dtype.type(0)
+    a = gb[0] if m > 0 else zero
+    sb[0] = a * wf[0]
+    sb[1] = a * wf[1]
+    if m == n:  # no padding: one pass
+        for j in range(1, half):
+            a = gb[j]
+            c = -gb[n - j]
+            sb[2 * j] = a * wf[2 * j] - c * wf[2 * j + 1]
+            sb[2 * j + 1] = a * wf[2 * j + 1] + c * wf[2 * j]
+        return
+    if m >= half:  # every c[j] term there, some c[n-j]: one pass (a split one ran slower)
+        for j in range(1, half):
+            a = gb[j]
+            c = -gb[n - j] if n - j < m else zero
+            sb[2 * j] = a * wf[2 * j] - c * wf[2 * j + 1]
+            sb[2 * j + 1] = a * wf[2 * j + 1] + c * wf[2 * j]
+        return
+    # m < half: the c[j] terms where j < m, zeros past them, then the c[n-j] terms where
+    # n - j < m (none unless m is within one of half)
+    for j in range(1, m):
+        a = gb[j]
+        sb[2 * j] = a * wf[2 * j]
+        sb[2 * j + 1] = a * wf[2 * j + 1]
+    for j in range(max(1, m), half):
+        sb[2 * j] = zero
+        sb[2 * j + 1] = zero
+    for j in range(max(1, n - m + 1), half):
+        c = -gb[n - j]
+        sb[2 * j] -= c * wf[2 * j + 1]
+        sb[2 * j + 1] += c * wf[2 * j]
+
+
+@numba.njit(**_JIT, inline="always")
+def _reorder_row(xb, vb):
+    """vb[p] = xp[2p], vb[q-1-p] = xp[2p+1] (Makhoul's reorder, q = len(vb)), xp = xb
+    zero-padded to q."""
+    n = xb.shape[0]
+    q = vb.shape[0]
+    h = n // 2
+    for p in range(h):
+        vb[p] = xb[2 * p]
+        vb[q - 1 - p] = xb[2 * p + 1]
+    if n % 2:
+        vb[h] = xb[n - 1]
+    for p in range((n + 1) // 2, (q + 1) // 2):
+        vb[p] = 0
+    for p in range(h, q // 2):
+        vb[q - 1 - p] = 0
+
+
+@numba.njit(**_JIT, inline="always")
+def _unorder_scale_dot_row(vb, xb, alpha, gb):
+    """gb[i] = α·u[i] for i < d = len(xb), u[2p] = vb[p], u[2p+1] = vb[q-1-p] (Makhoul's
+    unorder, q = len(vb)); returns ⟨u[:d], xb⟩."""
+    d = xb.shape[0]
+    q = vb.shape[0]
+    acc = gb.dtype.type(0)  # a literal 0.0 would make a float32 accumulator float64
+    h = d // 2
+    for p in range(h):
+        u = vb[p]
+        u1 = vb[q - 1 - p]
+        gb[2 * p] = alpha * u
+        gb[2 * p + 1] = alpha * u1
+        acc += u * xb[2 * p] + u1 * xb[2 * p + 1]
+    if d % 2:
+        u = vb[h]
+        gb[2 * h] = alpha * u
+        acc += u * xb[2 * h]
+    return acc
+
+
 # ---- the work of one chunk: rows b0 <= b < b1 (or tiles t0 <= ti < t1) -----------------
 
 
@@ -52,15 +167,10 @@ def _twiddle_take_rows(spec, w, out, b0, b1):
     """
     n = out.shape[1]
     half = spec.shape[1]
+    wf = w.reshape(2 * half)
+    one = out.dtype.type(1)
     for b in range(b0, b1):
-        for k in range(half):
-            a = spec[b, k, 0]
-            c = spec[b, k, 1]
-            re = a * w[k, 0] - c * w[k, 1]
-            im = a * w[k, 1] + c * w[k, 0]
-            out[b, k] = re
-            if 0 < k and n - k >= half:
-                out[b, n - k] = -im
+        _take_row(spec[b].reshape(2 * half), wf, n, one, out[b])
 
 
 @numba.njit(**_JIT)
@@ -70,12 +180,10 @@ def _untake_twiddle_rows(coef, w_inv, spec, b0, b1):
     coef: (B, N); w_inv: (N//2 + 1, 2); spec: (B, N//2 + 1, 2) interleaved.
     """
     n = coef.shape[1]
+    half = spec.shape[1]
+    wf = w_inv.reshape(2 * half)
     for b in range(b0, b1):
-        for j in range(spec.shape[1]):
-            a = coef[b, j]
-            c = -coef[b, n - j] if j > 0 else coef[b, 0] * 0
-            spec[b, j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
-            spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
+        _untake_row(coef[b], n, wf, spec[b].reshape(2 * half))
 
 
 @numba.njit(**_JIT)
@@ -89,29 +197,26 @@ def _affine_take_rows(spec, w, n, alpha, y, bias, out, b0, b1):
     m = out.shape[1]
     half = spec.shape[1]
     has_bias = bias.shape[0] > 0
+    wf = w.reshape(2 * half)
     for b in range(b0, b1):
-        for k in range(half):
-            a = spec[b, k, 0]
-            c = spec[b, k, 1]
-            if k < m:
-                v = alpha * (a * w[k, 0] - c * w[k, 1]) + y[b, k]
-                out[b, k] = v + bias[k] if has_bias else v
-            j = n - k
-            if 0 < k and j >= half and j < m:
-                v = y[b, j] - alpha * (a * w[k, 1] + c * w[k, 0])
-                out[b, j] = v + bias[j] if has_bias else v
+        ob = out[b]
+        yb = y[b]
+        _take_row(spec[b].reshape(2 * half), wf, n, alpha, ob)
+        if has_bias:
+            for k in range(m):
+                ob[k] += yb[k] + bias[k]
+        else:
+            for k in range(m):
+                ob[k] += yb[k]
 
 
 @numba.njit(**_JIT)
 def _padded_untake_rows(g, n, w_inv, spec, b0, b1):
     """As _untake_twiddle_rows for coefficients g (B, m) zero-padded to length n >= m."""
-    m = g.shape[1]
+    half = spec.shape[1]
+    wf = w_inv.reshape(2 * half)
     for b in range(b0, b1):
-        for j in range(spec.shape[1]):
-            a = g[b, j] if j < m else g[b, 0] * 0
-            c = -g[b, n - j] if (j > 0 and n - j < m) else g[b, 0] * 0
-            spec[b, j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
-            spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
+        _untake_row(g[b], n, wf, spec[b].reshape(2 * half))
 
 
 @numba.njit(**_JIT)
@@ -119,16 +224,11 @@ def _gather_scale_dot_rows(v, unorder, x, alpha, gx, dots, b0, b1):
     """u = v[:, unorder][:, :d]; gx = α·u; dots[b] = ⟨u[b], x[b]⟩ (d = x.shape[1]).
 
     The backward of α·T(x): u = Tᵀ(grad) gives both grad_x = α·u and grad_α = Σ ⟨u, x⟩.
+    ``unorder`` (Makhoul's, for length q = v.shape[1]) is only documentation here: the loop
+    computes it in closed form.
     """
-    d = x.shape[1]
-    zero = dots.dtype.type(0)  # not dots[b] * 0: dots may hold garbage (NaN · 0 = NaN)
     for b in range(b0, b1):
-        acc = zero
-        for i in range(d):
-            u = v[b, unorder[i]]
-            gx[b, i] = alpha * u
-            acc += u * x[b, i]
-        dots[b] = acc
+        dots[b] = _unorder_scale_dot_row(v[b], x[b], alpha, gx[b])
 
 
 # ---- DCT plus sparse, fused (plus_sparse.py: dct_sparse_affine) ----------------------
@@ -148,27 +248,12 @@ def _reorder_transpose_tiles(x, v, x_t, t0, t1):
     x: (B, n); v: (B, q); x_t: (n, B). Makhoul's permutation ``reorder`` for length q
     (transform.py) is computed in closed form.
     """
-    nb, n = x.shape
-    q = v.shape[1]
+    nb = x.shape[0]
     for ti in range(t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
-            # reorder written out, v[p] = xp[2p], v[q-1-p] = xp[2p+1], as one branch-free
-            # loop over the pairs that reads x in order (not a table gather; one strided
-            # loop per half measured 2× slower)
-            xb = x[b]
-            vb = v[b]
-            h = n // 2
-            for p in range(h):
-                vb[p] = xb[2 * p]
-                vb[q - 1 - p] = xb[2 * p + 1]
-            if n % 2:
-                vb[h] = xb[n - 1]
-            for p in range((n + 1) // 2, (q + 1) // 2):
-                vb[p] = 0
-            for p in range(h, q // 2):
-                vb[q - 1 - p] = 0
+            _reorder_row(x[b], v[b])
         rows_to_columns(x, b0, x_t, b0, b1 - b0)
 
 
@@ -183,63 +268,25 @@ def _affine_take_t_tiles(spec, w, n, alpha, y_t, bias, out, t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
-            if m == n:
-                # no truncation: the two halves as branch-free loops, each writing out in
-                # order, over the spectrum and twiddles viewed flat (re, im, re, ...):
-                # indexed (k, 0) and (k, 1) the same loops measured 1.7× slower
-                ob = out[b]
-                sb = spec[b].reshape(2 * half)
-                for k in range(half):
-                    ob[k] = alpha * (sb[2 * k] * wf[2 * k] - sb[2 * k + 1] * wf[2 * k + 1])
-                for j in range(half, n):
-                    k = n - j
-                    ob[j] = -alpha * (sb[2 * k] * wf[2 * k + 1] + sb[2 * k + 1] * wf[2 * k])
-                if has_bias:
-                    for k in range(m):
-                        ob[k] += bias[k]
-                continue
-            for k in range(half):
-                a = spec[b, k, 0]
-                c = spec[b, k, 1]
-                if k < m:
-                    v = alpha * (a * w[k, 0] - c * w[k, 1])
-                    out[b, k] = v + bias[k] if has_bias else v
-                j = n - k
-                if 0 < k and j >= half and j < m:
-                    v = -alpha * (a * w[k, 1] + c * w[k, 0])
-                    out[b, j] = v + bias[j] if has_bias else v
+            ob = out[b]
+            _take_row(spec[b].reshape(2 * half), wf, n, alpha, ob)
+            if has_bias:
+                for k in range(m):
+                    ob[k] += bias[k]
         columns_to_rows(y_t, b0, out, b0, b1 - b0, True)
 
 
 @numba.njit(**_JIT)
 def _padded_untake_t_tiles(g, n, w_inv, spec, g_t, t0, t1):
     """_padded_untake_rows, and g_t = gᵀ (m, B) when g_t has rows (else skipped)."""
-    nb, m = g.shape
-    zero = spec.dtype.type(0)
+    nb = g.shape[0]
     half = spec.shape[1]
     wf = w_inv.reshape(2 * half)
     for ti in range(t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
-            if m == n:
-                # no padding: branch-free loop, over spec and w_inv viewed flat (as in
-                # _affine_take_t_tiles; measured 1.35× faster than indexing (j, 0), (j, 1))
-                gb = g[b]
-                sb = spec[b].reshape(2 * half)
-                sb[0] = gb[0] * wf[0]
-                sb[1] = gb[0] * wf[1]
-                for j in range(1, half):
-                    a = gb[j]
-                    c = -gb[n - j]
-                    sb[2 * j] = a * wf[2 * j] - c * wf[2 * j + 1]
-                    sb[2 * j + 1] = a * wf[2 * j + 1] + c * wf[2 * j]
-                continue
-            for j in range(spec.shape[1]):
-                a = g[b, j] if j < m else zero
-                c = -g[b, n - j] if (j > 0 and n - j < m) else zero
-                spec[b, j, 0] = a * w_inv[j, 0] - c * w_inv[j, 1]
-                spec[b, j, 1] = a * w_inv[j, 1] + c * w_inv[j, 0]
+            _untake_row(g[b], n, wf, spec[b].reshape(2 * half))
         if g_t.shape[0] > 0:
             rows_to_columns(g, b0, g_t, b0, b1 - b0)
 
@@ -251,32 +298,12 @@ def _gather_scale_dot_t_tiles(v, x, alpha, gs_t, gx, dots, t0, t1):
     gs_t is the sparse part's input gradient Sᵀ gᵀ, so gx is the layer's whole grad_x.
     Makhoul's ``unorder`` (length q = v.shape[1]) is computed in closed form.
     """
-    nb, d = x.shape
-    q = v.shape[1]
-    zero = dots.dtype.type(0)
+    nb = x.shape[0]
     for ti in range(t0, t1):
         b0 = ti * _TILE
         b1 = min(nb, b0 + _TILE)
         for b in range(b0, b1):
-            # unorder in closed form (u[2p] = v[p], u[2p+1] = v[q-1-p]), no gather, as one
-            # loop over the pairs that writes gx in order (one strided loop per half
-            # measured 3× slower)
-            vb = v[b]
-            xb = x[b]
-            gb = gx[b]
-            acc = zero
-            h = d // 2
-            for p in range(h):
-                u = vb[p]
-                u1 = vb[q - 1 - p]
-                gb[2 * p] = alpha * u
-                gb[2 * p + 1] = alpha * u1
-                acc += u * xb[2 * p] + u1 * xb[2 * p + 1]
-            if d % 2:
-                u = vb[h]
-                gb[2 * h] = alpha * u
-                acc += u * xb[2 * h]
-            dots[b] = acc
+            dots[b] = _unorder_scale_dot_row(v[b], x[b], alpha, gx[b])
         if gs_t.shape[0] > 0:
             columns_to_rows(gs_t, b0, gx, b0, b1 - b0, True)
 
