@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import MonarchLinear, PermutedBlockDiagonal  # noqa: E402
 from bornsparse.ops.permuted import takes_batched_gemm  # noqa: E402
 from common import (  # noqa: E402
+    cpu_label,
     forward_backward,
     machine_tag,
     print_json_line,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"PermutedBlockDiagonal({n}, {n}, width={args.width}, depth={args.depth}, "
         f"block_size={args.block_size}) vs nn.Linear({n}, {n}), float32, "
         f"{args.threads} threads, {'CPU time' if args.cpu_time else 'wall time'}; "
-        f"ratio = ours / dense"
+        f"ratio = ours / dense; {cpu_label()}"
     )
     head = f"{'batch':>6} {'dense fwd':>10} {'ours fwd':>10} {'ratio':>7} " \
            f"{'dense f+b':>10} {'ours f+b':>10} {'ratio':>7}"
@@ -254,7 +255,7 @@ def block_size_table(args: argparse.Namespace) -> dict[str, object]:
                               for name, layer in layers.items()}, repeats=args.repeats)
         ratios[str(batch)] = {name: v / t[anchor] for name, v in t.items()}
     print(f"G(θ) {n} → {n} at {params:,} parameters (Monarch, {args.monarch_blocks} blocks), "
-          f"f+b / {anchor}, float32, {args.threads} threads")
+          f"f+b / {anchor}, float32, {args.threads} threads, {cpu_label()}")
     print(f"{'layer':<24} {'width':>6} {'depth':>6} "
           + " ".join(f"{'b=' + b:>8}" for b in ratios))
     for name in layers:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import PermutedBlockDiagonal  # noqa: E402
 from common import (  # noqa: E402
     available_bytes,
+    cpu_label,
     machine_tag,
     peak_rss_growth,
     print_json_line,
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     set_threads(args.threads)
     machine = machine_tag()
     print(f"PermutedBlockDiagonal(w/2, w/2, width w, depth 2·log2 w, 2×2 blocks), float32, "
-          f"{args.threads} threads, CPU {machine['cpu']}; times in ms (median of "
+          f"{args.threads} threads, CPU {cpu_label()}; times in ms (median of "
           f"{args.repeats} interleaved rounds); x/bw = time / bandwidth reference")
     print(f"{'width':>8} {'depth':>5} {'batch':>5} {'bw ref':>9} {'GB/s':>6} {'fwd':>9} "
           f"{'fwd/bw':>7} {'gath/bw':>7} {'fwd/gath':>8} {'f+b':>9} {'f+b/bw':>7} "

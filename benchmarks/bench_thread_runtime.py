@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bornsparse.nn import DCTPlusSparseLinear, PermutedBlockDiagonal  # noqa: E402
 from common import (  # noqa: E402
+    cpu_label,
     forward_backward,
     machine_tag,
     print_json_line,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"PermutedBlockDiagonal({n}, {n}, width=2048, depth=20) vs nn.Linear({n}, {n}), f+b, "
         f"batch {args.batch}, float32, {args.threads} threads, wall time; ratio = ours / dense"
     )
-    print(f"CPU: {tag['cpu']}; DCTPlusSparseLinear(4096, 4096, density=1e-3) f+b at batch "
+    print(f"CPU: {cpu_label()}; DCTPlusSparseLinear(4096, 4096, density=1e-3) f+b at batch "
           f"128 between the phases: {dctps_ms:.2f} ms/step")
     print(f"{'phase':>20} {'dense f+b':>10} {'ours f+b':>10} {'ratio':>7} {'numba runtime':>14}")
     for p in phases:

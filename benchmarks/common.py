@@ -32,25 +32,58 @@ def set_threads(n: int) -> None:
         raise RuntimeError(f"asked for {n} threads, torch runs {torch.get_num_threads()}")
 
 
+# Variables that keep numba, torch or MKL to a narrower instruction set than the CPU has
+# (e.g. AVX2 code on an AVX-512 machine): recorded, since they change what was measured.
+ISA_VARIABLES = ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "ATEN_CPU_CAPABILITY",
+                 "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def cpu_description() -> dict[str, object]:
+    """The processor as /proc/cpuinfo and sysfs describe it: a VM's model name alone
+    ("AMD EPYC") does not tell one generation from another, its family and model do."""
+    from bornsparse.ops.runtime.hardware import cache_bytes
+
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    info.setdefault("model name", platform.processor() or platform.machine())
+    flags = set(info.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    return {
+        "cpu": info["model name"],
+        "cpu_family": info.get("cpu family", ""),
+        "cpu_model": info.get("model", ""),
+        "vector_isa": isa,
+        "cache_kib": {f"L{lvl}": cache_bytes(lvl, 0) >> 10 for lvl in (1, 2, 3)},
+    }
+
+
+def cpu_label() -> str:
+    """One line naming the processor for a table header, e.g. "AMD EPYC (family 25 model
+    17, avx512; L2 1024 KiB)"."""
+    d = cpu_description()
+    return (f"{d['cpu']} (family {d['cpu_family']} model {d['cpu_model']}, {d['vector_isa']}; "
+            f"L2 {d['cache_kib']['L2']} KiB)")
+
+
 def machine_tag() -> dict[str, object]:
     """What a reader needs to compare two measurements: versions, threads, processor."""
     import numba
     import numpy
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        **cpu_description(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "thread_variables": {k: v for k, v in os.environ.items() if k.endswith("_THREADS")},
+        "isa_variables": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
         "torch": torch.__version__,
         "numba": numba.__version__,
         "numpy": numpy.__version__,
