@@ -122,8 +122,11 @@ def test_numba_twiddle_matches_torch_reference(monkeypatch, n, dtype):
         assert torch.autograd.gradcheck(idct, (xg,))
 
 
+# (b, n, m): the twiddle passes branch on m against n and n//2 + 1: m == n, m <= n//2 + 1,
+# n//2 + 1 < m < n (60 of 100, 70 of 101), m just below and at n//2 + 1 for odd n
 @pytest.mark.parametrize("b,n,m", [(1, 1, 1), (3, 5, 3), (4, 3, 7), (2, 8, 8), (6, 100, 37),
-                                   (2, 37, 100)])
+                                   (2, 37, 100), (3, 100, 60), (2, 101, 70), (2, 101, 50),
+                                   (2, 101, 51)])
 @pytest.mark.parametrize("use_y,use_bias", [(True, True), (False, False), (True, False)])
 def test_fused_dct_affine_matches_reference(monkeypatch, b, n, m, use_y, use_bias):
     import bornsparse.ops.discrete_cosine.transform as D
@@ -184,9 +187,11 @@ def _sparse_case(b, n, m, nnz, seed):
     return ts, idx, build_plan(idx, (m, n))
 
 
-# (b, n, m): batch 1, odd sizes, n < m and n > m, batches spanning several blocks
+# (b, n, m): batch 1, odd sizes, n < m and n > m, batches spanning several blocks, and the
+# twiddle passes' branches on m against q//2 + 1 (60 of 100, 70 and 50 of 101)
 @pytest.mark.parametrize("b,n,m", [(1, 1, 1), (3, 5, 3), (37, 7, 12), (20, 12, 7),
-                                   (17, 100, 37), (33, 37, 100)])
+                                   (17, 100, 37), (33, 37, 100), (5, 100, 60), (3, 101, 70),
+                                   (3, 101, 50)])
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("grads", ["all", "values_only", "x_only"])
 def test_fused_dct_sparse_affine_matches_reference(monkeypatch, b, n, m, use_bias, grads):

@@ -102,8 +102,8 @@ def _untake_row(gb, n, wf, sb):
             sb[2 * j] = a * wf[2 * j] - c * wf[2 * j + 1]
             sb[2 * j + 1] = a * wf[2 * j + 1] + c * wf[2 * j]
         return
-    # m < half: the c[j] terms where j < m, zeros past them, then the c[n-j] terms where
-    # n - j < m (none unless m is within one of half)
+    # m < half: the c[j] terms where j < m, zeros past them; no c[n-j] term is in range
+    # (n - j >= n - n//2 >= m for every j < half)
     for j in range(1, m):
         a = gb[j]
         sb[2 * j] = a * wf[2 * j]
@@ -111,10 +111,6 @@ def _untake_row(gb, n, wf, sb):
     for j in range(max(1, m), half):
         sb[2 * j] = zero
         sb[2 * j + 1] = zero
-    for j in range(max(1, n - m + 1), half):
-        c = -gb[n - j]
-        sb[2 * j] -= c * wf[2 * j + 1]
-        sb[2 * j + 1] += c * wf[2 * j]
 
 
 @numba.njit(**_JIT, inline="always")
