@@ -46,8 +46,10 @@ _MIN_ELEMENTS = 1 << 14
 # re, ...): indexed (k, 0) and (k, 1) the same loops measured 1.35–1.7× slower. Makhoul's
 # reorder and unorder are computed in closed form as one loop over the (even, odd) pairs
 # that reads or writes the batch-major row in order: one strided loop per half measured
-# 2–3× slower (a (128, 4096) float32 block, one thread, AMD EPYC Zen 4). Every loop is
-# branch-free; truncation and padding move the bounds, not a test per element.
+# 2–3× slower (a (128, 4096) float32 block, one thread, AMD EPYC Zen 4). Where the layer is
+# square or narrows to at most n//2 + 1 outputs the loops are branch-free (truncation and
+# padding move their bounds); between those, one pass testing each element beat split
+# loops.
 
 
 @numba.njit(**_JIT, inline="always")
