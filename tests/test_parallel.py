@@ -73,10 +73,12 @@ def test_openmp_pool_and_serial_launches_agree_bitwise(monkeypatch, dtype, depth
 def test_every_chunk_runs_once_when_fewer_threads_than_chunks(monkeypatch, how):
     if how == "openmp" and _parallel._torch_openmp() is None:
         pytest.skip("torch has no GNU OpenMP runtime here")
-    from bornsparse.ops.permuted.numba_pairs import _forward_body
+    from bornsparse.ops.permuted.numba_pairs import FORWARD_SLABS, _forward_body
 
     x, weight, perms, _ = _operands(torch.float64)
     depth, nb, k, _ = weight.shape
+    # each chunk's scratch, filled with NaN: the kernel may assume nothing of it
+    work = torch.full((7 * FORWARD_SLABS * nb * k * 16,), float("nan"), dtype=x.dtype)
     expected = permuted_block_diagonal(x, weight, perms, out_features=11, backend="reference")
     monkeypatch.setattr(_parallel, "backend", lambda: how)
     for nthreads in (2, 3):
@@ -86,7 +88,7 @@ def test_every_chunk_runs_once_when_fewer_threads_than_chunks(monkeypatch, how):
             _forward_body.layout, 7, 1, batch=x.shape[0], n_in=x.shape[1], depth=depth,
             nb=nb, k=k, width=nb * k, n_out=11, tile=16, x=x.data_ptr(),
             weight=weight.data_ptr(), perms=perms.data_ptr(), out=out.data_ptr(),
-            saved=0)
+            saved=0, work=work.data_ptr())
         _parallel.launch(_forward_body.address, header, nthreads)
         assert header[1] == 7  # finished chunks: each exactly once
         assert header[0] == 7 + nthreads  # every thread's last claim found nothing left

@@ -26,6 +26,7 @@ from bornsparse.ops.runtime.autograd import no_double_backward
 from bornsparse.ops.runtime.hardware import cache_bytes, num_threads
 from bornsparse.ops.runtime.memory import advise_huge_pages
 from bornsparse.ops.runtime.validated import check_once, once_per_version
+from bornsparse.ops.runtime.workspace import workspace
 
 # Samples per batch tile of the fused kernels. Forward: three (width, tile) buffers per
 # thread, 1.5 MiB at width 2048 in float32, fit a 2 MiB L2. Backward also streams the tile's
@@ -217,12 +218,16 @@ def _permuted_op(
             else:
                 final.zero_()
     elif batch:
+        from bornsparse.ops.permuted.numba_pairs import FORWARD_SLABS
+
         tile, nchunks = _plan(batch, FORWARD_TILE)
+        work = workspace(nchunks * FORWARD_SLABS * nb * k * tile, x.dtype)
         header = pack_header(
             _forward_body.layout, nchunks, _dtype_code(x), batch=batch, n_in=x.shape[1],
             depth=depth, nb=nb, k=k, width=nb * k, n_out=out_features, tile=tile,
             x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
             out=out.data_ptr(), saved=final.data_ptr() if final.numel() else 0,
+            work=work.data_ptr(),
         )
         launch(_forward_body.address, header, nchunks)
     return out, final
@@ -249,7 +254,7 @@ def _permuted_backward_op(
     run backward twice); with ``final`` the factors' kept inputs (cycle_tile 0,
     ``keeps_factor_inputs(k)``) they are read from it; otherwise they are recomputed from
     ``x``."""
-    from bornsparse.ops.permuted.numba_pairs import _backward_body
+    from bornsparse.ops.permuted.numba_pairs import _backward_body, backward_slabs
     from bornsparse.ops.runtime.region import launch, pack_header
 
     _check_kernel_operands(x, weight, perms, grad_out.shape[1])
@@ -273,12 +278,15 @@ def _permuted_backward_op(
     grad_x = torch.empty_like(x)
     partial = torch.empty(nchunks, *weight.shape, dtype=weight.dtype)  # kernels zero it
     if batch:
+        slabs = backward_slabs(depth, k, bool(saved.numel()))
+        work = workspace(nchunks * slabs * nb * k * tile, x.dtype)
         header = pack_header(
             _backward_body.layout, nchunks, _dtype_code(x), batch=batch, n_in=x.shape[1],
             depth=depth, nb=nb, k=k, width=nb * k, n_out=grad_out.shape[1], tile=tile,
-            x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
+            slabs=slabs, x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
             grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(),
             partial=partial.data_ptr(), saved=saved.data_ptr() if saved.numel() else 0,
+            work=work.data_ptr(),
         )
         launch(_backward_body.address, header, nchunks)
     else:
