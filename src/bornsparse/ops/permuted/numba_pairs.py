@@ -282,10 +282,11 @@ def _factor_backward(gathered, g, gin, w, p, gw, ts, rows):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _forward_thread_kernel(x, weight, perms, out, saved, work, tile, th, nthreads):
-    """Forward of tiles th, th + nthreads, ... of x (batch, n_in) into out (batch, n_out);
-    ``work`` (3, width, tile): this chunk's scratch (the input tile and two ping-pong
-    buffers), contents undefined on entry.
+def _forward_thread_kernel(x, weight, perms, out, saved, buf_in, buf_a, buf_b, tile, th,
+                           nthreads):
+    """Forward of tiles th, th + nthreads, ... of x (batch, n_in) into out (batch, n_out).
+    buf_in, buf_a, buf_b (width, tile): this chunk's scratch (runtime/workspace.py),
+    contents undefined on entry.
 
     With a non-empty ``saved`` (depth, width, batch), every factor's input is also kept
     there in gathered order (saved[t, j, s] = input row perms[t, j] of sample s), for a
@@ -298,32 +299,31 @@ def _forward_thread_kernel(x, weight, perms, out, saved, work, tile, th, nthread
     n_out = out.shape[1]
     k = weight.shape[2]
     ntiles = (batch + tile - 1) // tile
-    # work[0] holds the input tile: its padded rows are zeroed once per call, the loads
-    # never write them; work[1] and work[2] take turns as a factor's output
-    work[0, x.shape[1]:] = 0
+    # the input tile has its own buffer, so its padded rows are zeroed once per call
+    buf_in[x.shape[1]:] = 0
     rows = np.arange(width)  # the identity row map of the 4×4 sub-block kernels
     # prefetch only where a tile buffer leaves L2: inside it, the hints are pure overhead
     pfd = PREFETCH_DISTANCE if width * tile * x.itemsize > PREFETCH_MIN_BYTES else 0
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        rows_to_columns(x, s0, work[0], 0, ts)
-        src, dst = 0, 1
+        rows_to_columns(x, s0, buf_in, 0, ts)
+        src, dst = buf_in, buf_a
         t = 0
         while t < depth:
             if k == 2 and t + 1 < depth:
                 n_rows = n_out if t + 2 == depth else width
-                _apply_factor_pair2(work[src], work[dst], weight[t], perms[t], weight[t + 1],
-                                    perms[t + 1], ts, n_rows, pfd)
+                _apply_factor_pair2(src, dst, weight[t], perms[t], weight[t + 1], perms[t + 1],
+                                    ts, n_rows, pfd)
                 t += 2
             else:
                 if saved.shape[0]:
-                    _gather_rows(work[src], perms[t], saved[t], s0, ts)
+                    _gather_rows(src, perms[t], saved[t], s0, ts)
                 n_rows = n_out if t + 1 == depth else width
-                _apply_factor(work[src], work[dst], weight[t], perms[t], ts, n_rows, rows)
+                _apply_factor(src, dst, weight[t], perms[t], ts, n_rows, rows)
                 t += 1
-            src, dst = dst, 3 - dst
-        columns_to_rows(work[src], 0, out, s0, ts, False)
+            src, dst = dst, (buf_b if dst is buf_a else buf_a)
+        columns_to_rows(src, 0, out, s0, ts, False)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
@@ -337,30 +337,30 @@ def _gather_rows(src, p, gathered, s0, ts):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _saved_backward_thread_kernel(weight, perms, saved, grad_out, grad_x, gw, work, tile,
-                                  th, nthreads):
+def _saved_backward_thread_kernel(weight, perms, saved, grad_out, grad_x, gw, g_out, buf_a,
+                                  buf_b, tile, th, nthreads):
     """Backward of tiles th, th + nthreads, ... from the factors' inputs kept in forward
     (``saved``, (depth, width, batch), gathered order), 4 | k: no recompute; writes the
-    tiles' rows of grad_x and sets gw (their weight gradient). ``work`` (3, width, tile):
-    this chunk's scratch, as in the forward (work[0] the output-gradient tile)."""
+    tiles' rows of grad_x and sets gw (their weight gradient). g_out, buf_a, buf_b (width,
+    tile): this chunk's scratch, contents undefined on entry."""
     batch = grad_out.shape[0]
     depth = weight.shape[0]
     nb = weight.shape[1]
     width = perms.shape[1]
     ntiles = (batch + tile - 1) // tile
     rows = np.arange(width)
-    work[0, grad_out.shape[1]:] = 0  # padded rows stay zero
+    g_out[grad_out.shape[1]:] = 0  # padded rows stay zero
     gw[:] = 0.0
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        rows_to_columns(grad_out, s0, work[0], 0, ts)
-        g, gin = 0, 1
+        rows_to_columns(grad_out, s0, g_out, 0, ts)
+        g, gin = g_out, buf_a
         for t in range(depth - 1, -1, -1):
-            mix_blocks(work[g], rows, work[gin], perms[t], weight[t], True, nb, 0, ts)
-            block_grads(work[g], rows, 0, saved[t], rows, s0, gw[t], nb, ts)
-            g, gin = gin, (2 if gin == 1 else 1)
-        columns_to_rows(work[g], 0, grad_x, s0, ts, False)
+            mix_blocks(g, rows, gin, perms[t], weight[t], True, nb, 0, ts)
+            block_grads(g, rows, 0, saved[t], rows, s0, gw[t], nb, ts)
+            g, gin = gin, (buf_b if gin is buf_a else buf_a)
+        columns_to_rows(g, 0, grad_x, s0, ts, False)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
@@ -444,11 +444,11 @@ def _pair_backward2(prev, w1, p1, w2, q2, g, gin, gw1, gw2, ts):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, work, tile, th,
-                            nthreads):
+def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, gathered, buf_in, g_out,
+                            buf_a, buf_b, tile, th, nthreads):
     """Backward of tiles th, th + nthreads, ...: writes their rows of grad_x, sets gw (the
-    weight gradient summed over those tiles). ``work`` (backward_slabs(depth, k, False),
-    width, tile): this chunk's scratch, contents undefined on entry.
+    weight gradient summed over those tiles). gathered (nsaved, width, tile) and buf_in,
+    g_out, buf_a, buf_b (width, tile): this chunk's scratch, contents undefined on entry.
 
     The forward of each tile is recomputed, saving factors' gathered inputs into a per-thread
     scratch; then the factors are walked backwards. For k = 2 only every other factor's input
@@ -464,14 +464,9 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, work, tile, 
     k = weight.shape[2]
     paired = k == 2
     ntiles = (batch + tile - 1) // tile
-    nsaved = (depth + 1) // 2 if paired else depth
-    # work: the saved slabs, then the input tile, the output-gradient tile and two
-    # ping-pong buffers (indices into work below)
-    gathered = work[:nsaved]
-    t_in, t_g, t_a, t_b = nsaved, nsaved + 1, nsaved + 2, nsaved + 3
-    work[t_in, x.shape[1]:] = 0  # padded rows stay zero across tiles
-    work[t_g, grad_out.shape[1]:] = 0  # likewise for the output gradient
+    buf_in[x.shape[1]:] = 0  # padded rows stay zero across tiles
     rows = np.arange(width)  # the identity row map of the 4×4 sub-block kernels
+    g_out[grad_out.shape[1]:] = 0  # likewise for the output gradient
     gw[:] = 0.0
     # inverse permutations, for the fused pair backward (each factor's output row -> the
     # position where the next factor reads it)
@@ -484,35 +479,35 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, work, tile, 
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
-        rows_to_columns(x, s0, work[t_in], 0, ts)
-        src, dst = t_in, t_a
+        rows_to_columns(x, s0, buf_in, 0, ts)
+        src, dst = buf_in, buf_a
         if paired:
             for t in range(0, depth, 2):
-                _gather_rows(work[src], perms[t], gathered[t // 2], 0, ts)
+                _gather_rows(src, perms[t], gathered[t // 2], 0, ts)
                 if t + 2 < depth:  # the next pair needs this pair's output
-                    _apply_factor_pair2(work[src], work[dst], weight[t], perms[t],
-                                        weight[t + 1], perms[t + 1], ts, width, pfd)
-                    src, dst = dst, (t_b if dst == t_a else t_a)
+                    _apply_factor_pair2(src, dst, weight[t], perms[t], weight[t + 1],
+                                        perms[t + 1], ts, width, pfd)
+                    src, dst = dst, (buf_b if dst is buf_a else buf_a)
         else:
             for t in range(depth):
                 # the last factor's output is not needed, only its gathered input
-                _apply_factor_saving(work[src], work[dst], weight[t], perms[t], ts,
-                                     gathered[t], t < depth - 1, rows)
-                src, dst = dst, (t_b if dst == t_a else t_a)
-        rows_to_columns(grad_out, s0, work[t_g], 0, ts)
-        g, gin = t_g, t_a
+                _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
+                                     t < depth - 1, rows)
+                src, dst = dst, (buf_b if dst is buf_a else buf_a)
+        rows_to_columns(grad_out, s0, g_out, 0, ts)
+        g, gin = g_out, buf_a
         t = depth - 1
         while t >= 0:
             if paired and t % 2 == 1:
                 _pair_backward2(gathered[t // 2], weight[t - 1], perms[t - 1], weight[t],
-                                inv[t], work[g], work[gin], gw[t - 1], gw[t], ts)
+                                inv[t], g, gin, gw[t - 1], gw[t], ts)
                 t -= 2
             else:
-                _factor_backward(gathered[t // 2 if paired else t], work[g], work[gin],
-                                 weight[t], perms[t], gw[t], ts, rows)
+                _factor_backward(gathered[t // 2 if paired else t], g, gin, weight[t],
+                                 perms[t], gw[t], ts, rows)
                 t -= 1
-            g, gin = gin, (t_b if gin == t_a else t_a)
-        columns_to_rows(work[g], 0, grad_x, s0, ts, False)
+            g, gin = gin, (buf_b if gin is buf_a else buf_a)
+        columns_to_rows(g, 0, grad_x, s0, ts, False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -643,7 +638,7 @@ BackwardSlot = header_layout(
     "PermutedBackwardSlot",
     "batch n_in depth nb k width n_out tile slabs x weight perms grad_out grad_x partial saved "
     "work")
-#: (width, tile) slabs of scratch a chunk of the forward kernel takes
+#: (width, tile) slabs of scratch (``work``) a chunk of the forward kernel takes
 FORWARD_SLABS = 3
 
 
@@ -674,10 +669,11 @@ def _forward_chunks(a, like):
         # no saved inputs: a zero-depth view (any valid address)
         saved = view(a[S.saved] if a[S.saved] else a[S.x],
                      (depth if a[S.saved] else 0, width, batch), like)
+        work = view(a[S.work], (nchunks, 3, width, tile), like)[c]
         _forward_thread_kernel(
             view(a[S.x], (batch, n_in), like), view(a[S.weight], (depth, nb, k, k), like),
             view(a[S.perms], (depth, width), _I64), view(a[S.out], (batch, n_out), like),
-            saved, view(a[S.work], (nchunks, 3, width, tile), like)[c], tile, c, nchunks)
+            saved, work[0], work[1], work[2], tile, c, nchunks)
         finish_chunk(hp)
 
 
@@ -701,10 +697,13 @@ def _backward_chunks(a, like):
         if a[S.saved]:
             _saved_backward_thread_kernel(
                 weight, perms, view(a[S.saved], (depth, width, batch), like), grad_out,
-                grad_x, partial, work, tile, c, nchunks)
+                grad_x, partial, work[0], work[1], work[2], tile, c, nchunks)
         else:
+            # the recomputed inputs first, then the four tile buffers (backward_slabs)
+            n = slabs - 4
             _backward_thread_kernel(view(a[S.x], (batch, n_in), like), weight, perms,
-                                    grad_out, grad_x, partial, work, tile, c, nchunks)
+                                    grad_out, grad_x, partial, work[:n], work[n],
+                                    work[n + 1], work[n + 2], work[n + 3], tile, c, nchunks)
         finish_chunk(hp)
 
 

@@ -4,9 +4,11 @@ their buffers afresh on every call.
 Why: glibc gives a freed chunk of a few MiB back to the kernel (an mmap'ed chunk, or a
 trimmed heap top), so a kernel whose scratch is allocated per call pays page faults on
 touching it again, every call. Measured on the permuted pair kernels at k = 8 (width 2048,
-depth 4, 2 threads, AMD EPYC Zen 4): 1,000–2,000 faults a f+b at batch 128–512, and f+b at
-batch 256 took 6.6 ms against 3.9 ms with malloc told to keep freed memory
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_). A buffer kept here is touched once.
+depth 4, batch 256, 2 threads, a loop over one layer, AMD EPYC Zen 4): in two processes of
+three 1,100–1,600 faults and 1.9–4.5 ms of system time a f+b, which took 5.7–7.7 ms (2.8 ms
+in the third, which did not fault); from kept buffers 0–20 faults and 3.4–3.6 ms in all
+three. Whether a process faults depends on its heap's history, so a benchmark that
+interleaves many layers may not show it. A buffer kept here is touched once.
 
 A buffer belongs to the calling Python thread (a kernel launched from it hands slices to
 its OpenMP workers), so concurrent calls from different threads never share one; within a
