@@ -9,6 +9,7 @@
   ``as_voidptr``, ``atomic_increment``, ``view``).
 * ``hardware``: cache sizes from sysfs and torch's thread count, read at run time.
 * ``memory``: huge-page advice for the buffers the wide kernels touch at random.
+* ``workspace``: scratch kept per thread across calls (fresh per-call scratch page-faults).
 * ``transpose``: the 8×8-blocked transposes between (batch, features) rows and
   (features, batch) columns that the permuted and DCT kernels share.
 * ``validated``: index checks run once per tensor version (``check_once``).
