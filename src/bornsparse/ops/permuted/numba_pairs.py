@@ -649,6 +649,8 @@ def backward_slabs(depth: int, k: int, saved: bool) -> int:
     if saved:
         return 3
     return ((depth + 1) // 2 if k == 2 else depth) + 4
+
+
 FactorColumnsSlot = header_layout(
     "FactorColumnsSlot", "width batch nb k step h weight perm z")
 FactorColumnsBackwardSlot = header_layout(
