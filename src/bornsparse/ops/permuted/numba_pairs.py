@@ -158,59 +158,6 @@ def _apply_factor_pair2(src, dst, w1, p1, w2, p2, ts, n_rows, pfd):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
-def _apply_factor_saving(src, dst, w, p, ts, gathered, compute, rows):
-    """_apply_factor that also writes gathered[j] = src[p[j]] (the factor's input, in the order
-    it is read); with compute=False only the gather is done.
-
-    Backward then reads the saved input sequentially: every random access of the backward
-    pass stays in the (width, tile) buffers that fit L2, and the depth-sized scratch, which
-    does not, is only streamed.
-    """
-    k = w.shape[1]
-    nb = w.shape[0]
-    if k == 2 and compute:
-        for b in range(nb):
-            a0 = src[p[2 * b]]
-            a1 = src[p[2 * b + 1]]
-            q0 = gathered[2 * b]
-            q1 = gathered[2 * b + 1]
-            d0 = dst[2 * b]
-            d1 = dst[2 * b + 1]
-            w00 = w[b, 0, 0]
-            w01 = w[b, 0, 1]
-            w10 = w[b, 1, 0]
-            w11 = w[b, 1, 1]
-            for s in range(ts):
-                u = a0[s]
-                v = a1[s]
-                q0[s] = u
-                q1[s] = v
-                d0[s] = w00 * u + w01 * v
-                d1[s] = w10 * u + w11 * v
-    else:
-        for j in range(nb * k):
-            a = src[p[j]]
-            q = gathered[j]
-            for s in range(ts):
-                q[s] = a[s]
-        if compute and k % SUB == 0:
-            mix_blocks(gathered, rows, dst, rows, w, False, nb, 0, ts)
-        elif compute:
-            for b in range(nb):
-                for r in range(k):
-                    d = dst[b * k + r]
-                    a = gathered[b * k]
-                    wc = w[b, r, 0]
-                    for s in range(ts):
-                        d[s] = wc * a[s]
-                    for c in range(1, k):
-                        a = gathered[b * k + c]
-                        wc = w[b, r, c]
-                        for s in range(ts):
-                            d[s] += wc * a[s]
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
 def _factor_backward(gathered, g, gin, w, p, gw, ts, rows):
     """One factor's backward on one tile.
 
@@ -490,9 +437,12 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, gathered, bu
                     src, dst = dst, (buf_b if dst is buf_a else buf_a)
         else:
             for t in range(depth):
-                # the last factor's output is not needed, only its gathered input
-                _apply_factor_saving(src, dst, weight[t], perms[t], ts, gathered[t],
-                                     t < depth - 1, rows)
+                # each factor's input saved in the order it is read, then the factor run
+                # from that copy (identity rows): backward streams the depth-sized scratch
+                # sequentially and every random access stays in the L2-sized tile buffers
+                _gather_rows(src, perms[t], gathered[t], 0, ts)
+                if t < depth - 1:  # the last factor's output is not needed
+                    _apply_factor(gathered[t], dst, weight[t], rows, ts, width, rows)
                 src, dst = dst, (buf_b if dst is buf_a else buf_a)
         rows_to_columns(grad_out, s0, g_out, 0, ts)
         g, gin = g_out, buf_a
