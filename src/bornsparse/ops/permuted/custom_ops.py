@@ -143,6 +143,16 @@ def _inverse_is_safe(weight: torch.Tensor) -> bool:
     return once_per_version("inverse safe", (weight,), lambda: inverse_backward_is_safe(weight))
 
 
+def _inverse_permutations(perms: torch.Tensor) -> torch.Tensor:
+    """inv[t, perms[t, j]] = j for (depth, width) int64 ``perms``, computed once per version
+    of ``perms`` (every chunk of every backward call rebuilt it before)."""
+    def compute() -> torch.Tensor:
+        positions = torch.arange(perms.shape[1]).expand_as(perms)
+        return torch.empty_like(perms).scatter_(1, perms, positions)
+
+    return once_per_version("inverse permutations", (perms,), compute)
+
+
 def _final_shape(batch: int, width: int, depth: int, k: int, cycle_tile: int,
                  keep_final: bool) -> tuple[int, ...]:
     """Shape of what forward keeps for backward: the cycle walk's final activation
@@ -280,10 +290,12 @@ def _permuted_backward_op(
     if batch:
         slabs = backward_slabs(depth, k, bool(saved.numel()))
         work = workspace(nchunks * slabs * nb * k * tile, x.dtype)
+        inv = _inverse_permutations(perms) if k == 2 else perms  # read only for k = 2
         header = pack_header(
             _backward_body.layout, nchunks, _dtype_code(x), batch=batch, n_in=x.shape[1],
             depth=depth, nb=nb, k=k, width=nb * k, n_out=grad_out.shape[1], tile=tile,
             slabs=slabs, x=x.data_ptr(), weight=weight.data_ptr(), perms=perms.data_ptr(),
+            inv=inv.data_ptr(),
             grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(),
             partial=partial.data_ptr(), saved=saved.data_ptr() if saved.numel() else 0,
             work=work.data_ptr(),

@@ -391,10 +391,12 @@ def _pair_backward2(prev, w1, p1, w2, q2, g, gin, gw1, gw2, ts):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, gathered, buf_in, g_out,
-                            buf_a, buf_b, tile, th, nthreads):
+def _backward_thread_kernel(x, weight, perms, inv, grad_out, grad_x, gw, gathered, buf_in,
+                            g_out, buf_a, buf_b, tile, th, nthreads):
     """Backward of tiles th, th + nthreads, ...: writes their rows of grad_x, sets gw (the
-    weight gradient summed over those tiles). gathered (nsaved, width, tile) and buf_in,
+    weight gradient summed over those tiles). inv (depth, width): for k = 2 the inverse
+    permutations, inv[t, perms[t, j]] = j (each factor's output row -> the position where
+    the next factor reads it; read only there). gathered (nsaved, width, tile) and buf_in,
     g_out, buf_a, buf_b (width, tile): this chunk's scratch, contents undefined on entry.
 
     The forward of each tile is recomputed, saving factors' gathered inputs into a per-thread
@@ -415,14 +417,7 @@ def _backward_thread_kernel(x, weight, perms, grad_out, grad_x, gw, gathered, bu
     rows = np.arange(width)  # the identity row map of the 4×4 sub-block kernels
     g_out[grad_out.shape[1]:] = 0  # likewise for the output gradient
     gw[:] = 0.0
-    # inverse permutations, for the fused pair backward (each factor's output row -> the
-    # position where the next factor reads it)
-    inv = np.empty_like(perms)
     pfd = PREFETCH_DISTANCE if width * tile * x.itemsize > PREFETCH_MIN_BYTES else 0
-    if paired:
-        for t in range(depth):
-            for j in range(width):
-                inv[t, perms[t, j]] = j
     for it in range(th, ntiles, nthreads):
         s0 = it * tile
         ts = min(tile, batch - s0)
@@ -586,8 +581,8 @@ ForwardSlot = header_layout(
     "batch n_in depth nb k width n_out tile x weight perms out saved work")
 BackwardSlot = header_layout(
     "PermutedBackwardSlot",
-    "batch n_in depth nb k width n_out tile slabs x weight perms grad_out grad_x partial saved "
-    "work")
+    "batch n_in depth nb k width n_out tile slabs x weight perms inv grad_out grad_x partial "
+    "saved work")
 #: (width, tile) slabs of scratch (``work``) a chunk of the forward kernel takes
 FORWARD_SLABS = 3
 
@@ -654,7 +649,8 @@ def _backward_chunks(a, like):
             # the recomputed inputs first, then the four tile buffers (backward_slabs)
             n = slabs - 4
             _backward_thread_kernel(view(a[S.x], (batch, n_in), like), weight, perms,
-                                    grad_out, grad_x, partial, work[:n], work[n],
+                                    view(a[S.inv], (depth, width), _I64), grad_out, grad_x,
+                                    partial, work[:n], work[n],
                                     work[n + 1], work[n + 2], work[n + 3], tile, c, nchunks)
         finish_chunk(hp)
 
