@@ -172,7 +172,8 @@ def keeps_factor_inputs(k: int) -> bool:
     numbers outside the caches (as the batched-GEMM path keeps). Measured interleaved in
     one process, f+b kept / recomputed at 1024 → 1024 and 65,536 parameters, batch 64 /
     256, 2 threads (AMD EPYC Zen 5): k = 8 1.02 / 1.19, k = 16 0.89 / 0.93, k = 32 0.94 /
-    0.89, k = 64 0.97 / 0.98; so k = 4 and 8 recompute."""
+    0.89, k = 64 0.97 / 0.98; on a Zen 4 at batch 32–256, k = 8 1.04–1.28 and k = 4
+    1.45–2.08; so k = 4 and 8 recompute."""
     return k % 4 == 0 and k >= KEEP_INPUTS_MIN_BLOCK
 
 
